@@ -1,0 +1,113 @@
+"""Outbound delivery per channel, as the delivery agent's ``Deliverer``.
+
+- ``web``: published on the conversation's Redis outbox channel; the gateway pushes it
+  down the widget's WebSocket (history on reconnect comes from the Redis read model).
+- ``api``: POSTed to the tenant's webhook with an HMAC-SHA256 signature of the body and
+  the reply's event id as idempotency key, retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+import redis.asyncio as aioredis
+
+from schemas.keys import outbox_channel
+from schemas.outcomes import DeliveryOutcome as Outcome
+from schemas.records import ReplyProduced
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Kefu-Signature"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+TENANT_HEADER = "X-Kefu-Tenant"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookTarget:
+    url: str
+    secret: bytes
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def reply_payload(reply: ReplyProduced) -> dict[str, object]:
+    return {
+        "type": "reply",
+        "event_id": reply.event_id,
+        "conversation_id": reply.conversation_id,
+        "in_reply_to": reply.in_reply_to,
+        "text": reply.text,
+        "author": reply.author,
+        "intent": reply.intent,
+        "occurred_at": reply.occurred_at,
+    }
+
+
+class ChannelDeliverer:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        webhooks: Mapping[str, WebhookTarget],
+        http: httpx.AsyncClient | None = None,
+        attempts: int = 5,
+        backoff: float = 0.2,
+    ) -> None:
+        self._redis = redis
+        self._webhooks = webhooks
+        self._http = http or httpx.AsyncClient(timeout=5.0)
+        self._attempts = attempts
+        self._backoff = backoff
+
+    async def deliver(self, reply: ReplyProduced) -> Outcome:
+        payload = reply_payload(reply)
+        if reply.channel == "web":
+            message = json.dumps(payload, ensure_ascii=False)
+            await self._redis.publish(
+                outbox_channel(reply.tenant_id, reply.conversation_id), message
+            )
+            return Outcome("delivered", 1, "outbox")
+        if reply.channel == "api":
+            target = self._webhooks.get(reply.tenant_id)
+            if target is None or not target.url:
+                return Outcome("delivered", 0, "no webhook: available via GET")
+            return await self._post(target, payload, reply.event_id, reply.tenant_id)
+        return Outcome("failed", 0, f"no delivery for channel {reply.channel!r}")
+
+    async def _post(
+        self, target: WebhookTarget, payload: dict[str, object], key: str, tenant_id: str
+    ) -> Outcome:
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(target.secret, body),
+            IDEMPOTENCY_HEADER: key,
+            TENANT_HEADER: tenant_id,
+        }
+        detail = ""
+        for attempt in range(1, self._attempts + 1):
+            try:
+                response = await self._http.post(target.url, content=body, headers=headers)
+                if response.status_code < 300:
+                    return Outcome("delivered", attempt, f"HTTP {response.status_code}")
+                detail = f"HTTP {response.status_code}"
+                if 400 <= response.status_code < 500 and response.status_code != 429:
+                    break  # the receiver rejects it; retrying will not help
+            except httpx.HTTPError as exc:
+                detail = type(exc).__name__
+            if attempt < self._attempts:
+                await asyncio.sleep(self._backoff * 2 ** (attempt - 1))
+        log.warning("webhook failed after %d attempts: %s", attempt, detail)
+        return Outcome("failed", attempt, detail)
+
+    async def close(self) -> None:
+        await self._http.aclose()

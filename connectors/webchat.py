@@ -1,0 +1,103 @@
+"""Web chat widget channel: a WebSocket per browser tab, and the ``/chat`` page.
+
+Client → server: ``{"type": "message", "id": "<client message id>", "text": "..."}``.
+Server → client: ``{"type": "history", "messages": [...]}`` on connect, ``{"type":
+"ack", "id": ...}`` once the message is durable, ``{"type": "reply", ...}`` for each
+reply, ``{"type": "error", "reason": ...}`` for bad input (the socket stays open).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi.responses import HTMLResponse
+
+from connectors.identity import command_id_for, conversation_id_for
+from schemas.keys import messages_key, outbox_channel
+from schemas.records import ReceiveMessage
+from schemas.time import now_ms
+
+router = APIRouter(tags=["web chat"])
+CHANNEL = "web"
+MAX_TEXT = 8000
+
+
+@router.get("/chat", response_class=HTMLResponse)
+async def chat_page() -> str:
+    return (resources.files("connectors") / "static" / "chat.html").read_text("utf-8")
+
+
+@router.websocket("/v1/chat/ws")
+async def chat_socket(websocket: WebSocket, tenant: str, customer: str) -> None:
+    services = websocket.app.state.services
+    if tenant not in services.tenants.ids or not (0 < len(customer) <= 128):
+        await websocket.close(code=4403, reason="unknown tenant or bad customer id")
+        return
+    await websocket.accept()
+    conversation_id = conversation_id_for(tenant, CHANNEL, customer)
+    pubsub = services.redis.pubsub()
+    await pubsub.subscribe(outbox_channel(tenant, conversation_id))
+    history = await services.redis.lrange(messages_key(tenant, conversation_id), 0, -1)
+    await websocket.send_json(
+        {
+            "type": "history",
+            "conversation_id": conversation_id,
+            "messages": [json.loads(m) for m in history],
+        }
+    )
+    relay = asyncio.create_task(_relay(pubsub, websocket))
+    try:
+        while True:
+            frame = await websocket.receive_text()
+            reply = await _accept(frame, tenant, customer, conversation_id, services)
+            await websocket.send_json(reply)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        relay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay
+        await pubsub.aclose()
+
+
+async def _accept(
+    frame: str, tenant: str, customer: str, conversation_id: str, services: Any
+) -> dict[str, Any]:
+    try:
+        data = json.loads(frame)
+    except ValueError:
+        return {"type": "error", "reason": "frame is not JSON"}
+    if not isinstance(data, dict) or data.get("type") != "message":
+        return {"type": "error", "reason": 'expected {"type": "message", ...}'}
+    text = data.get("text")
+    message_id = data.get("id") or str(uuid.uuid4())
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
+        return {"type": "error", "id": message_id, "reason": f"text must be 1-{MAX_TEXT} chars"}
+    if not isinstance(message_id, str) or len(message_id) > 128:
+        return {"type": "error", "reason": "id must be a string of at most 128 chars"}
+    await services.publisher.publish(
+        ReceiveMessage(
+            command_id=command_id_for(tenant, CHANNEL, f"{customer}/{message_id}"),
+            conversation_id=conversation_id,
+            tenant_id=tenant,
+            issued_at=now_ms(),
+            channel=CHANNEL,
+            customer_id=customer,
+            text=text,
+            channel_message_id=message_id,
+            language=data.get("language") if isinstance(data.get("language"), str) else None,
+        )
+    )
+    return {"type": "ack", "id": message_id, "conversation_id": conversation_id}
+
+
+async def _relay(pubsub: Any, websocket: WebSocket) -> None:
+    async for message in pubsub.listen():
+        if message.get("type") == "message":
+            await websocket.send_text(message["data"].decode())

@@ -1,0 +1,1 @@
+"""kefu: the application shell (settings, CLI, embedded stack launcher)."""

@@ -1,0 +1,225 @@
+"""The ``kefu`` command: the embedded stack, the processes, the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from kefu.processes import ProcessError
+from kefu.runtime import configure_logging
+from kefu.settings import Settings, load_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _process_options(fn: F) -> F:
+    """Hidden options that name a daemon in its command line (see kefu.services)."""
+    fn = click.option("--instance", hidden=True, default="")(fn)
+    return click.option("--state", hidden=True, default="")(fn)  # type: ignore[no-any-return]
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+@click.group()
+def main() -> None:
+    """kefu: self-hosted, event-sourced customer-service pipeline."""
+
+
+# --------------------------------------------------------------------------- stack
+
+
+@main.group()
+def stack() -> None:
+    """The embedded stack: Kafka, Redis, and the ClickHouse projector (chdb owner)."""
+
+
+@stack.command("fetch")
+def stack_fetch() -> None:
+    """Download the Kafka broker's jars from Maven Central (once; cached)."""
+    from kefu.stack import Stack
+
+    try:
+        path = Stack(_settings()).fetch_kafka_jars()
+    except ProcessError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"kafka jars: {path}")
+
+
+def stack_up_all(settings: Settings) -> dict[str, float]:
+    from kefu.services import Services
+    from kefu.stack import Stack
+    from kefu.topics import ensure_topics
+
+    ready = Stack(settings).up()
+    created = asyncio.run(ensure_topics(settings))
+    if created:
+        click.echo(f"created topics: {', '.join(created)}")
+    services = Services(settings)
+    ready.update(services.start([services.clickhouse()]))
+    return ready
+
+
+@stack.command("up")
+def stack_up() -> None:
+    """Start what is not running and wait until it answers."""
+    settings = _settings()
+    try:
+        ready = stack_up_all(settings)
+    except ProcessError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for name, seconds in ready.items():
+        click.echo(f"{name:<12} ready after {seconds:.1f} s")
+
+
+def stack_down_all(settings: Settings) -> None:
+    from kefu.services import Services
+    from kefu.stack import Stack
+
+    services = Services(settings, workers=8)
+    services.stop([services.clickhouse(), *services.app_services()])
+    for name, state in Stack(settings).down().items():
+        click.echo(f"{name:<12} {state}")
+
+
+@stack.command("down")
+def stack_down() -> None:
+    """Stop kefu's processes and the embedded services (data is kept)."""
+    stack_down_all(_settings())
+
+
+@stack.command("status")
+def stack_status() -> None:
+    from kefu.services import Services
+    from kefu.stack import Stack
+
+    settings = _settings()
+    for name, state in {**Stack(settings).status(), **Services(settings).status()}.items():
+        click.echo(f"{name:<12} {state}")
+
+
+# ----------------------------------------------------------------------- processes
+
+
+@main.command()
+@click.option("--web-port", type=int, default=None, help="Faust web port (health, metrics)")
+@_process_options
+def worker(web_port: int | None, instance: str, state: str) -> None:
+    """Run a worker: the conversation, responder, delivery and projection agents."""
+    from kefu.worker import run_worker
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    run_worker(settings, web_port)
+
+
+@main.command()
+@_process_options
+def gateway(instance: str, state: str) -> None:
+    """Run the gateway: REST API, web chat WebSocket and pages."""
+    import uvicorn
+
+    from connectors.gateway import GatewayConfig, create_app
+    from schemas.topics import TopicNames
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    config = GatewayConfig(
+        bootstrap=settings.kafka.servers,
+        commands_topic=TopicNames(settings.topic_prefix).commands,
+        redis_url=settings.redis.dsn,
+        api_keys={t: s.api_key.get_secret_value() for t, s in settings.tenants.items()},
+    )
+    g = settings.gateway
+    uvicorn.run(create_app(config), host=g.host, port=g.port, log_level="warning")
+
+
+@main.command()
+@_process_options
+def projector(instance: str, state: str) -> None:
+    """Run the ClickHouse projector (and, for chdb, the read-only query endpoint)."""
+    from kefu.projector import run_projector
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    run_projector(settings)
+
+
+@main.command("webhook-sink")
+@_process_options
+def webhook_sink(instance: str, state: str) -> None:
+    """Run a local receiver that verifies and lists webhook deliveries (dev, demo)."""
+    import uvicorn
+
+    from connectors.webhook_sink import webhook_sink as sink
+
+    settings = _settings()
+    secrets = {t: s.webhook_secret.get_secret_value().encode() for t, s in settings.tenants.items()}
+    port = settings.dev.webhook_sink_port
+    uvicorn.run(sink(secrets), host="127.0.0.1", port=port, log_level="warning")
+
+
+@main.command()
+def topics() -> None:
+    """Create kefu's topics (idempotent)."""
+    from kefu.topics import ensure_topics
+
+    created = asyncio.run(ensure_topics(_settings()))
+    click.echo(f"created: {', '.join(created) or 'nothing (all exist)'}")
+
+
+# ------------------------------------------------------------------------ analytics
+
+
+@main.group()
+def analytics() -> None:
+    """Query the ClickHouse analytics store."""
+
+
+@analytics.command("query")
+@click.argument("sql")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def analytics_query(sql: str, as_json: bool) -> None:
+    from projections.clickhouse_query import AnalyticsClient, QueryError
+
+    settings = _settings()
+    client = AnalyticsClient(settings.clickhouse_url, settings.clickhouse.query_port)
+    try:
+        result = client.query(sql)
+    except QueryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps({"columns": result.columns, "rows": result.rows}, default=str))
+    else:
+        click.echo(format_table(result.columns, result.rows))
+
+
+def format_table(columns: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(c) for c in columns], *[[str(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+@main.command()
+@click.option("--keep-running", is_flag=True, help="leave the stack, worker and gateway up")
+@click.option("--workers", default=1, show_default=True, help="worker processes")
+def demo(keep_running: bool, workers: int) -> None:
+    """Start everything, drive scripted conversations through it, print what happened."""
+    from kefu.demo import run_demo
+
+    sys.exit(run_demo(_settings(), keep_running=keep_running, workers=workers))
+
+
+if __name__ == "__main__":
+    main()

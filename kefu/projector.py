@@ -1,0 +1,68 @@
+"""The ClickHouse projector process. With the embedded engine it is the one process
+that opens the chdb data directory, so it also serves read-only queries on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import uvicorn
+
+from kefu.settings import Settings
+from projections.clickhouse_events import ClickHouseProjector, ClickHouseStore, ProjectorConfig
+from projections.clickhouse_query import query_app
+from schemas.topics import TopicNames
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings) -> None:
+    names = TopicNames(settings.topic_prefix)
+    store = ClickHouseStore(settings.clickhouse_url, settings.clickhouse.database)
+    await store.start()
+    projector = ClickHouseProjector(
+        ProjectorConfig(
+            bootstrap=settings.kafka.servers,
+            events_topic=names.events,
+            deadletter_topic=names.deadletter,
+            group_id=f"{settings.app_id}-clickhouse",
+            batch_size=settings.clickhouse.batch_size,
+            batch_seconds=settings.clickhouse.batch_seconds,
+        ),
+        store,
+    )
+    server: uvicorn.Server | None = None
+    tasks = [asyncio.create_task(projector.run(), name="projector")]
+    if settings.embedded_clickhouse:
+        config = uvicorn.Config(
+            query_app(store),
+            host="127.0.0.1",
+            port=settings.clickhouse.query_port,
+            log_level="warning",
+            lifespan="off",
+        )
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        tasks.append(asyncio.create_task(server.serve(), name="query-endpoint"))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    projector.stop()
+    if server is not None:
+        server.should_exit = True
+    for task in tasks:
+        if task in done and task.exception():
+            log.error("%s failed: %r", task.get_name(), task.exception())
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
+    store.close()
+
+
+def run_projector(settings: Settings) -> None:
+    asyncio.run(serve(settings))

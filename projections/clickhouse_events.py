@@ -1,0 +1,199 @@
+"""Every event into ClickHouse, in batches, offsets committed after the batch is stored.
+
+The same clickhouse-connect client serves ``chdb://<dir>`` (the embedded engine) and
+``http://host:8123`` (a server). chdb lets one process open a data directory, so in the
+embedded stack this projector is that process; it also answers read-only queries for
+the others (``projections.clickhouse_query``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import clickhouse_connect
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+
+from schemas.codec import CODEC, DecodeError
+from schemas.records import Event, dead_letter
+from schemas.time import now_ms
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "event_id",
+    "type",
+    "tenant_id",
+    "conversation_id",
+    "seq",
+    "occurred_at",
+    "channel",
+    "schema_version",
+    "kafka_partition",
+    "kafka_offset",
+    "payload",
+)
+
+
+def schema_statements(database: str) -> list[str]:
+    ddl = (resources.files("projections") / "sql" / "events.sql").read_text("utf-8")
+    return [f"CREATE DATABASE IF NOT EXISTS {database}", ddl.format(database=database)]
+
+
+def row_for(event: Event, partition: int, offset: int) -> list[Any]:
+    fields = event.to_avro()
+    return [
+        event.event_id,
+        event.type,
+        event.tenant_id,
+        event.conversation_id,
+        event.seq,
+        event.occurred_at,  # epoch ms into DateTime64(3)
+        str(fields.get("channel") or ""),
+        event.schema_version,
+        partition,
+        offset,
+        json.dumps(fields, ensure_ascii=False, default=str),
+    ]
+
+
+class ClickHouseStore:
+    """One client on one thread: chdb is not safe to drive from several at once."""
+
+    def __init__(self, url: str, database: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        self._url = url
+        self.database = database
+        self._client: Any = None
+
+    def _connect(self) -> Any:
+        if self._client is None:
+            self._client = clickhouse_connect.get_client(dsn=self._url)
+            for statement in schema_statements(self.database):
+                self._client.command(statement)
+        return self._client
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def start(self) -> None:
+        await self._run(self._connect)
+
+    async def insert(self, rows: Sequence[Sequence[Any]]) -> None:
+        def insert() -> None:
+            self._connect().insert(f"{self.database}.events", rows, column_names=COLUMNS)
+
+        await self._run(insert)
+
+    async def query(self, sql: str, readonly: bool = True) -> tuple[list[str], list[list[Any]]]:
+        def query() -> tuple[list[str], list[list[Any]]]:
+            settings = {"readonly": 1} if readonly else {}
+            result = self._connect().query(sql, settings=settings)
+            return list(result.column_names), [list(r) for r in result.result_rows]
+
+        result: tuple[list[str], list[list[Any]]] = await self._run(query)
+        return result
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectorConfig:
+    bootstrap: str
+    events_topic: str
+    deadletter_topic: str
+    group_id: str
+    batch_size: int = 5000
+    batch_seconds: float = 0.5
+
+
+class ClickHouseProjector:
+    """Consume → decode → insert the batch → commit. A crash between insert and commit
+    re-inserts the batch; the ReplacingMergeTree key folds the twins together."""
+
+    def __init__(self, config: ProjectorConfig, store: ClickHouseStore) -> None:
+        self._config = config
+        self._store = store
+        self._stopping = asyncio.Event()
+        self.stored = 0
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(
+            self._config.events_topic,
+            bootstrap_servers=self._config.bootstrap,
+            group_id=self._config.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self._config.batch_size,
+        )
+        producer = AIOKafkaProducer(bootstrap_servers=self._config.bootstrap, acks="all")
+        await consumer.start()
+        await producer.start()
+        try:
+            while not self._stopping.is_set():
+                fetched = await consumer.getmany(
+                    timeout_ms=int(self._config.batch_seconds * 1000),
+                    max_records=self._config.batch_size,
+                )
+                records = [r for batch in fetched.values() for r in batch]
+                if not records:
+                    continue
+                rows = await self._rows(records, producer)
+                if rows:
+                    await self._insert_until_done(rows)
+                await consumer.commit()
+                self.stored += len(rows)
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _rows(
+        self, records: Sequence[ConsumerRecord[bytes, bytes]], producer: AIOKafkaProducer
+    ) -> list[list[Any]]:
+        rows = []
+        for record in records:
+            try:
+                event = CODEC.decode(record.value or b"")
+                if not isinstance(event, Event):
+                    raise DecodeError(f"expected an event, got {event.type}")
+            except DecodeError as exc:
+                where = f"{record.topic}[{record.partition}]@{record.offset}"
+                log.warning("dead-letter %s consumer=clickhouse reason=%s", where, exc.reason)
+                letter = dead_letter(
+                    source_topic=record.topic,
+                    partition=record.partition,
+                    offset=record.offset,
+                    reason=exc.reason,
+                    consumer="projection.clickhouse",
+                    failed_at=now_ms(),
+                    payload=record.value or b"",
+                    key=record.key,
+                )
+                await producer.send_and_wait(
+                    self._config.deadletter_topic, key=record.key, value=CODEC.encode(letter)
+                )
+                continue
+            rows.append(row_for(event, record.partition, record.offset))
+        return rows
+
+    async def _insert_until_done(self, rows: list[list[Any]]) -> None:
+        """ClickHouse down means wait and retry, never skip: the offsets stay put."""
+        delay = 0.2
+        while True:
+            try:
+                await self._store.insert(rows)
+                return
+            except Exception:
+                log.exception("clickhouse insert of %d rows failed; retrying", len(rows))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)

@@ -1,0 +1,88 @@
+"""Read-only analytics queries, the same call whichever ClickHouse is configured.
+
+With a server (``http://…``) a reader connects directly with clickhouse-connect. With
+the embedded engine (``chdb://…``) only the projector process may open the data
+directory, so readers ask it over a loopback endpoint that it serves (``query_app``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import clickhouse_connect
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from projections.clickhouse_events import ClickHouseStore
+
+MAX_SQL = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime.datetime | datetime.date):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal | uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def query_app(store: ClickHouseStore) -> Starlette:
+    async def query(request: Request) -> JSONResponse:
+        sql = (await request.body()).decode("utf-8", "replace").strip()
+        if not sql or len(sql) > MAX_SQL:
+            return JSONResponse({"error": f"send 1-{MAX_SQL} bytes of SQL"}, status_code=400)
+        try:
+            columns, rows = await store.query(sql, readonly=True)
+        except Exception as exc:  # ClickHouse's own message is the useful answer
+            return JSONResponse({"error": str(exc).strip()[:2000]}, status_code=400)
+        return JSONResponse({"columns": columns, "rows": _jsonable(rows)})
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "database": store.database})
+
+    return Starlette(routes=[Route("/query", query, methods=["POST"]), Route("/healthz", health)])
+
+
+class QueryError(RuntimeError):
+    pass
+
+
+class AnalyticsClient:
+    def __init__(self, url: str, query_port: int, timeout: float = 30.0) -> None:
+        self._embedded = url.startswith("chdb://")
+        self._endpoint = f"http://127.0.0.1:{query_port}/query"
+        self._url = url
+        self._timeout = timeout
+
+    def query(self, sql: str) -> QueryResult:
+        if self._embedded:
+            response = httpx.post(self._endpoint, content=sql.encode(), timeout=self._timeout)
+            body = response.json()
+            if response.status_code != 200:
+                raise QueryError(body.get("error", response.text))
+            return QueryResult(body["columns"], body["rows"])
+        client = clickhouse_connect.get_client(dsn=self._url)
+        try:
+            result = client.query(sql, settings={"readonly": 1})
+        except Exception as exc:
+            raise QueryError(str(exc)) from exc
+        finally:
+            client.close()
+        return QueryResult(list(result.column_names), _jsonable(result.result_rows))

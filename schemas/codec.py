@@ -1,0 +1,103 @@
+"""Avro single-object encoding of kefu records, with no registry server.
+
+Wire format (Avro spec, "Single object encoding"): ``C3 01``, the 8-byte little-endian
+CRC-64-AVRO fingerprint of the writer schema's canonical form, then the Avro binary
+body. Every schema kefu ever wrote (``avro/*.avsc`` and ``avro/history/*.avsc``) is
+known by fingerprint, so old bytes decode with today's reader schema.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from schemas.records import RECORD_TYPES, Record
+
+MAGIC = b"\xc3\x01"
+HEADER_SIZE = len(MAGIC) + 8
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a record this codec can read; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class _Schema:
+    name: str
+    version: int
+    parsed: dict[str, Any]
+    fingerprint: bytes
+
+
+def _load(text: str) -> _Schema:
+    raw = json.loads(text)
+    parsed = parse_schema(raw)
+    digest = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
+    # The spec stores the 64-bit fingerprint little-endian; fastavro's hex is big-endian.
+    return _Schema(raw["name"], int(raw.get("kefu_schema_version", 1)), parsed, digest[::-1])
+
+
+def _packaged_schemas() -> tuple[dict[str, _Schema], dict[bytes, _Schema]]:
+    root = resources.files("schemas") / "avro"
+    current: dict[str, _Schema] = {}
+    every: dict[bytes, _Schema] = {}
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".avsc"):
+            schema = _load(entry.read_text("utf-8"))
+            current[schema.name] = schema
+            every[schema.fingerprint] = schema
+    for entry in (root / "history").iterdir():
+        if entry.name.endswith(".avsc"):
+            schema = _load(entry.read_text("utf-8"))
+            every[schema.fingerprint] = schema
+    return current, every
+
+
+class AvroCodec:
+    """Encodes records with their current schema; decodes any known writer schema."""
+
+    def __init__(self) -> None:
+        self._current, self._by_fingerprint = _packaged_schemas()
+        missing = set(RECORD_TYPES) - set(self._current)
+        if missing:
+            raise RuntimeError(f"records without a schema: {sorted(missing)}")
+        self._headers = {name: MAGIC + s.fingerprint for name, s in self._current.items()}
+
+    def schema_of(self, name: str) -> dict[str, Any]:
+        return self._current[name].parsed
+
+    def encode(self, record: Record) -> bytes:
+        name = record.type
+        out = io.BytesIO()
+        out.write(self._headers[name])
+        schemaless_writer(out, self._current[name].parsed, record.to_avro())
+        return out.getvalue()
+
+    def decode(self, data: bytes) -> Record:
+        if len(data) < HEADER_SIZE or data[:2] != MAGIC:
+            raise DecodeError("not Avro single-object encoding (bad magic or too short)")
+        writer = self._by_fingerprint.get(data[2:HEADER_SIZE])
+        if writer is None:
+            raise DecodeError(f"unknown schema fingerprint {data[2:HEADER_SIZE].hex()}")
+        reader = self._current.get(writer.name)
+        cls = RECORD_TYPES.get(writer.name)
+        if reader is None or cls is None:
+            raise DecodeError(f"no reader for record type {writer.name}")
+        try:
+            body = schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.parsed, reader.parsed)
+        except Exception as exc:  # fastavro raises several types for corrupt bodies
+            raise DecodeError(f"corrupt {writer.name} body: {exc!r}") from exc
+        return cls.from_avro(body)  # type: ignore[arg-type]
+
+
+CODEC = AvroCodec()

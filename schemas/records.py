@@ -1,0 +1,234 @@
+"""The commands and events of kefu as frozen, typed records.
+
+Each class mirrors ``avro/<ClassName>.avsc`` field for field (a test holds them
+together). The envelope fields of DESIGN.md are on the base classes; ``type`` and
+``schema_version`` are derived from the class and its schema, never set by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
+
+# Commands and events are addressed by conversation; ids are UUID strings.
+_EVENT_NAMESPACE = uuid.UUID("6f1c2b1e-7d3a-4c55-9a61-2c0f3e9b8d17")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    """Anything kefu puts on a topic, encoded with the Avro codec."""
+
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+    @property
+    def schema_version(self) -> int:
+        return self.SCHEMA_VERSION
+
+    def to_avro(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in _field_names(type(self))}
+        out["type"] = self.type
+        out["schema_version"] = self.SCHEMA_VERSION
+        return out
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> Self:
+        return cls(**{name: data[name] for name in _field_names(cls)})
+
+
+def _field_names(cls: type[Record]) -> tuple[str, ...]:
+    names = cls.__dict__.get("_FIELDS_CACHE")
+    if names is None:
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        type.__setattr__(cls, "_FIELDS_CACHE", names)
+    return names  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Command(Record):
+    command_id: str
+    conversation_id: str
+    tenant_id: str
+    issued_at: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event(Record):
+    event_id: str
+    conversation_id: str
+    tenant_id: str
+    seq: int
+    occurred_at: int
+
+
+def event_id_for(command_id: str, index: int) -> str:
+    """The id of the ``index``-th event caused by a command: the same on every retry."""
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{command_id}/{index}"))
+
+
+# --- commands --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiveMessage(Command):
+    channel: str
+    customer_id: str
+    text: str
+    channel_message_id: str
+    language: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordReply(Command):
+    in_reply_to: str
+    text: str
+    author: str
+    responder: str
+    confidence: float
+    intent: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordDelivery(Command):
+    reply_event_id: str
+    channel: str
+    status: str
+    attempts: int
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseConversation(Command):
+    reason: str
+    closed_by: str
+
+
+# --- events ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageReceived(Event):
+    SCHEMA_VERSION: ClassVar[int] = 2
+    channel: str
+    customer_id: str
+    text: str
+    channel_message_id: str
+    command_id: str
+    language: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageModerated(Event):
+    message_event_id: str
+    direction: str
+    verdict: str
+    text: str
+    categories: list[str] = dataclasses.field(default_factory=list)
+    list_version: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationRouted(Event):
+    assignee: str
+    queue: str
+    reason: str
+    priority: str = "normal"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplyRequested(Event):
+    message_event_id: str
+    channel: str
+    text: str
+    language: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplyProduced(Event):
+    in_reply_to: str
+    channel: str
+    text: str
+    author: str
+    responder: str
+    confidence: float
+    customer_id: str
+    intent: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageDelivered(Event):
+    reply_event_id: str
+    channel: str
+    status: str
+    attempts: int
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationClosed(Event):
+    reason: str
+    closed_by: str
+
+
+# --- operations ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetter(Record):
+    source_topic: str
+    partition: int
+    offset: int
+    reason: str
+    consumer: str
+    failed_at: int
+    payload: bytes
+    key: bytes | None = None
+
+
+COMMAND_TYPES: tuple[type[Command], ...] = (
+    ReceiveMessage,
+    RecordReply,
+    RecordDelivery,
+    CloseConversation,
+)
+EVENT_TYPES: tuple[type[Event], ...] = (
+    MessageReceived,
+    MessageModerated,
+    ConversationRouted,
+    ReplyRequested,
+    ReplyProduced,
+    MessageDelivered,
+    ConversationClosed,
+)
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.__name__: cls for cls in (*COMMAND_TYPES, *EVENT_TYPES, DeadLetter)
+}
+
+
+def dead_letter(
+    *,
+    source_topic: str,
+    partition: int,
+    offset: int,
+    reason: str,
+    consumer: str,
+    failed_at: int,
+    payload: bytes,
+    key: bytes | None,
+) -> DeadLetter:
+    """A dead letter keeps the bytes as they were, so the record can be replayed."""
+    return DeadLetter(
+        source_topic=source_topic,
+        partition=partition,
+        offset=offset,
+        reason=reason[:1000],
+        consumer=consumer,
+        failed_at=failed_at,
+        payload=payload,
+        key=key,
+    )

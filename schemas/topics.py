@@ -1,0 +1,23 @@
+"""Topic names: the contract between processes. Every conversation topic is keyed by
+conversation id, so one partition holds a conversation's whole history in order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TopicNames:
+    prefix: str = "kefu"
+
+    @property
+    def commands(self) -> str:
+        return f"{self.prefix}.commands"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.prefix}.deadletter"

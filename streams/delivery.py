@@ -1,0 +1,58 @@
+"""The delivery agent: hands each produced reply to its channel, then records the
+outcome as a ``RecordDelivery`` command (the conversation agent appends
+``MessageDelivered``). Channel I/O is injected (``Deliverer``), so this module stays
+free of channel code; ``connectors.delivery`` provides it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Protocol
+
+from schemas.outcomes import DeliveryOutcome as Outcome
+from schemas.records import Event, RecordDelivery, ReplyProduced
+from schemas.time import now_ms
+from streams.app import KefuApp
+from streams.inbox import position, records, send_dead_letter
+
+log = logging.getLogger(__name__)
+_DELIVERY_NAMESPACE = uuid.UUID("a4d7c0f2-91b3-4e6a-b2d8-0c5f7e1a9b63")
+
+
+class Deliverer(Protocol):
+    async def deliver(self, reply: ReplyProduced) -> Outcome: ...
+
+
+def delivery_command_id(reply_event_id: str) -> str:
+    return str(uuid.uuid5(_DELIVERY_NAMESPACE, reply_event_id))
+
+
+def install(kefu: KefuApp, deliverer: Deliverer) -> Any:
+    async def delivery(stream: Any) -> None:
+        async for event, record in records(stream, Event, kefu.deadletter, "delivery"):
+            if not isinstance(record, ReplyProduced):
+                continue
+            try:
+                outcome = await deliverer.deliver(record)
+            except Exception as exc:
+                log.exception("delivery failed at %s", position(event.message))
+                await send_dead_letter(kefu.deadletter, event.message, repr(exc), "delivery")
+                continue
+            await kefu.commands_out.send(
+                key=record.conversation_id,
+                value=RecordDelivery(
+                    command_id=delivery_command_id(record.event_id),
+                    conversation_id=record.conversation_id,
+                    tenant_id=record.tenant_id,
+                    issued_at=now_ms(),
+                    reply_event_id=record.event_id,
+                    channel=record.channel,
+                    status=outcome.status,
+                    attempts=outcome.attempts,
+                    detail=outcome.detail,
+                ),
+            )
+
+    return kefu.app.agent(
+        kefu.events_in, name="kefu.delivery", concurrency=kefu.config.concurrency
+    )(delivery)

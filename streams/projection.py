@@ -1,0 +1,57 @@
+"""The projection agent: feeds batches of events to a read model (``EventSink``).
+
+Batches come from ``take_events``; Faust acks them (and so may commit their offsets)
+only after ``apply`` returns, so side effects are flushed before the commit. Sinks are
+idempotent (guarded by each conversation's seq), so a redelivered batch changes
+nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from schemas.codec import DecodeError
+from schemas.records import Event
+from streams.app import KefuApp
+from streams.inbox import decode, send_dead_letter
+
+log = logging.getLogger(__name__)
+
+
+class EventSink(Protocol):
+    name: str
+
+    async def apply(self, events: Sequence[Event]) -> None: ...
+
+
+def install(kefu: KefuApp, sink: EventSink, batch: int = 500, within: float = 0.05) -> Any:
+    consumer = f"projection.{sink.name}"
+
+    async def projection(stream: Any) -> None:
+        async for batch_events in stream.take_events(batch, within=within):
+            decoded: list[Event] = []
+            for event in batch_events:
+                try:
+                    decoded.append(decode(event.value, Event))
+                except DecodeError as exc:
+                    await send_dead_letter(kefu.deadletter, event.message, exc.reason, consumer)
+            if decoded:
+                await _apply_until_done(sink, decoded)
+
+    return kefu.app.agent(kefu.events_in, name=f"kefu.{consumer}")(projection)
+
+
+async def _apply_until_done(sink: EventSink, events: Sequence[Event]) -> None:
+    """A read model that is down (Redis restarting) is waited for, not skipped: the
+    partition holds still and catches up when the store is back."""
+    delay = 0.1
+    while True:
+        try:
+            await sink.apply(events)
+            return
+        except Exception:
+            log.exception("projection %s failed; retrying in %.1fs", sink.name, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

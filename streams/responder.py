@@ -1,0 +1,57 @@
+"""The responder agent: answers reply requests off the hot path.
+
+It runs concurrently (several requests in flight per worker) so a slow responder never
+holds a conversation partition; the answer goes back as a ``RecordReply`` command whose
+id derives from the request, so a redelivered request cannot produce a second reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from schemas.records import Event, RecordReply, ReplyRequested
+from schemas.time import now_ms
+from streams.app import KefuApp
+from streams.inbox import position, records, send_dead_letter
+from streams.responders import Responder
+
+log = logging.getLogger(__name__)
+_REPLY_NAMESPACE = uuid.UUID("0b8f5a8e-2f4e-4f0c-8d7e-5b1c9e3a6d42")
+
+
+def reply_command_id(request_event_id: str) -> str:
+    return str(uuid.uuid5(_REPLY_NAMESPACE, request_event_id))
+
+
+def install(kefu: KefuApp, responder: Responder) -> Any:
+    async def responder_agent(stream: Any) -> None:
+        async for event, record in records(stream, Event, kefu.deadletter, "responder"):
+            if not isinstance(record, ReplyRequested):
+                continue
+            try:
+                answer = await responder.answer(record)
+            except Exception as exc:
+                log.exception("responder failed at %s", position(event.message))
+                await send_dead_letter(kefu.deadletter, event.message, repr(exc), "responder")
+                continue
+            await kefu.commands_out.send(
+                key=record.conversation_id,
+                value=RecordReply(
+                    command_id=reply_command_id(record.event_id),
+                    conversation_id=record.conversation_id,
+                    tenant_id=record.tenant_id,
+                    issued_at=now_ms(),
+                    in_reply_to=record.event_id,
+                    text=answer.text,
+                    author="ai",
+                    responder=answer.responder,
+                    confidence=answer.confidence,
+                    intent=answer.intent,
+                ),
+            )
+
+    return kefu.app.agent(
+        kefu.events_in, name="kefu.responder", concurrency=kefu.config.concurrency
+    )(responder_agent)

@@ -1,0 +1,100 @@
+"""Responders turn a reply request into a reply. The offline FAQ responder needs no
+API key and answers from a packaged knowledge base; the LLM responder (the AI issue)
+implements the same ``Responder`` protocol."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Protocol
+
+from schemas.records import ReplyRequested
+
+_WORD = re.compile(r"[a-z0-9']+")
+_HAN = re.compile(r"[\u4e00-\u9fff]")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    text: str
+    responder: str
+    confidence: float
+    intent: str | None
+
+
+class Responder(Protocol):
+    async def answer(self, request: ReplyRequested) -> Answer: ...
+
+
+def language_of(text: str) -> str:
+    han = len(_HAN.findall(text))
+    return "zh" if han and han * 3 >= len(text.strip()) else "en"
+
+
+def features(text: str) -> set[str]:
+    """Words for Latin text, character bigrams (and single chars) for Chinese."""
+    lowered = text.lower()
+    found = set(_WORD.findall(lowered))
+    han = "".join(_HAN.findall(lowered))
+    found.update(han)
+    found.update(han[i : i + 2] for i in range(len(han) - 1))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class FaqEntry:
+    intent: str
+    features: frozenset[str]
+    answers: dict[str, str]
+
+
+def load_faq(path: str | None = None) -> list[FaqEntry]:
+    text = (
+        open(path, encoding="utf-8").read()  # noqa: SIM115
+        if path
+        else (resources.files("streams") / "knowledge" / "faq.json").read_text("utf-8")
+    )
+    entries = []
+    for item in json.loads(text):
+        feats: set[str] = set()
+        for question in item["questions"]:
+            feats |= features(question)
+        entries.append(FaqEntry(item["intent"], frozenset(feats), dict(item["answer"])))
+    return entries
+
+
+FALLBACK = {
+    "en": "Thanks for your message. I couldn't find an answer; a colleague will follow up.",
+    "zh": "感谢您的留言，暂时没有找到答案，稍后会有同事跟进。",
+}
+
+
+class OfflineResponder:
+    """FAQ retrieval by feature overlap: deterministic, instant, no network."""
+
+    name = "offline-faq"
+
+    def __init__(self, entries: Sequence[FaqEntry] | None = None, threshold: float = 0.2):
+        self._entries = list(entries) if entries is not None else load_faq()
+        self._threshold = threshold
+
+    async def answer(self, request: ReplyRequested) -> Answer:
+        return self.answer_text(request.text, request.language)
+
+    def answer_text(self, text: str, language: str | None = None) -> Answer:
+        lang = language if language in ("en", "zh") else language_of(text)
+        asked = features(text)
+        best: FaqEntry | None = None
+        best_score = 0.0
+        for entry in self._entries:
+            overlap = len(asked & entry.features)
+            score = overlap / (len(asked) or 1)
+            if score > best_score:
+                best, best_score = entry, score
+        if best is None or best_score < self._threshold:
+            return Answer(FALLBACK[lang], self.name, best_score, None)
+        text_out = best.answers.get(lang) or next(iter(best.answers.values()))
+        return Answer(text_out, self.name, round(best_score, 3), best.intent)
