@@ -20,7 +20,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _process_options(fn: F) -> F:
     """Hidden options that name a daemon in its command line (see kefu.services)."""
     fn = click.option("--instance", hidden=True, default="")(fn)
-    return click.option("--state", hidden=True, default="")(fn)  # type: ignore[no-any-return]
+    return click.option("--state", hidden=True, default="")(fn)
 
 
 def _settings() -> Settings:

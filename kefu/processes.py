@@ -43,6 +43,15 @@ def free_port() -> int:
         return port
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (all held open at once, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((LOOPBACK, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
 def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.2) -> bool:
     """Whether something accepts TCP connections on ``host:port``."""
     try:

@@ -44,7 +44,8 @@ async def serve(settings: Settings) -> None:
             lifespan="off",
         )
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # This process handles SIGTERM itself (stop the projector, then the endpoint).
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         tasks.append(asyncio.create_task(server.serve(), name="query-endpoint"))
 
     stop = asyncio.Event()

@@ -42,9 +42,7 @@ POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
 # Written last into a jars dir: its presence means the copy is complete.
 JARS_MARKER = ".complete"
 
-_SETUP_HINT = (
-    "run `make setup`, or install Maven and a JDK (apt-get install maven default-jdk-headless)"
-)
+_SETUP_HINT = "run `make setup`, or install Maven and Java (apt-get install maven default-jre)"
 _REDIS_HINT = "run `make setup`, or install Redis (apt-get install redis-server)"
 
 
@@ -106,10 +104,8 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-async def _kafka_metadata(servers: str, security_protocol: str) -> bool:
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=servers, security_protocol=security_protocol, request_timeout_ms=3000
-    )
+async def _kafka_metadata(servers: str) -> bool:
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers, request_timeout_ms=3000)
     try:
         await admin.start()
         cluster = await admin.describe_cluster()
@@ -202,20 +198,47 @@ class Stack:
         return [f"-XX:ArchiveClassesAtExit={self.kafka_dir / 'classes.jsa'}", "-Xlog:cds*=off"]
 
     def _keep_class_archive(self) -> None:
+        """File the archive a broker dumped at exit, if it is sound and none exists yet."""
         dump = self.kafka_dir / "classes.jsa"
         if not dump.exists():
             return
-        archive = self._class_archive(shutil.which("java") or "java")
+        java = shutil.which("java")
+        archive = self._class_archive(java) if java else None
+        tmp = None
         try:
-            if archive is not None and not archive.exists() and dump.stat().st_size > 0:
-                # Copy next to the target, then rename: readers never map a partial file.
+            if java and archive is not None and not archive.exists():
+                # Copy next to the target, check, then rename: a truncated archive (a
+                # broker killed while dumping) crashes every JVM that maps it.
                 tmp = archive.with_suffix(f".{os.getpid()}.tmp")
                 shutil.copyfile(dump, tmp)
-                tmp.replace(archive)
+                if self._archive_loads(java, tmp):
+                    tmp.replace(archive)
         except OSError:
             pass  # only a speed-up: the next start simply dumps again
         finally:
             dump.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+    def _archive_loads(self, java: str, archive: Path) -> bool:
+        # -Xshare:on turns "cannot use the archive" into a failed exit instead of a
+        # silent fallback; a tiny Kafka tool checks it against the broker's classpath.
+        cmd = [
+            java,
+            "-Xshare:on",
+            f"-XX:SharedArchiveFile={archive}",
+            "-Xlog:disable",
+            "-cp",
+            f"{self.jars_dir}/*",
+            "kafka.tools.StorageTool",
+            "random-uuid",
+        ]
+        with tempfile.TemporaryDirectory() as scratch:  # where a crash report would go
+            try:
+                proc = subprocess.run(cmd, capture_output=True, timeout=60, cwd=scratch)
+            except subprocess.TimeoutExpired:
+                return False
+        return proc.returncode == 0
 
     @property
     def redis_daemon(self) -> Daemon:
@@ -272,6 +295,7 @@ class Stack:
             if not (tmp / f"kafka_2.13-{version}.jar").exists():
                 raise StackError(f"mvn ran but {tmp} has no kafka_2.13-{version}.jar")
             (tmp / JARS_MARKER).write_text(f"kafka_2.13 {version}\n")
+            tmp.chmod(0o755)  # mkdtemp made it private; the cache is not secret
             if (target / JARS_MARKER).exists():  # another fetch finished meanwhile
                 return target
             if target.exists():  # an incomplete dir from before the marker existed
@@ -294,32 +318,33 @@ class Stack:
         """
         start = time.monotonic()
         deadline = start + timeout
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
+        kafka = self.kafka_daemon if self.embedded_kafka else None
+        redis_ = self.redis_daemon if self.embedded_redis else None
+        start_kafka = kafka is not None and not kafka.is_running()
+        start_redis = redis_ is not None and not redis_.is_running()
+        # Everything that can fail fast (missing tool, busy port) before starting.
+        java = ""
+        if start_kafka:
+            self.fetch_kafka_jars()
+            java = _require("java", _SETUP_HINT)
+            kafka_ = self.settings.kafka
+            self._check_free("Kafka", kafka_.port, "KEFU_KAFKA__PORT")
+            self._check_free(
+                "Kafka controller", kafka_.controller_port, "KEFU_KAFKA__CONTROLLER_PORT"
+            )
+            self._write_kafka_config()
+        if start_redis:
+            _require("redis-server", _REDIS_HINT)
+            self._check_free("Redis", self.settings.redis.port, "KEFU_REDIS__PORT")
+            self._write_redis_config()
+
         started: list[Daemon] = []
         ready: dict[str, float] = {}
         try:
-            kafka = self.kafka_daemon if self.embedded_kafka else None
-            redis_ = self.redis_daemon if self.embedded_redis else None
-            start_kafka = kafka is not None and not kafka.is_running()
-            start_redis = redis_ is not None and not redis_.is_running()
-            # Everything that can fail fast (missing tool, busy port) before starting.
-            java = ""
-            if start_kafka:
-                self.fetch_kafka_jars()
-                java = _require("java", _SETUP_HINT)
-                kafka_ = self.settings.kafka
-                self._check_free("Kafka", kafka_.port, "KEFU_KAFKA__PORT")
-                self._check_free(
-                    "Kafka controller", kafka_.controller_port, "KEFU_KAFKA__CONTROLLER_PORT"
-                )
-                self._write_kafka_config()
-            if start_redis:
-                _require("redis-server", _REDIS_HINT)
-                self._check_free("Redis", self.settings.redis.port, "KEFU_REDIS__PORT")
-                self._write_redis_config()
-
-            def left() -> float:
-                return max(deadline - time.monotonic(), 0.0)
-
             # Redis first: it answers within milliseconds, then Kafka formats and boots.
             if redis_ is not None:
                 if start_redis:
@@ -330,15 +355,25 @@ class Stack:
             if kafka is not None:
                 if start_kafka:
                     self._format_kafka(java)
-                    kafka = self._kafka_daemon(java)
+                    kafka = self._kafka_daemon(java)  # with this start's JVM flags
                     started.append(kafka)
                     kafka.start()
                 with _quiet("aiokafka"):
                     kafka.wait_ready(self._kafka_answers, left(), "Kafka")
                 ready["kafka"] = time.monotonic() - start
-        except BaseException:
+        except BaseException as exc:
+            kafka_died = kafka is not None and kafka in started and not kafka.is_running()
             for daemon in reversed(started):
                 daemon.stop(timeout=10.0)
+            archive = self._class_archive(java) if kafka_died else None
+            if archive is not None and archive.exists():
+                # Never let a damaged class archive fail two starts: it is only a
+                # speed-up, and the next start writes a new one.
+                archive.unlink(missing_ok=True)
+                raise StackError(
+                    f"{exc}\n(kefu removed the JVM class archive {archive} in case it "
+                    "was the cause; run `kefu stack up` again)"
+                ) from exc
             raise
         return ready
 
@@ -386,7 +421,7 @@ class Stack:
         kafka = self.settings.kafka
         if not port_open(kafka.port):
             return False
-        return _run_in_thread(_kafka_metadata(kafka.servers, "PLAINTEXT"))
+        return _run_in_thread(_kafka_metadata(kafka.servers))
 
     def _redis_answers(self) -> bool:
         client = redis.Redis.from_url(

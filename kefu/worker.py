@@ -57,7 +57,7 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
 def _install_health(kefu: KefuApp) -> None:
     app = kefu.app
 
-    @app.page("/healthz")  # type: ignore[misc]
+    @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
         assigned = len(app.consumer.assignment()) if app.consumer else 0
         ready = assigned > 0 and not app.rebalancing

@@ -42,6 +42,7 @@ class _Schema:
 def _load(text: str) -> _Schema:
     raw = json.loads(text)
     parsed = parse_schema(raw)
+    assert isinstance(parsed, dict), "kefu schemas are records"
     digest = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
     # The spec stores the 64-bit fingerprint little-endian; fastavro's hex is big-endian.
     return _Schema(raw["name"], int(raw.get("kefu_schema_version", 1)), parsed, digest[::-1])

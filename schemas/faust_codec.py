@@ -12,7 +12,7 @@ from schemas.records import Record
 CODEC_NAME = "kefu-avro"
 
 
-class FaustAvroCodec(codecs.Codec):  # type: ignore[misc]
+class FaustAvroCodec(codecs.Codec):
     def _dumps(self, obj: Any) -> bytes:
         if isinstance(obj, bytes):
             return obj  # already encoded (relayed dead letters, replays)

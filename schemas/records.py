@@ -46,7 +46,7 @@ def _field_names(cls: type[Record]) -> tuple[str, ...]:
     if names is None:
         names = tuple(f.name for f in dataclasses.fields(cls))
         type.__setattr__(cls, "_FIELDS_CACHE", names)
-    return names  # type: ignore[no-any-return]
+    return names
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -60,12 +60,11 @@ def build_app(config: StreamsConfig) -> KefuApp:
         table_cleanup_interval=3600.0,
     )
     names = config.topics
-    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw"}
     return KefuApp(
         app=app,
         config=config,
-        commands_in=app.topic(names.commands, value_serializer="raw", **raw),
-        events_in=app.topic(names.events, value_serializer="raw", **raw),
+        commands_in=_raw_topic(app, names.commands),
+        events_in=_raw_topic(app, names.events),
         commands_out=app.topic(names.commands, value_serializer=faust_codec.CODEC_NAME),
         events_out=app.topic(names.events, value_serializer=faust_codec.CODEC_NAME),
         deadletter=app.topic(names.deadletter, value_serializer=faust_codec.CODEC_NAME),
@@ -74,4 +73,10 @@ def build_app(config: StreamsConfig) -> KefuApp:
             default=None,
             partitions=config.partitions,
         ),
+    )
+
+
+def _raw_topic(app: faust.App, name: str) -> Any:
+    return app.topic(
+        name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )

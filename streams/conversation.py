@@ -14,7 +14,7 @@ from typing import Any
 from schemas.records import Command
 from streams.app import KefuApp
 from streams.inbox import position, records, send_dead_letter
-from streams.lifecycle import Conversation, Policy, decide, evolve
+from streams.lifecycle import Conversation, Policy, Rejected, decide, evolve
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ def install(kefu: KefuApp, policy: Policy) -> Any:
                     state = evolve(state, appended)
                     await kefu.events_out.send(key=command.conversation_id, value=appended)
                 table[command.conversation_id] = state.to_json()
+            except Rejected as exc:
+                await send_dead_letter(kefu.deadletter, event.message, str(exc), "conversation")
             except Exception as exc:  # a bug for one record must not stop the partition
                 log.exception(
                     "conversation %s failed at %s", command.conversation_id, position(event.message)

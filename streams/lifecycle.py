@@ -50,6 +50,7 @@ class Conversation:
     messages: int = 0
     replies: int = 0
     awaiting_reply: tuple[str, ...] = ()  # ReplyRequested ids not yet answered
+    undelivered: tuple[str, ...] = ()  # ReplyProduced ids without a delivery outcome
     applied: tuple[str, ...] = ()  # recent command ids, oldest first
 
     def to_json(self) -> dict[str, Any]:
@@ -60,6 +61,7 @@ class Conversation:
         data = dict(data)
         data["awaiting_reply"] = tuple(data.get("awaiting_reply", ()))
         data["applied"] = tuple(data.get("applied", ()))
+        data["undelivered"] = tuple(data.get("undelivered", ()))
         return cls(**data)
 
 
@@ -95,6 +97,11 @@ def evolve(state: Conversation, event: Event) -> Conversation:
                 base,
                 replies=state.replies + 1,
                 awaiting_reply=tuple(r for r in state.awaiting_reply if r != event.in_reply_to),
+                undelivered=(*state.undelivered, event.event_id),
+            )
+        case MessageDelivered():
+            return dataclasses.replace(
+                base, undelivered=tuple(r for r in state.undelivered if r != event.reply_event_id)
             )
         case ConversationClosed():
             return dataclasses.replace(base, status="closed", assignee="", awaiting_reply=())
@@ -114,7 +121,17 @@ class Policy:
     route: Callable[[str, str], Route]  # (tenant, channel) -> Route
 
 
+class Rejected(ValueError):
+    """A command this conversation must never apply (it goes to the dead-letter topic)."""
+
+
 def decide(state: Conversation, command: Command, policy: Policy) -> list[Event]:
+    """The events ``command`` causes. Each command type is idempotent in the domain:
+    a message by its id, a reply by the request it answers, a receipt by the reply it
+    reports on, a close by the status."""
+    if state.tenant_id and command.tenant_id != state.tenant_id:
+        # Conversation ids are global: one tenant must not write into another's.
+        raise Rejected(f"command of tenant {command.tenant_id!r} for another tenant's conversation")
     if command.command_id in state.applied:
         return []
     draft = _Draft(state, command)
@@ -124,6 +141,8 @@ def decide(state: Conversation, command: Command, policy: Policy) -> list[Event]
         case RecordReply():
             _reply(draft, command, policy)
         case RecordDelivery():
+            if command.reply_event_id not in state.undelivered:
+                return []  # a redelivered receipt: the outcome is already on the log
             draft.add(
                 MessageDelivered,
                 reply_event_id=command.reply_event_id,

@@ -1,0 +1,166 @@
+import dataclasses
+
+import pytest
+
+from schemas.records import (
+    CloseConversation,
+    ConversationClosed,
+    ConversationRouted,
+    MessageDelivered,
+    MessageModerated,
+    MessageReceived,
+    ReceiveMessage,
+    RecordDelivery,
+    RecordReply,
+    ReplyProduced,
+    ReplyRequested,
+    event_id_for,
+)
+from streams.lifecycle import Conversation, Policy, Rejected, decide, evolve, fold
+from streams.moderation import Moderator, WordList
+from streams.routing import router
+
+POLICY = Policy(Moderator(), router(lambda tenant: tenant != "humans-only"))
+
+
+def receive(n: int, text: str = "where is my order", tenant: str = "t1") -> ReceiveMessage:
+    return ReceiveMessage(
+        command_id=f"msg-{n}",
+        conversation_id="conv-1",
+        tenant_id=tenant,
+        issued_at=1000 + n,
+        channel="api",
+        customer_id="u1",
+        text=text,
+        channel_message_id=f"m{n}",
+    )
+
+
+def apply(state: Conversation, events: list) -> Conversation:  # type: ignore[type-arg]
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+def test_first_message_is_received_moderated_routed_and_asks_for_a_reply() -> None:
+    events = decide(Conversation(), receive(1), POLICY)
+
+    assert [type(e) for e in events] == [
+        MessageReceived,
+        MessageModerated,
+        ConversationRouted,
+        ReplyRequested,
+    ]
+    assert [e.seq for e in events] == [1, 2, 3, 4]
+    assert events[0].event_id == event_id_for("msg-1", 0)
+    assert {e.conversation_id for e in events} == {"conv-1"}
+
+
+def test_the_same_command_twice_yields_nothing_the_second_time() -> None:
+    state = apply(Conversation(), decide(Conversation(), receive(1), POLICY))
+    assert decide(state, receive(1), POLICY) == []
+
+
+def test_event_ids_and_seqs_are_deterministic_on_retry() -> None:
+    assert decide(Conversation(), receive(1), POLICY) == decide(Conversation(), receive(1), POLICY)
+
+
+def test_second_message_is_not_routed_again() -> None:
+    state = apply(Conversation(), decide(Conversation(), receive(1), POLICY))
+    events = decide(state, receive(2), POLICY)
+    assert [type(e) for e in events] == [MessageReceived, MessageModerated, ReplyRequested]
+    assert events[0].seq == state.seq + 1
+
+
+def test_reply_is_produced_once_then_delivered_once() -> None:
+    state = apply(Conversation(), decide(Conversation(), receive(1), POLICY))
+    request = state.awaiting_reply[0]
+    reply = RecordReply(
+        command_id="r-1",
+        conversation_id="conv-1",
+        tenant_id="t1",
+        issued_at=2000,
+        in_reply_to=request,
+        text="Your order ships today",
+        author="ai",
+        responder="offline-faq",
+        confidence=1.0,
+    )
+    events = decide(state, reply, POLICY)
+    assert [type(e) for e in events] == [MessageModerated, ReplyProduced]
+    state = apply(state, events)
+    assert decide(state, reply, POLICY) == []  # a redelivered reply
+
+    produced = events[-1]
+    receipt = RecordDelivery(
+        command_id="d-1",
+        conversation_id="conv-1",
+        tenant_id="t1",
+        issued_at=2100,
+        reply_event_id=produced.event_id,
+        channel="api",
+        status="delivered",
+        attempts=1,
+    )
+    delivered = decide(state, receipt, POLICY)
+    assert [type(e) for e in delivered] == [MessageDelivered]
+    state = apply(state, delivered)
+    assert decide(state, receipt, POLICY) == []
+
+
+def test_masking_replaces_the_text_passed_on() -> None:
+    events = decide(Conversation(), receive(1, "you idiot, where is my order"), POLICY)
+    moderated = events[1]
+    assert isinstance(moderated, MessageModerated)
+    assert moderated.verdict == "mask" and moderated.categories == ["abuse"]
+    request = events[-1]
+    assert isinstance(request, ReplyRequested)
+    assert request.text == "you *****, where is my order"
+
+
+def test_blocked_message_asks_for_no_reply() -> None:
+    blocking = Policy(Moderator(WordList({"spam": ("casino",)}, {"spam": "block"})), POLICY.route)
+    events = decide(Conversation(), receive(1, "best CASINO bonus"), blocking)
+    assert [type(e) for e in events] == [MessageReceived, MessageModerated]
+
+
+def test_tenant_without_ai_is_routed_to_its_queue_and_gets_no_ai_reply() -> None:
+    events = decide(Conversation(), receive(1, tenant="humans-only"), POLICY)
+    routed = events[2]
+    assert isinstance(routed, ConversationRouted)
+    assert routed.assignee == "" and routed.queue == "humans-only:default"
+    assert not any(isinstance(e, ReplyRequested) for e in events)
+
+
+def test_another_tenants_command_is_rejected() -> None:
+    state = apply(Conversation(), decide(Conversation(), receive(1), POLICY))
+    with pytest.raises(Rejected):
+        decide(state, receive(2, tenant="intruder"), POLICY)
+
+
+def test_close_once() -> None:
+    state = apply(Conversation(), decide(Conversation(), receive(1), POLICY))
+    close = CloseConversation(
+        command_id="x-1",
+        conversation_id="conv-1",
+        tenant_id="t1",
+        issued_at=3000,
+        reason="resolved",
+        closed_by="u1",
+    )
+    events = decide(state, close, POLICY)
+    assert [type(e) for e in events] == [ConversationClosed]
+    state = apply(state, events)
+    assert state.status == "closed" and state.awaiting_reply == ()
+    assert decide(state, dataclasses.replace(close, command_id="x-2"), POLICY) == []
+
+
+def test_state_is_a_fold_of_the_events_and_survives_json() -> None:
+    log = []
+    state = Conversation()
+    for n in range(1, 4):
+        events = decide(state, receive(n), POLICY)
+        log.extend(events)
+        state = apply(state, events)
+    assert fold(log) == state
+    assert Conversation.from_json(state.to_json()) == state
