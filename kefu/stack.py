@@ -225,6 +225,8 @@ class Stack:
         # silent fallback; a tiny Kafka tool checks it against the broker's classpath.
         cmd = [
             java,
+            f"-Xmx{self.settings.kafka.heap}",  # same heap layout as the broker's
+            "-XX:+UseG1GC",
             "-Xshare:on",
             f"-XX:SharedArchiveFile={archive}",
             "-Xlog:disable",

@@ -4,7 +4,6 @@ ports in a temporary state dir, and stopped after."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,16 +80,3 @@ def wait_for(probe: Callable[[], T | None], timeout: float = 30.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.05)
-
-
-async def wait_for_async(
-    probe: Callable[[], object], timeout: float = 30.0, what: str = "condition"
-) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()  # type: ignore[misc]
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -40,6 +40,11 @@ def webhooks(settings: Settings, conversation_id: str) -> list[dict[str, Any]]:
     return [r for r in received if r["conversation_id"] == conversation_id]
 
 
+def redis_hash(settings: Settings, tenant: str, conversation: str) -> dict[str, str]:
+    client = redis.Redis.from_url(settings.redis.dsn, decode_responses=True)
+    return cast(dict[str, str], client.hgetall(conversation_key(tenant, conversation)))
+
+
 def analytics(settings: Settings, sql: str) -> list[list[Any]]:
     client = AnalyticsClient(settings.clickhouse_url, settings.clickhouse.query_port)
     return client.query(sql).rows
@@ -70,11 +75,12 @@ def test_rest_message_gets_a_reply_redis_state_and_clickhouse_rows(pipeline: Set
 
         # Redis: the read model, reached through the REST API and directly.
         r = redis.Redis.from_url(pipeline.redis.dsn, decode_responses=True)
-        key = conversation_key("demo", conversation)
-        state = wait_for(
-            lambda: (s := r.hgetall(key)) and s.get("last_delivery") == "delivered" and s,
-            what="delivery in Redis",
-        )
+
+        def delivered() -> dict[str, str] | None:
+            state = redis_hash(pipeline, "demo", conversation)
+            return state if state.get("last_delivery") == "delivered" else None
+
+        state = wait_for(delivered, what="delivery in Redis")
         assert state["status"] == "open"
         assert state["assignee"] == "ai"
         assert state["channel"] == "api"
@@ -89,20 +95,15 @@ def test_rest_message_gets_a_reply_redis_state_and_clickhouse_rows(pipeline: Set
         assert len(view["messages"]) == 2
 
     # ClickHouse: every event of the conversation, once, in order.
-    rows = wait_for(
-        lambda: (
-            (
-                rows := analytics(
-                    pipeline,
-                    "SELECT seq, type FROM kefu.events FINAL "
-                    f"WHERE conversation_id = '{conversation}' ORDER BY seq",
-                )
-            )
-            and len(rows) == seq
-            and rows
-        ),
-        what="all events in ClickHouse",
-    )
+    def stored() -> list[list[Any]] | None:
+        rows = analytics(
+            pipeline,
+            "SELECT seq, type FROM kefu.events FINAL "
+            f"WHERE conversation_id = '{conversation}' ORDER BY seq",
+        )
+        return rows if len(rows) == seq else None
+
+    rows = wait_for(stored, what="all events in ClickHouse")
     assert [row[0] for row in rows] == list(range(1, seq + 1))
     assert [row[1] for row in rows] == [
         "MessageReceived",
