@@ -160,9 +160,7 @@ async def _redis_states(settings: Settings, outcomes: list[Outcome]) -> list[dic
             # The projection trails the reply by a moment: wait for the delivery receipt.
             for _ in range(200):
                 state: dict[str, str] = await client.hgetall(key)  # type: ignore[assignment]
-                if state.get("last_delivery") and int(state.get("replies", 0)) >= len(
-                    outcome.turns
-                ):
+                if int(state.get("deliveries", 0)) >= len(outcome.turns):
                     break
                 await asyncio.sleep(0.05)
             states.append(state)

@@ -105,7 +105,7 @@ def changes(event: Event) -> tuple[dict[str, str], dict[str, Any] | None]:
                 },
             )
         case MessageDelivered():
-            return {"last_delivery": event.status}, None
+            return {"last_delivery": event.status, "+deliveries": ""}, None
         case ConversationClosed():
             return {"status": "closed", "closed_reason": event.reason, "assignee": ""}, None
         case _:

@@ -261,11 +261,25 @@ async def test_stack_keeps_the_log_and_redis_across_a_restart(stack: Stack) -> N
     assert stack.status() == {"kafka": "stopped", "redis": "stopped"}
 
 
-def test_fetch_kafka_jars_is_idempotent(tmp_path: Path) -> None:
-    stack = Stack(Settings(state_dir=tmp_path))
+def test_fetch_kafka_jars_copies_once(tmp_path: Path) -> None:
+    # A private jars dir, so Maven really copies (from ~/.m2 when it is warm).
+    stack = Stack(Settings(state_dir=tmp_path, kafka=KafkaSettings(jars_dir=tmp_path / "jars")))
+    version = stack.settings.kafka.version
     jars = stack.fetch_kafka_jars()
+    assert jars == tmp_path / "jars" / version
     assert (jars / ".complete").exists()
-    assert (jars / f"kafka_2.13-{stack.settings.kafka.version}.jar").exists()
-    before = sorted(p.name for p in jars.iterdir())
+    assert (jars / f"kafka_2.13-{version}.jar").exists()
+    assert any(p.name.startswith("log4j-core-") for p in jars.iterdir())
+    assert sorted(p.name for p in (tmp_path / "jars").iterdir()) == [version]  # no temp left
+    marker_time = (jars / ".complete").stat().st_mtime_ns
     assert stack.fetch_kafka_jars() == jars
-    assert sorted(p.name for p in jars.iterdir()) == before
+    assert (jars / ".complete").stat().st_mtime_ns == marker_time  # nothing redone
+
+
+def test_fetch_without_maven_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without mvn or java
+    stack = Stack(Settings(state_dir=tmp_path, kafka=KafkaSettings(jars_dir=tmp_path / "jars")))
+    with pytest.raises(StackError, match="make setup"):
+        stack.fetch_kafka_jars()

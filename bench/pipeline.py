@@ -1,0 +1,989 @@
+"""End-to-end pipeline benchmark, with the raw Kafka baseline measured in the same run.
+
+What it does, on a private embedded stack (free ports, a temporary state dir, so it
+never touches a running demo):
+
+1. **Baseline**: N records shaped like the pipeline's commands are pre-produced to a
+   topic; one aiokafka consumer reads them and produces each, unchanged, to another
+   topic (acks=all, Faust's producer defaults). Timed from the first record consumed
+   to the last produce acknowledged. aiokafka is the client Faust uses, so the ratio
+   pipeline/baseline says what kefu's processing costs over moving the bytes.
+2. **Pipeline**: the workers start; N ``ReceiveMessage`` commands (FAQ questions, so
+   the offline responder answers) over M conversations are published straight to the
+   commands topic (or, with ``--via-gateway``, POSTed to the REST API). An observer
+   tails the events topic and matches each ``ReplyProduced`` to its message through
+   ``ReplyRequested``. Throughput is N over the time from the first publish to the
+   last reply seen; latency is, per message, publish to its ``ReplyProduced`` seen.
+
+Run: ``.venv/bin/python bench/pipeline.py [--messages 2000 --conversations 200
+--workers 1 --rate 0 --record --json out.json]``. It stops by itself (``--timeout``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from importlib import metadata, resources
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from pydantic import SecretStr
+
+from connectors.identity import command_id_for, conversation_id_for
+from kefu.cli import stack_down_all, stack_up_all
+from kefu.processes import LOOPBACK, free_port
+from kefu.services import Services
+from kefu.settings import (
+    ClickHouseSettings,
+    DevSettings,
+    GatewaySettings,
+    KafkaSettings,
+    RedisSettings,
+    Settings,
+    TenantSettings,
+    WorkerSettings,
+)
+from schemas.codec import CODEC, DecodeError
+from schemas.records import (
+    MessageModerated,
+    MessageReceived,
+    ReceiveMessage,
+    ReplyProduced,
+    ReplyRequested,
+    event_id_for,
+)
+from schemas.time import now_ms
+from schemas.topics import TopicNames
+
+TENANT = "bench"
+CHANNEL = "api"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# After the last reply, keep watching this long for duplicate replies (a redelivered
+# command or request would show up within a commit interval or two).
+DEFAULT_GRACE = 3.0
+# All messages published and no new reply for this long: the pipeline is stuck.
+STALL_SECONDS = 30.0
+
+
+# ------------------------------------------------------------------------ machine
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    cpu_model: str
+    cpus: int
+    ram_gib: float
+    kafka: str
+    python: str
+    aiokafka: str
+    faust: str
+
+    def short(self) -> str:
+        return (
+            f"{self.cpus}× {self.cpu_model}, {self.ram_gib:.0f} GiB, "
+            f"Kafka {self.kafka}, Python {self.python}"
+        )
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine(settings: Settings) -> Machine:
+    model, cpus = "unknown", 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "processor":
+                cpus += 1
+    ram_kib = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_kib = int(line.split()[1])
+    return Machine(
+        cpu_model=model,
+        cpus=cpus or os.cpu_count() or 0,
+        ram_gib=ram_kib / 1024**2,
+        kafka=settings.kafka.version,
+        python=platform.python_version(),
+        aiokafka=_version("aiokafka"),
+        faust=_version("faust-streaming"),
+    )
+
+
+# ------------------------------------------------------------------------ settings
+
+
+def _ports(count: int, consecutive: int) -> list[int]:
+    """``count`` distinct free ports; the last starts a run of ``consecutive`` free ones
+    (worker ``i`` listens on ``web_port + i``)."""
+
+    def bindable(port: int) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                return False
+            return True
+
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = free_port()
+        if port in chosen:
+            continue
+        if len(chosen) == count - 1:
+            run = range(port, port + consecutive)
+            if any(p in chosen or p > 65535 or not bindable(p) for p in run):
+                continue
+        chosen.append(port)
+    return chosen
+
+
+def bench_settings(state_dir: Path, workers: int) -> Settings:
+    kafka, controller, redis, query, gateway, sink, web = _ports(7, consecutive=workers)
+    return Settings(
+        state_dir=state_dir,
+        kafka=KafkaSettings(port=kafka, controller_port=controller),
+        redis=RedisSettings(port=redis),
+        clickhouse=ClickHouseSettings(query_port=query),
+        gateway=GatewaySettings(port=gateway),
+        worker=WorkerSettings(web_port=web),
+        dev=DevSettings(webhook_sink_port=sink),
+        # Replies go out by signed webhook to the local sink, as in the demo: the
+        # workers do the whole production path, delivery included.
+        tenants={
+            TENANT: TenantSettings(
+                api_key=SecretStr("bench-key"),
+                webhook_url=f"http://{LOOPBACK}:{sink}/webhook",
+                webhook_secret=SecretStr("bench-webhook-secret"),
+            )
+        },
+        log_level="WARNING",
+    )
+
+
+# ------------------------------------------------------------------------ workload
+
+
+def faq_questions() -> list[str]:
+    text = (resources.files("streams") / "knowledge" / "faq.json").read_text("utf-8")
+    return [q for item in json.loads(text) for q in item["questions"]]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    index: int
+    customer_id: str
+    conversation_id: str
+    message_id: str
+    command_id: str
+    text: str
+
+    def command(self) -> ReceiveMessage:
+        return ReceiveMessage(
+            command_id=self.command_id,
+            conversation_id=self.conversation_id,
+            tenant_id=TENANT,
+            issued_at=now_ms(),
+            channel=CHANNEL,
+            customer_id=self.customer_id,
+            text=self.text,
+            channel_message_id=self.message_id,
+        )
+
+
+def workload(messages: int, conversations: int, run: str) -> list[Message]:
+    """Message ``i`` goes to conversation ``i % M``: every conversation gets its turns
+    spread over the run, as customers writing at the same time would."""
+    texts = faq_questions()
+    out = []
+    for i in range(messages):
+        customer = f"bench-{run}-c{i % conversations}"
+        message_id = f"{customer}-m{i // conversations}"
+        out.append(
+            Message(
+                index=i,
+                customer_id=customer,
+                conversation_id=conversation_id_for(TENANT, CHANNEL, customer),
+                message_id=message_id,
+                command_id=command_id_for(TENANT, CHANNEL, message_id),
+                text=texts[i % len(texts)],
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------------ statistics
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    count: int
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Percentiles:
+        if not samples:
+            return cls(0, 0.0, 0.0, 0.0, 0.0)
+        if len(samples) == 1:
+            return cls(1, samples[0], samples[0], samples[0], samples[0])
+        cuts = statistics.quantiles(samples, n=100, method="inclusive")
+        return cls(len(samples), cuts[49], cuts[89], cuts[98], max(samples))
+
+    def ms(self) -> str:
+        return f"p50 {self.p50:.0f}  p90 {self.p90:.0f}  p99 {self.p99:.0f}  max {self.max:.0f} ms"
+
+
+# ------------------------------------------------------------------------ baseline
+
+
+@dataclass(frozen=True, slots=True)
+class BaselineResult:
+    client: str
+    records: int
+    elapsed_s: float
+    msgs_per_s: float
+    value_bytes_avg: float
+
+
+async def _create_topics(settings: Settings, names: Sequence[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.servers)
+    await admin.start()
+    try:
+        partitions = settings.kafka.partitions
+        await admin.create_topics([NewTopic(name, partitions, 1) for name in names])
+        for _ in range(200):
+            if set(names) <= set(await admin.list_topics()):
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"topics {names} not listed after creation")
+    finally:
+        await admin.close()
+
+
+async def _preproduce(
+    settings: Settings, topic: str, records: Sequence[tuple[bytes, bytes]]
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.servers, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, key=k, value=v) for k, v in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def aiokafka_baseline(
+    settings: Settings, records: Sequence[tuple[bytes, bytes]], deadline: float
+) -> BaselineResult:
+    """Consume N records and produce each to another topic: no decoding, no state."""
+    suffix = uuid.uuid4().hex[:8]
+    source = settings.topic(f"bench.baseline-{suffix}.in")
+    sink = settings.topic(f"bench.baseline-{suffix}.out")
+    await _create_topics(settings, [source, sink])
+    await _preproduce(settings, source, records)
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    # Faust's producer settings: acks=all (producer_acks=-1), no linger, 16 KiB batches.
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka.servers, acks="all", linger_ms=0, max_batch_size=16384
+    )
+    await consumer.start()
+    await producer.start()
+    try:
+        tps = [TopicPartition(source, p) for p in range(settings.kafka.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        futures: list[Awaitable[Any]] = []
+        first: float | None = None
+        consumed = 0
+        while consumed < len(records):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"baseline: {consumed}/{len(records)} consumed at the deadline")
+            batch = await consumer.getmany(timeout_ms=500)
+            for messages in batch.values():
+                for message in messages:
+                    if first is None:
+                        first = time.monotonic()
+                    futures.append(await producer.send(sink, key=message.key, value=message.value))
+                    consumed += 1
+        await asyncio.gather(*futures)
+        assert first is not None
+        elapsed = time.monotonic() - first
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return BaselineResult(
+        client=f"aiokafka {_version('aiokafka')}",
+        records=len(records),
+        elapsed_s=elapsed,
+        msgs_per_s=len(records) / elapsed,
+        value_bytes_avg=sum(len(v) for _, v in records) / len(records),
+    )
+
+
+def confluent_baseline(
+    settings: Settings, records: Sequence[tuple[bytes, bytes]], deadline: float
+) -> BaselineResult | None:
+    """The same consume → produce with confluent-kafka (librdkafka), if it is installed.
+
+    Not a kefu dependency: reported only as a reference for what a C client does on
+    this machine. Runs synchronously (call it in a thread)."""
+    if importlib.util.find_spec("confluent_kafka") is None:
+        return None
+    ck = importlib.import_module("confluent_kafka")
+    suffix = uuid.uuid4().hex[:8]
+    source = settings.topic(f"bench.baseline-ck-{suffix}.in")
+    sink = settings.topic(f"bench.baseline-ck-{suffix}.out")
+    asyncio.run(_create_topics(settings, [source, sink]))
+    asyncio.run(_preproduce(settings, source, records))
+
+    consumer = ck.Consumer(
+        {
+            "bootstrap.servers": settings.kafka.servers,
+            "group.id": f"bench-{suffix}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    producer = ck.Producer(
+        {"bootstrap.servers": settings.kafka.servers, "acks": "all", "linger.ms": 0}
+    )
+    acked = 0
+    errors: list[str] = []
+
+    def on_ack(err: Any, _msg: Any) -> None:
+        nonlocal acked
+        if err is not None:
+            errors.append(str(err))
+        acked += 1
+
+    try:
+        consumer.assign(
+            [
+                ck.TopicPartition(source, p, ck.OFFSET_BEGINNING)
+                for p in range(settings.kafka.partitions)
+            ]
+        )
+        first: float | None = None
+        consumed = 0
+        while consumed < len(records):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"confluent baseline: {consumed} consumed at the deadline")
+            for message in consumer.consume(num_messages=1000, timeout=0.5):
+                if message.error():
+                    continue
+                if first is None:
+                    first = time.monotonic()
+                while True:
+                    try:
+                        producer.produce(
+                            sink, key=message.key(), value=message.value(), on_delivery=on_ack
+                        )
+                        break
+                    except BufferError:
+                        producer.poll(0.01)
+                producer.poll(0)
+                consumed += 1
+        while acked < consumed and time.monotonic() < deadline:
+            producer.poll(0.05)
+        assert first is not None
+        elapsed = time.monotonic() - first
+    finally:
+        consumer.close()
+    if errors:
+        raise RuntimeError(f"confluent baseline: {len(errors)} produce errors, e.g. {errors[0]}")
+    return BaselineResult(
+        client=f"confluent-kafka {_version('confluent-kafka')}",
+        records=len(records),
+        elapsed_s=elapsed,
+        msgs_per_s=len(records) / elapsed,
+        value_bytes_avg=sum(len(v) for _, v in records) / len(records),
+    )
+
+
+# ------------------------------------------------------------------------ pipeline
+
+
+@dataclass
+class Observation:
+    """What the observer saw on the events topic, in monotonic seconds."""
+
+    received_at: dict[int, float] = field(default_factory=dict)  # MessageReceived
+    requested_at: dict[int, float] = field(default_factory=dict)  # ReplyRequested
+    replied_at: dict[int, float] = field(default_factory=dict)  # first ReplyProduced
+    reply_lag_ms: list[float] = field(default_factory=list)  # seen - record timestamp
+    request_of: dict[str, int] = field(default_factory=dict)  # ReplyRequested id -> msg
+    duplicates: int = 0
+    unmatched: int = 0  # replies to requests we never saw
+    blocked: int = 0  # inbound messages moderation blocked (they get no reply)
+    undecodable: int = 0
+    events: int = 0
+
+
+class Observer:
+    """Tails the events topic from its end (no consumer group, every partition)."""
+
+    def __init__(self, settings: Settings, messages: Sequence[Message]) -> None:
+        self._settings = settings
+        self._topic = TopicNames(settings.topic_prefix).events
+        # MessageReceived's id is the first event id derived from the command id.
+        self._by_received_id = {event_id_for(m.command_id, 0): m.index for m in messages}
+        self.seen = Observation()
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka.servers,
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=50,
+        )
+        self._stopping = False
+        self.progress = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        tps = [TopicPartition(self._topic, p) for p in range(self._settings.kafka.partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # resolve the positions now, before anything is published
+            await self._consumer.position(tp)
+
+    async def run(self) -> None:
+        while not self._stopping:
+            batch = await self._consumer.getmany(timeout_ms=100)
+            now = time.monotonic()
+            wall_ms = time.time() * 1000
+            for records in batch.values():
+                for record in records:
+                    self._handle(record.value, now, wall_ms - record.timestamp)
+
+    def _handle(self, value: bytes, now: float, lag_ms: float) -> None:
+        seen = self.seen
+        seen.events += 1
+        try:
+            event = CODEC.decode(value)
+        except DecodeError:
+            seen.undecodable += 1
+            return
+        if isinstance(event, MessageReceived):
+            index = self._by_received_id.get(event.event_id)
+            if index is not None:
+                seen.received_at.setdefault(index, now)
+        elif isinstance(event, MessageModerated):
+            index = self._by_received_id.get(event.message_event_id)
+            if index is not None and event.direction == "in" and event.verdict == "block":
+                seen.blocked += 1
+                self.progress.set()
+        elif isinstance(event, ReplyRequested):
+            index = self._by_received_id.get(event.message_event_id)
+            if index is not None:
+                seen.request_of[event.event_id] = index
+                seen.requested_at.setdefault(index, now)
+        elif isinstance(event, ReplyProduced):
+            index = seen.request_of.get(event.in_reply_to)
+            if index is None:
+                seen.unmatched += 1
+            elif index in seen.replied_at:
+                seen.duplicates += 1
+            else:
+                seen.replied_at[index] = now
+                seen.reply_lag_ms.append(lag_ms)
+                self.progress.set()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await self._consumer.stop()
+
+
+async def _pace(rate: float, index: int, start: float) -> None:
+    if rate > 0:
+        delay = start + index / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+async def publish_to_kafka(
+    settings: Settings, messages: Sequence[Message], rate: float, sent_at: dict[int, float]
+) -> None:
+    """Like ``connectors.publisher``: keyed by conversation, acks=all, idempotent."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka.servers,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=2,
+        client_id="kefu-bench",
+    )
+    topic = TopicNames(settings.topic_prefix).commands
+    await producer.start()
+    try:
+        futures: list[Awaitable[Any]] = []
+        start = time.monotonic()
+        for message in messages:
+            await _pace(rate, message.index, start)
+            value = CODEC.encode(message.command())
+            sent_at[message.index] = time.monotonic()
+            futures.append(
+                await producer.send(topic, key=message.conversation_id.encode(), value=value)
+            )
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def publish_via_gateway(
+    settings: Settings, messages: Sequence[Message], rate: float, sent_at: dict[int, float]
+) -> None:
+    """``POST /v1/messages``, at most 64 requests in flight."""
+    g = settings.gateway
+    key = settings.tenants[TENANT].api_key.get_secret_value()
+    gate = asyncio.Semaphore(64)
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(
+        base_url=f"http://{g.host}:{g.port}",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+        limits=limits,
+    ) as http:
+
+        async def post(message: Message) -> None:
+            try:
+                body = {
+                    "customer_id": message.customer_id,
+                    "text": message.text,
+                    "message_id": message.message_id,
+                }
+                sent_at[message.index] = time.monotonic()
+                response = await http.post("/v1/messages", json=body)
+                response.raise_for_status()
+            finally:
+                gate.release()
+
+        tasks = []
+        start = time.monotonic()
+        for message in messages:
+            await _pace(rate, message.index, start)
+            await gate.acquire()
+            tasks.append(asyncio.create_task(post(message)))
+        await asyncio.gather(*tasks)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineResult:
+    messages: int
+    conversations: int
+    workers: int
+    rate: float
+    via: str
+    publish_s: float  # first to last publish acknowledged
+    elapsed_s: float  # first publish to last reply seen
+    msgs_per_s: float
+    replies: int
+    missing: int
+    duplicates: int
+    unmatched: int
+    blocked: int
+    latency_ms: Percentiles  # publish -> ReplyProduced seen
+    ingest_ms: Percentiles  # publish -> ReplyRequested seen (commands -> conversation)
+    answer_ms: Percentiles  # ReplyRequested -> ReplyProduced (responder round trip)
+    observer_lag_ms: Percentiles  # ReplyProduced seen - its record timestamp
+    events_seen: int
+    timed_out: bool
+
+
+async def run_pipeline(
+    settings: Settings,
+    messages: Sequence[Message],
+    *,
+    conversations: int,
+    workers: int,
+    rate: float,
+    via_gateway: bool,
+    grace: float,
+    deadline: float,
+) -> PipelineResult:
+    observer = Observer(settings, messages)
+    await observer.start()
+    watching = asyncio.create_task(observer.run())
+    sent_at: dict[int, float] = {}
+    publish: Callable[..., Coroutine[Any, Any, None]] = (
+        publish_via_gateway if via_gateway else publish_to_kafka
+    )
+    timed_out = False
+    try:
+        publishing = asyncio.create_task(publish(settings, messages, rate, sent_at))
+        seen = observer.seen
+        last_progress = time.monotonic()
+        while len(seen.replied_at) + seen.blocked < len(messages):
+            if watching.done():
+                watching.result()  # the observer died: raise its error
+            if publishing.done():
+                publishing.result()
+            now = time.monotonic()
+            if now > deadline:
+                timed_out = True
+                break
+            if publishing.done() and now - last_progress > STALL_SECONDS:
+                break  # nothing moves: report what is missing rather than wait out
+            observer.progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(observer.progress.wait(), 0.5)
+            if observer.progress.is_set():
+                last_progress = time.monotonic()
+        if not publishing.done():
+            publishing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publishing
+        # Duplicates arrive late if at all: keep watching a little after the last reply.
+        await asyncio.sleep(max(0.0, min(grace, deadline - time.monotonic())))
+    finally:
+        await observer.stop()
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watching
+
+    seen = observer.seen
+    first = min(sent_at.values())
+    last_sent = max(sent_at.values())
+    last = max(seen.replied_at.values(), default=first)
+    latency = [(seen.replied_at[i] - sent_at[i]) * 1000 for i in seen.replied_at if i in sent_at]
+    ingest = [(seen.requested_at[i] - sent_at[i]) * 1000 for i in seen.requested_at if i in sent_at]
+    answer = [
+        (seen.replied_at[i] - seen.requested_at[i]) * 1000
+        for i in seen.replied_at
+        if i in seen.requested_at
+    ]
+    elapsed = last - first
+    replies = len(seen.replied_at)
+    return PipelineResult(
+        messages=len(messages),
+        conversations=conversations,
+        workers=workers,
+        rate=rate,
+        via="gateway" if via_gateway else "kafka",
+        publish_s=last_sent - first,
+        elapsed_s=elapsed,
+        msgs_per_s=replies / elapsed if elapsed > 0 else 0.0,
+        replies=replies,
+        missing=len(messages) - replies - seen.blocked,
+        duplicates=seen.duplicates,
+        unmatched=seen.unmatched,
+        blocked=seen.blocked,
+        latency_ms=Percentiles.of(latency),
+        ingest_ms=Percentiles.of(ingest),
+        answer_ms=Percentiles.of(answer),
+        observer_lag_ms=Percentiles.of(seen.reply_lag_ms),
+        events_seen=seen.events,
+        timed_out=timed_out,
+    )
+
+
+# ------------------------------------------------------------------------ report
+
+
+@dataclass(frozen=True, slots=True)
+class BenchResult:
+    date: str
+    command: str
+    machine: Machine
+    pipeline: PipelineResult
+    baseline: BaselineResult
+    confluent: BaselineResult | None
+    startup_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.pipeline.msgs_per_s / self.baseline.msgs_per_s
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ratio"] = self.ratio
+        return out
+
+
+def summary(result: BenchResult) -> str:
+    p, b, m = result.pipeline, result.baseline, result.machine
+    lines = [
+        "",
+        "kefu pipeline benchmark",
+        f"  machine       {m.cpus}× {m.cpu_model}, {m.ram_gib:.1f} GiB RAM",
+        f"  software      Python {m.python}, Kafka {m.kafka}, aiokafka {m.aiokafka}, "
+        f"faust-streaming {m.faust}",
+        f"  command       {result.command}",
+        f"  workload      {p.messages} messages over {p.conversations} conversations, "
+        f"{p.workers} worker(s), rate "
+        + (f"{p.rate:g} msg/s" if p.rate > 0 else "unlimited")
+        + f", published via {p.via}",
+        "",
+        f"  elapsed       {p.elapsed_s:.2f} s (first publish to last reply; publishing "
+        f"took {p.publish_s:.2f} s)",
+        f"  throughput    {p.msgs_per_s:.0f} msg/s",
+        f"  latency       {p.latency_ms.ms()}   (publish to ReplyProduced on the log)",
+        f"    ingest      {p.ingest_ms.ms()}   (publish to ReplyRequested)",
+        f"    answer      {p.answer_ms.ms()}   (ReplyRequested to ReplyProduced)",
+        f"    observer    {p.observer_lag_ms.ms()}   (reply seen minus its record timestamp)",
+        f"  baseline      {b.msgs_per_s:.0f} msg/s  ({b.client}: consume → produce of "
+        f"{b.records} records of {b.value_bytes_avg:.0f} B, {b.elapsed_s:.2f} s)",
+    ]
+    if result.confluent is not None:
+        c = result.confluent
+        lines.append(f"  baseline      {c.msgs_per_s:.0f} msg/s  ({c.client}, {c.elapsed_s:.2f} s)")
+    else:
+        lines.append("  baseline      confluent-kafka not installed: no figure")
+    lines += [
+        f"  ratio         {result.ratio:.3f}  (pipeline / aiokafka baseline)",
+        f"  replies       {p.replies}/{p.messages}, duplicates {p.duplicates}, "
+        f"missing {p.missing}, blocked {p.blocked}, unmatched {p.unmatched}"
+        + ("   TIMED OUT" if p.timed_out else ""),
+        f"  events seen   {p.events_seen} on the events topic; stack startup "
+        f"{result.startup_s:.1f} s",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+_RESULTS_HEADER = """\
+# Benchmark results
+
+Recorded by `bench/pipeline.py --record`; one row per run, newest last. Reproduce with
+
+    .venv/bin/python bench/pipeline.py --record
+
+(options: `--messages`, `--conversations`, `--workers`, `--rate`, `--via-gateway`,
+`--json PATH`, `--timeout`). Every run starts its own embedded stack (Kafka, Redis,
+ClickHouse projector, the workers, gateway, webhook sink) on free ports in a temporary
+state dir, so it never touches a running demo, and removes it afterwards.
+
+What the figures mean:
+
+- **msg/s**: pipeline throughput: messages answered divided by the time from the first
+  customer command published to the last `ReplyProduced` event seen on the events
+  topic. Commands go straight to the commands topic (the pipeline, not HTTP) unless
+  the command says `--via-gateway`.
+- **p50 / p90 / p99 / max**: per message, the time from publishing its
+  `ReceiveMessage` command to its `ReplyProduced` event appearing on the events topic
+  (matched through `ReplyRequested`), in ms. With `--rate 0` all messages are
+  published at once, so latency includes queueing behind the whole batch: it is a
+  throughput run. Use `--rate` for latency at a given load.
+- **baseline msg/s**: in the same run, on the same broker: an aiokafka consumer reads
+  N pre-produced records of the same size and produces each to another topic (acks=all,
+  Faust's producer defaults), timed from the first record consumed to the last produce
+  acknowledged. **ratio** = pipeline / baseline: the share of raw Kafka throughput the
+  pipeline keeps.
+- **dup / missing**: replies produced twice for one request, and messages with no
+  reply. Both must be 0.
+
+Timing is never a test assertion; these rows are for comparing changes on one machine.
+
+"""
+_COLUMNS = [
+    "date",
+    "machine",
+    "command",
+    "messages",
+    "conv.",
+    "workers",
+    "elapsed_s",
+    "msg/s",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "max_ms",
+    "baseline_msg/s",
+    "ratio",
+    "dup",
+    "missing",
+]
+_RESULTS_HEADER += "| " + " | ".join(c.replace("_", " ") for c in _COLUMNS) + " |\n"
+_RESULTS_HEADER += "|---|---|---|" + "---:|" * (len(_COLUMNS) - 3) + "\n"
+
+
+def record(result: BenchResult, path: Path = RESULTS) -> None:
+    p = result.pipeline
+    row = [
+        result.date,
+        result.machine.short(),
+        f"`{result.command}`",
+        str(p.messages),
+        str(p.conversations),
+        str(p.workers),
+        f"{p.elapsed_s:.2f}",
+        f"{p.msgs_per_s:.0f}",
+        f"{p.latency_ms.p50:.0f}",
+        f"{p.latency_ms.p90:.0f}",
+        f"{p.latency_ms.p99:.0f}",
+        f"{p.latency_ms.max:.0f}",
+        f"{result.baseline.msgs_per_s:.0f}",
+        f"{result.ratio:.3f}",
+        str(p.duplicates),
+        str(p.missing),
+    ]
+    text = path.read_text("utf-8") if path.exists() else _RESULTS_HEADER
+    if not text.endswith("\n"):
+        text += "\n"
+    path.write_text(text + "| " + " | ".join(row) + " |\n", "utf-8")
+
+
+# ------------------------------------------------------------------------ main
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--messages", type=int, default=2000, help="customer messages (N)")
+    parser.add_argument("--conversations", type=int, default=200, help="conversations (M)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="messages/s to publish at; 0 = as fast as possible"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds; the run stops by itself after"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the result here as JSON")
+    parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
+    parser.add_argument(
+        "--via-gateway", action="store_true", help="POST to the REST API instead of Kafka"
+    )
+    parser.add_argument(
+        "--grace", type=float, default=DEFAULT_GRACE, help="seconds to watch for duplicates"
+    )
+    args = parser.parse_args(argv)
+    if args.messages < 1 or args.conversations < 1 or args.workers < 1:
+        parser.error("--messages, --conversations and --workers must be at least 1")
+    if args.conversations > args.messages:
+        parser.error("--conversations cannot exceed --messages")
+    if args.workers > args.conversations:
+        parser.error("--workers cannot exceed --conversations")
+    return args
+
+
+def _command(argv: Sequence[str]) -> str:
+    return " ".join([".venv/bin/python bench/pipeline.py", *argv])
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwind through the finally: the stack goes down
+
+
+def _measure(
+    settings: Settings, args: argparse.Namespace, deadline: float
+) -> tuple[PipelineResult, BaselineResult, BaselineResult | None, float]:
+    run = uuid.uuid4().hex[:8]
+    messages = workload(args.messages, args.conversations, run)
+    # Baseline records: the same commands, encoded as the pipeline's are.
+    records = [
+        (m.conversation_id.encode(), CODEC.encode(m.command()))
+        for m in workload(args.messages, args.conversations, f"{run}-baseline")
+    ]
+    print("baseline: aiokafka consume → produce ...", flush=True)
+    baseline = asyncio.run(aiokafka_baseline(settings, records, deadline))
+    confluent = confluent_baseline(settings, records, deadline)
+    # The workers start after the baseline, so it runs on an otherwise idle machine.
+    print(f"starting {args.workers} worker(s), the gateway and the webhook sink ...", flush=True)
+    started = time.monotonic()
+    services = Services(settings, workers=args.workers)
+    services.start(services.app_services())
+    startup = time.monotonic() - started
+    print(f"  ready after {startup:.1f} s; publishing {len(messages)} messages ...", flush=True)
+    pipeline = asyncio.run(
+        run_pipeline(
+            settings,
+            messages,
+            conversations=args.conversations,
+            workers=args.workers,
+            rate=args.rate,
+            via_gateway=args.via_gateway,
+            grace=args.grace,
+            deadline=deadline,
+        )
+    )
+    return pipeline, baseline, confluent, startup
+
+
+def _watchdog(seconds: float) -> threading.Timer:
+    """Last resort if something blocks past the deadline: SIGTERM ourselves, which
+    unwinds through the finally that stops the stack."""
+    timer = threading.Timer(seconds, os.kill, args=(os.getpid(), signal.SIGTERM))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(raw)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    begin = time.monotonic()
+    deadline = begin + args.timeout
+    watchdog = _watchdog(args.timeout + 120.0)
+    state_dir = Path(tempfile.mkdtemp(prefix="kefu-bench-"))
+    settings = bench_settings(state_dir, args.workers)
+    try:
+        print(f"kefu bench: private stack in {state_dir}", flush=True)
+        stack_start = time.monotonic()
+        stack_up_all(settings)
+        stack_s = time.monotonic() - stack_start
+        print(f"  stack ready after {stack_s:.1f} s", flush=True)
+        pipeline, baseline, confluent, startup = _measure(settings, args, deadline)
+    finally:
+        print("stopping the stack ...", flush=True)
+        try:
+            stack_down_all(settings)
+        finally:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            watchdog.cancel()
+    result = BenchResult(
+        date=date.today().isoformat(),
+        command=_command(raw),
+        machine=machine(settings),
+        pipeline=pipeline,
+        baseline=baseline,
+        confluent=confluent,
+        startup_s=stack_s + startup,
+    )
+    print(summary(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n", "utf-8")
+        print(f"wrote {args.json}")
+    if args.record:
+        record(result)
+        print(f"recorded in {RESULTS}")
+    ok = pipeline.duplicates == 0 and pipeline.missing == 0 and not pipeline.timed_out
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
