@@ -6,14 +6,16 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/kefu
 WORKDIR /src
 COPY . .
-# Every dependency ships manylinux wheels: no compiler needed.
+# Every dependency ships manylinux wheels for x86_64: no compiler needed there.
 RUN /opt/kefu/bin/pip install .
 
 FROM python:3.11-slim
 
+# Non-root; its state dir (KEFU_STATE_DIR: the worker's Faust data) is its home.
 RUN groupadd --system --gid 10001 kefu \
-    && useradd --system --uid 10001 --gid kefu --home-dir /var/lib/kefu --create-home \
-        --shell /usr/sbin/nologin kefu
+    && useradd --system --uid 10001 --gid kefu --home-dir /var/lib/kefu --no-create-home \
+        --shell /usr/sbin/nologin kefu \
+    && install -d -o kefu -g kefu -m 0750 /var/lib/kefu
 COPY --from=build /opt/kefu /opt/kefu
 
 ENV PATH=/opt/kefu/bin:$PATH \
