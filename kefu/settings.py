@@ -64,6 +64,8 @@ class GatewaySettings(_Frozen):
 
 
 class WorkerSettings(_Frozen):
+    # Loopback by default; a container sets 0.0.0.0 so health checks and scrapers reach it.
+    web_host: str = LOOPBACK
     web_port: int = 16066
     # The responder and delivery agents run this many requests at once per worker.
     concurrency: int = 16

@@ -31,6 +31,7 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
             datadir=settings.state_dir.absolute() / "faust",
             topics=TopicNames(settings.topic_prefix),
             web_port=web_port or settings.worker.web_port,
+            web_host=settings.worker.web_host,
             concurrency=settings.worker.concurrency,
         )
     )

@@ -25,6 +25,7 @@ class StreamsConfig:
     datadir: Path
     topics: TopicNames
     web_port: int = 16066
+    web_host: str = "127.0.0.1"
     web_enabled: bool = True
     concurrency: int = 16
 
@@ -51,8 +52,8 @@ def build_app(config: StreamsConfig) -> KefuApp:
         topic_partitions=config.partitions,
         web_enabled=config.web_enabled,
         web_port=config.web_port,
-        web_bind="127.0.0.1",
-        web_host="127.0.0.1",
+        web_bind=config.web_host,
+        web_host=config.web_host,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         broker_commit_every=1000,
