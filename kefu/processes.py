@@ -10,12 +10,13 @@ pid is never mistaken for ours (and never signalled). Everything listens on loop
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,8 +75,8 @@ def log_tail(path: Path, lines: int = 40) -> str:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
-            # Enough for 40 long Java log lines without reading a big log whole.
-            f.seek(max(0, size - 256 * lines))
+            # Room for long (Java) lines without reading a big log whole.
+            f.seek(max(0, size - 512 * lines))
             data = f.read()
     except OSError:
         return ""
@@ -95,12 +96,29 @@ def _cmdline(pid: int) -> str | None:
     return raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes (flock on ``path``), held for the block.
+
+    Serialises "is it running? then start it" so two launchers cannot both start one
+    daemon. The kernel drops the lock if the holder dies, so it never goes stale.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 # Daemons started by this very process. Kept so stop() can reap them (a zombie would
 # linger until we exit) and so Popen does not warn, when collected, that they still run.
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def _reap(pid: int) -> None:
+    # Only pids in _children: another pid's exit status is not ours to collect.
     proc = _children.get(pid)
     if proc is not None and proc.poll() is not None:
         del _children[pid]
@@ -135,7 +153,7 @@ def wait_until(
             reason = f"{what}: the process exited before it was ready"
             break
         if time.monotonic() >= deadline:
-            reason = f"{what}: not ready after {timeout:.0f} s"
+            reason = f"{what}: not ready after {timeout:g} s"
             break
         time.sleep(interval)
     if last_error is not None:
@@ -194,10 +212,13 @@ class Daemon:
 
     def start(self) -> int:
         """Start the daemon unless it already runs; return its pid."""
-        existing = self.pid()
-        if existing is not None:
-            return existing
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.run_dir / f"{self.name}.lock"):
+            existing = self.pid()
+            if existing is not None:
+                return existing
+            return self._spawn()
+
+    def _spawn(self) -> int:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             # A header per start, so a log tail shows where this run's output begins.
@@ -267,7 +288,6 @@ class Daemon:
     def _wait_gone(self, pid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while True:
-            _reap(pid)
             if not self._alive(pid):
                 return True
             if time.monotonic() >= deadline:
@@ -275,6 +295,7 @@ class Daemon:
             time.sleep(0.05)
 
     def _alive(self, pid: int) -> bool:
+        _reap(pid)
         cmdline = _cmdline(pid)
         return bool(cmdline) and self.marker in (cmdline or "")
 

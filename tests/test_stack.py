@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,17 @@ def test_daemon_start_is_idempotent_and_stop_removes_pid_file(tmp_path: Path) ->
     assert daemon.stop() is None
 
 
+def test_concurrent_starts_make_one_daemon(tmp_path: Path) -> None:
+    code = "import time\ntime.sleep(120)\n"
+    daemons = [_python_daemon(tmp_path, code) for _ in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        pids = set(pool.map(Daemon.start, daemons))
+    try:
+        assert len(pids) == 1
+    finally:
+        daemons[0].stop()
+
+
 def test_stop_kills_a_daemon_that_ignores_sigterm(tmp_path: Path) -> None:
     daemon = _python_daemon(
         tmp_path,
@@ -147,6 +159,8 @@ def test_external_services_are_left_alone(tmp_path: Path) -> None:
         redis=RedisSettings(url="redis://redis.example:6379/0"),
     )
     stack = Stack(settings)
+    assert stack.down() == {}
+    assert not tmp_path.joinpath("kafka").exists()
     assert stack.up(timeout=1) == {}
     assert stack.status() == {
         "kafka": "external kafka.example:9092",
