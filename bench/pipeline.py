@@ -65,6 +65,7 @@ from kefu.settings import (
     TenantSettings,
     WorkerSettings,
 )
+from kefu.stack import Stack
 from schemas.codec import CODEC, DecodeError
 from schemas.records import (
     MessageModerated,
@@ -283,11 +284,16 @@ async def _create_topics(settings: Settings, names: Sequence[str]) -> None:
     try:
         partitions = settings.kafka.partitions
         await admin.create_topics([NewTopic(name, partitions, 1) for name in names])
+        # Wait until every partition has a leader: producing earlier only earns
+        # NotLeaderForPartition retries (and warnings) inside the measurement.
         for _ in range(200):
             if set(names) <= set(await admin.list_topics()):
-                return
+                described = await admin.describe_topics(list(names))
+                leaders = [p["leader"] for t in described for p in t["partitions"]]
+                if len(leaders) == partitions * len(names) and min(leaders) >= 0:
+                    return
             await asyncio.sleep(0.05)
-        raise RuntimeError(f"topics {names} not listed after creation")
+        raise RuntimeError(f"topics {names} have no leaders after creation")
     finally:
         await admin.close()
 
@@ -364,7 +370,7 @@ def confluent_baseline(
     """The same consume → produce with confluent-kafka (librdkafka), if it is installed.
 
     Not a kefu dependency: reported only as a reference for what a C client does on
-    this machine. Runs synchronously (call it in a thread)."""
+    this machine. Synchronous: call it outside an event loop."""
     if importlib.util.find_spec("confluent_kafka") is None:
         return None
     ck = importlib.import_module("confluent_kafka")
@@ -421,7 +427,9 @@ def confluent_baseline(
                         producer.poll(0.01)
                 producer.poll(0)
                 consumed += 1
-        while acked < consumed and time.monotonic() < deadline:
+        while acked < consumed:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"confluent baseline: {acked}/{consumed} acked at the deadline")
             producer.poll(0.05)
         assert first is not None
         elapsed = time.monotonic() - first
@@ -439,6 +447,73 @@ def confluent_baseline(
 
 
 # ------------------------------------------------------------------------ pipeline
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stack_pids(settings: Settings, workers: int) -> dict[str, int]:
+    """The pids of this run's processes, by name (the bench itself included)."""
+    stack = Stack(settings)
+    services = Services(settings, workers=workers)
+    daemons = [
+        stack.kafka_daemon,
+        stack.redis_daemon,
+        services.clickhouse().daemon,
+        *(s.daemon for s in services.app_services()),
+    ]
+    pids = {"bench": os.getpid()}
+    for daemon in daemons:
+        pid = daemon.pid()
+        if pid is not None:
+            pids[daemon.name] = pid
+    return pids
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have used since boot (/proc/stat)."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return 0.0
+    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait.
+    ticks = [int(v) for v in first[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds each of our processes spent between ``start`` and ``stop``, and
+    what everything else on the machine used meanwhile (a shared machine skews runs)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self._start: dict[str, float] = {}
+        self._busy = 0.0
+        self.used: dict[str, float] = {}
+        self.others = 0.0
+
+    def start(self) -> None:
+        self._busy = _machine_busy_seconds()
+        for name, pid in self._pids.items():
+            cpu = _cpu_seconds(pid)
+            if cpu is not None:
+                self._start[name] = cpu
+
+    def stop(self) -> None:
+        busy = _machine_busy_seconds() - self._busy
+        for name, begin in self._start.items():
+            cpu = _cpu_seconds(self._pids[name])
+            if cpu is not None:
+                self.used[name] = cpu - begin
+        self.others = max(0.0, busy - sum(self.used.values()))
 
 
 @dataclass
@@ -623,6 +698,15 @@ class PipelineResult:
     observer_lag_ms: Percentiles  # ReplyProduced seen - its record timestamp
     events_seen: int
     timed_out: bool
+    replies_per_second: list[int]  # replies seen in each second after the first publish
+    cpu_s: dict[str, float]  # CPU seconds per process, first publish to last reply
+    others_cpu_s: float  # CPU seconds every other process on the machine used meanwhile
+    # Per message, ms after the first publish: published, ReplyRequested seen, reply seen.
+    samples: list[tuple[float | None, float | None, float | None]]
+
+
+def _ms_after(origin: float, at: float | None) -> float | None:
+    return None if at is None else round((at - origin) * 1000, 1)
 
 
 async def run_pipeline(
@@ -635,9 +719,11 @@ async def run_pipeline(
     via_gateway: bool,
     grace: float,
     deadline: float,
+    cpu: CpuMeter,
 ) -> PipelineResult:
     observer = Observer(settings, messages)
     await observer.start()
+    cpu.start()
     watching = asyncio.create_task(observer.run())
     sent_at: dict[int, float] = {}
     publish: Callable[..., Coroutine[Any, Any, None]] = (
@@ -664,6 +750,7 @@ async def run_pipeline(
                 await asyncio.wait_for(observer.progress.wait(), 0.5)
             if observer.progress.is_set():
                 last_progress = time.monotonic()
+        cpu.stop()
         if not publishing.done():
             publishing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -677,8 +764,8 @@ async def run_pipeline(
             await watching
 
     seen = observer.seen
-    first = min(sent_at.values())
-    last_sent = max(sent_at.values())
+    first = min(sent_at.values(), default=0.0)
+    last_sent = max(sent_at.values(), default=0.0)
     last = max(seen.replied_at.values(), default=first)
     latency = [(seen.replied_at[i] - sent_at[i]) * 1000 for i in seen.replied_at if i in sent_at]
     ingest = [(seen.requested_at[i] - sent_at[i]) * 1000 for i in seen.requested_at if i in sent_at]
@@ -689,6 +776,9 @@ async def run_pipeline(
     ]
     elapsed = last - first
     replies = len(seen.replied_at)
+    timeline = [0] * (int(elapsed) + 1)
+    for at in seen.replied_at.values():
+        timeline[int(at - first)] += 1
     return PipelineResult(
         messages=len(messages),
         conversations=conversations,
@@ -709,6 +799,17 @@ async def run_pipeline(
         observer_lag_ms=Percentiles.of(seen.reply_lag_ms),
         events_seen=seen.events,
         timed_out=timed_out,
+        replies_per_second=timeline,
+        cpu_s={name: round(used, 2) for name, used in cpu.used.items()},
+        others_cpu_s=round(cpu.others, 2),
+        samples=[
+            (
+                _ms_after(first, sent_at.get(m.index)),
+                _ms_after(first, seen.requested_at.get(m.index)),
+                _ms_after(first, seen.replied_at.get(m.index)),
+            )
+            for m in messages
+        ],
     )
 
 
@@ -729,9 +830,16 @@ class BenchResult:
     def ratio(self) -> float:
         return self.pipeline.msgs_per_s / self.baseline.msgs_per_s
 
+    @property
+    def others_share(self) -> float:
+        """The share of the machine's CPU other processes used during the pipeline run."""
+        capacity = self.pipeline.elapsed_s * self.machine.cpus
+        return self.pipeline.others_cpu_s / capacity if capacity > 0 else 0.0
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["ratio"] = self.ratio
+        out["others_share"] = self.others_share
         return out
 
 
@@ -765,14 +873,25 @@ def summary(result: BenchResult) -> str:
     else:
         lines.append("  baseline      confluent-kafka not installed: no figure")
     lines += [
-        f"  ratio         {result.ratio:.3f}  (pipeline / aiokafka baseline)",
+        f"  ratio         {result.ratio:.3f}  (pipeline / aiokafka baseline"
+        + ("; paced run: not a capacity figure)" if p.rate > 0 else ")"),
         f"  replies       {p.replies}/{p.messages}, duplicates {p.duplicates}, "
         f"missing {p.missing}, blocked {p.blocked}, unmatched {p.unmatched}"
         + ("   TIMED OUT" if p.timed_out else ""),
         f"  events seen   {p.events_seen} on the events topic; stack startup "
         f"{result.startup_s:.1f} s",
-        "",
+        "  replies/s     " + " ".join(str(n) for n in p.replies_per_second),
+        f"  CPU seconds   first publish to last reply ({p.elapsed_s:.1f} s wall, "
+        f"{m.cpus} CPUs = {p.elapsed_s * m.cpus:.1f} CPU-s available):",
     ]
+    for name, used in sorted(p.cpu_s.items(), key=lambda kv: -kv[1]):
+        share = used / p.elapsed_s * 100 if p.elapsed_s > 0 else 0.0
+        lines.append(f"    {name:<14}{used:7.2f}  ({share:.0f}% of one CPU)")
+    lines.append(
+        f"    {'other procs':<14}{p.others_cpu_s:7.2f}  (everything else on the machine: "
+        f"{result.others_share * 100:.0f}% of its capacity)"
+    )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -784,9 +903,10 @@ Recorded by `bench/pipeline.py --record`; one row per run, newest last. Reproduc
     .venv/bin/python bench/pipeline.py --record
 
 (options: `--messages`, `--conversations`, `--workers`, `--rate`, `--via-gateway`,
-`--json PATH`, `--timeout`). Every run starts its own embedded stack (Kafka, Redis,
-ClickHouse projector, the workers, gateway, webhook sink) on free ports in a temporary
-state dir, so it never touches a running demo, and removes it afterwards.
+`--json PATH`, `--keep-logs DIR`, `--timeout`). Every run starts its own embedded
+stack (Kafka, Redis, ClickHouse projector, the workers, gateway, webhook sink) on free
+ports in a temporary state dir, so it never touches a running demo, and removes it
+afterwards.
 
 What the figures mean:
 
@@ -803,9 +923,13 @@ What the figures mean:
   N pre-produced records of the same size and produces each to another topic (acks=all,
   Faust's producer defaults), timed from the first record consumed to the last produce
   acknowledged. **ratio** = pipeline / baseline: the share of raw Kafka throughput the
-  pipeline keeps.
+  pipeline keeps (only for `--rate 0`; a paced run shows `paced`). With the default
+  N = 2000 the baseline lasts ~0.1 s, so it varies by ±20 % between runs;
+  `--baseline-records` makes it longer. The baseline runs before the workers start.
 - **dup / missing**: replies produced twice for one request, and messages with no
   reply. Both must be 0.
+- **others %**: the share of the machine's CPU that processes outside this run used
+  while it ran. Anything but ~0 means a shared, busy machine: the row is skewed.
 
 Timing is never a test assertion; these rows are for comparing changes on one machine.
 
@@ -827,6 +951,7 @@ _COLUMNS = [
     "ratio",
     "dup",
     "missing",
+    "others_%",
 ]
 _RESULTS_HEADER += "| " + " | ".join(c.replace("_", " ") for c in _COLUMNS) + " |\n"
 _RESULTS_HEADER += "|---|---|---|" + "---:|" * (len(_COLUMNS) - 3) + "\n"
@@ -848,9 +973,10 @@ def record(result: BenchResult, path: Path = RESULTS) -> None:
         f"{p.latency_ms.p99:.0f}",
         f"{p.latency_ms.max:.0f}",
         f"{result.baseline.msgs_per_s:.0f}",
-        f"{result.ratio:.3f}",
+        f"{result.ratio:.3f}" if p.rate == 0 else "paced",
         str(p.duplicates),
         str(p.missing),
+        f"{result.others_share * 100:.0f}",
     ]
     text = path.read_text("utf-8") if path.exists() else _RESULTS_HEADER
     if not text.endswith("\n"):
@@ -878,6 +1004,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--via-gateway", action="store_true", help="POST to the REST API instead of Kafka"
     )
     parser.add_argument(
+        "--baseline-records",
+        type=int,
+        default=0,
+        help="records for the Kafka baseline; 0 = as many as --messages",
+    )
+    parser.add_argument(
+        "--keep-logs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="copy the stack's logs (workers, Kafka, ...) here before the state dir goes",
+    )
+    parser.add_argument(
         "--grace", type=float, default=DEFAULT_GRACE, help="seconds to watch for duplicates"
     )
     args = parser.parse_args(argv)
@@ -891,7 +1030,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _command(argv: Sequence[str]) -> str:
-    return " ".join([".venv/bin/python bench/pipeline.py", *argv])
+    """The command line that reproduces the figures (output paths left out)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--json", "--keep-logs"):
+            skip = True
+        elif not arg.startswith(("--json=", "--keep-logs=")):
+            kept.append(arg)
+    return " ".join([".venv/bin/python bench/pipeline.py", *kept])
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -906,7 +1055,9 @@ def _measure(
     # Baseline records: the same commands, encoded as the pipeline's are.
     records = [
         (m.conversation_id.encode(), CODEC.encode(m.command()))
-        for m in workload(args.messages, args.conversations, f"{run}-baseline")
+        for m in workload(
+            args.baseline_records or args.messages, args.conversations, f"{run}-baseline"
+        )
     ]
     print("baseline: aiokafka consume → produce ...", flush=True)
     baseline = asyncio.run(aiokafka_baseline(settings, records, deadline))
@@ -918,6 +1069,7 @@ def _measure(
     services.start(services.app_services())
     startup = time.monotonic() - started
     print(f"  ready after {startup:.1f} s; publishing {len(messages)} messages ...", flush=True)
+    cpu = CpuMeter(stack_pids(settings, args.workers))
     pipeline = asyncio.run(
         run_pipeline(
             settings,
@@ -928,9 +1080,17 @@ def _measure(
             via_gateway=args.via_gateway,
             grace=args.grace,
             deadline=deadline,
+            cpu=cpu,
         )
     )
     return pipeline, baseline, confluent, startup
+
+
+def _keep_logs(state_dir: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for log in state_dir.glob("*/*.log"):  # logs/*.log, kafka/server.log, redis/...
+        shutil.copy2(log, target / log.name)
+    print(f"logs copied to {target}")
 
 
 def _watchdog(seconds: float) -> threading.Timer:
@@ -962,6 +1122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("stopping the stack ...", flush=True)
         try:
             stack_down_all(settings)
+            if args.keep_logs is not None:
+                _keep_logs(state_dir, args.keep_logs)
         finally:
             shutil.rmtree(state_dir, ignore_errors=True)
             watchdog.cancel()
