@@ -2,8 +2,9 @@
 
 Commands arrive keyed by conversation id, so one partition (and one actor) sees all of
 a conversation's commands in order. For each: fold-decide-append, with the state in a
-Faust table. Sends are attached to the source record, so Faust publishes them before
-it commits that record's offset.
+Faust table. Faust acks a command once this loop moves past it and flushes the
+producer before committing acked offsets, so the events are on the log before the
+command counts as done; a redelivered command is dropped by ``decide``.
 """
 
 from __future__ import annotations

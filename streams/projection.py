@@ -1,7 +1,7 @@
 """The projection agent: feeds batches of events to a read model (``EventSink``).
 
 Batches come from ``take_events``; Faust acks them (and so may commit their offsets)
-only after ``apply`` returns, so side effects are flushed before the commit. Sinks are
+only after ``apply`` returns, so the read model is written before the commit. Sinks are
 idempotent (guarded by each conversation's seq), so a redelivered batch changes
 nothing."""
 
