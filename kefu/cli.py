@@ -221,5 +221,8 @@ def demo(keep_running: bool, workers: int) -> None:
     sys.exit(run_demo(_settings(), keep_running=keep_running, workers=workers))
 
 
+# Areas register their commands here, one line each (kefu/cli_<area>.py).
+
+
 if __name__ == "__main__":
     main()

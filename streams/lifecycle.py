@@ -182,7 +182,7 @@ class _Draft:
 def _moderated(
     draft: _Draft, message_event_id: str, direction: str, text: str, policy: Policy
 ) -> Verdict:
-    verdict = policy.moderator.check(text)
+    verdict = policy.moderator.check(text, draft.command.tenant_id)
     draft.add(
         MessageModerated,
         message_event_id=message_event_id,

@@ -48,7 +48,7 @@ class Moderator:
             alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
             self._patterns[category] = re.compile(alternatives, re.IGNORECASE)
 
-    def check(self, text: str) -> Verdict:
+    def check(self, text: str, tenant_id: str = "") -> Verdict:
         action = "pass"
         categories: list[str] = []
         masked = text
