@@ -85,12 +85,14 @@ class ReceiveMessage(Command):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RecordReply(Command):
+    SCHEMA_VERSION: ClassVar[int] = 2
     in_reply_to: str
     text: str
     author: str
     responder: str
     confidence: float
     intent: str | None = None
+    action: str = "answer"  # answer | clarify | handoff
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
