@@ -2,8 +2,14 @@
 gateway and CLI (readers). Every key starts with the tenant, so no key is shared."""
 
 
+def tenant_prefix(tenant_id: str) -> str:
+    """What every key of a tenant starts with (replay flushes a tenant by it)."""
+    return f"kefu:{tenant_id}:"
+
+
 def conversation_key(tenant_id: str, conversation_id: str) -> str:
-    """Hash: status, channel, assignee, counts, times, seq."""
+    """Hash: status, channel, assignee, queue, priority, preview, unread, counts,
+    first-response time, timestamps, seq."""
     return f"kefu:{tenant_id}:conv:{conversation_id}"
 
 
@@ -15,6 +21,47 @@ def messages_key(tenant_id: str, conversation_id: str) -> str:
 def conversations_key(tenant_id: str) -> str:
     """Sorted set: conversation ids by last activity."""
     return f"kefu:{tenant_id}:conversations"
+
+
+def status_prefix(tenant_id: str) -> str:
+    return f"kefu:{tenant_id}:status:"
+
+
+def status_key(tenant_id: str, status: str) -> str:
+    """Sorted set: the tenant's conversations in ``status`` (open, closed), by last
+    activity."""
+    return f"{status_prefix(tenant_id)}{status}"
+
+
+def unread_key(tenant_id: str) -> str:
+    """Sorted set: conversations with customer messages not yet answered, scored by
+    how many."""
+    return f"kefu:{tenant_id}:unread"
+
+
+def queue_prefix(tenant_id: str) -> str:
+    return f"kefu:{tenant_id}:queue:"
+
+
+def queue_key(tenant_id: str, queue: str) -> str:
+    """Sorted set: conversations waiting in ``queue`` for a human, by priority then
+    arrival; a conversation's position is its ZRANK."""
+    return f"{queue_prefix(tenant_id)}{queue}"
+
+
+def assignee_prefix(tenant_id: str) -> str:
+    return f"kefu:{tenant_id}:assignee:"
+
+
+def assignee_key(tenant_id: str, assignee: str) -> str:
+    """Sorted set: open conversations assigned to ``assignee`` ("ai" or an agent id);
+    the agent's load is its ZCARD."""
+    return f"{assignee_prefix(tenant_id)}{assignee}"
+
+
+def agents_key(tenant_id: str) -> str:
+    """Hash: agent id -> JSON {presence, capacity, at} (routing's presence events)."""
+    return f"kefu:{tenant_id}:agents"
 
 
 def outbox_channel(tenant_id: str, conversation_id: str) -> str:

@@ -85,7 +85,7 @@ class ReceiveMessage(Command):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RecordReply(Command):
-    SCHEMA_VERSION: ClassVar[int] = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
     in_reply_to: str
     text: str
     author: str
@@ -93,6 +93,13 @@ class RecordReply(Command):
     confidence: float
     intent: str | None = None
     action: str = "answer"  # answer | clarify | handoff
+    # Accounting (version 3): which model, whether the semantic cache answered, cost.
+    model: str = ""
+    cache_hit: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    latency_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,6 +159,7 @@ class ReplyRequested(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReplyProduced(Event):
+    SCHEMA_VERSION: ClassVar[int] = 2
     in_reply_to: str
     channel: str
     text: str
@@ -160,6 +168,14 @@ class ReplyProduced(Event):
     confidence: float
     customer_id: str
     intent: str | None = None
+    # Version 2: copied from RecordReply (action, model, cache hit, tokens, cost).
+    action: str = "answer"
+    model: str = ""
+    cache_hit: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    latency_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,8 +189,11 @@ class MessageDelivered(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConversationClosed(Event):
+    SCHEMA_VERSION: ClassVar[int] = 2
     reason: str
     closed_by: str
+    assignee: str = ""
+    queue: str = ""
 
 
 # --- operations ------------------------------------------------------------------
@@ -192,11 +211,171 @@ class DeadLetter(Record):
     key: bytes | None = None
 
 
+# --- routing: conversation commands and events -----------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AssignConversation(Command):
+    agent_id: str
+    queue: str
+    priority: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueConversation(Command):
+    queue: str
+    priority: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HandOff(Command):
+    to: str  # human | ai
+    reason: str
+    requested_by: str
+    team: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateConversation(Command):
+    rating: int
+    comment: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlagSlaBreach(Command):
+    kind: str  # first | next
+    due_at: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationQueued(Event):
+    queue: str
+    priority: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationAssigned(Event):
+    assignee: str
+    queue: str
+    priority: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationHandedOff(Event):
+    from_assignee: str
+    to_assignee: str
+    queue: str
+    reason: str
+    requested_by: str
+    from_queue: str = ""
+    priority: str = "normal"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlaBreached(Event):
+    kind: str
+    due_at: int
+    assignee: str
+    priority: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CsatRequested(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CsatRated(Event):
+    rating: int
+    comment: str = ""
+    assignee: str = ""
+
+
+# --- routing: queue commands and events (keyed by queue = tenant:team) -----------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoutingCommand(Record):
+    command_id: str
+    tenant_id: str
+    queue: str
+    issued_at: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueEvent(Record):
+    event_id: str
+    tenant_id: str
+    queue: str
+    seq: int
+    occurred_at: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetAgentPresence(RoutingCommand):
+    agent_id: str
+    presence: str  # online | away | offline
+    capacity: int
+    skills: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestAssignment(RoutingCommand):
+    conversation_id: str
+    priority: str
+    requested_at: int
+    skill: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReleaseAssignment(RoutingCommand):
+    conversation_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentPresenceChanged(QueueEvent):
+    agent_id: str
+    presence: str
+    capacity: int
+    skills: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationEnqueued(QueueEvent):
+    conversation_id: str
+    priority: str
+    order: int
+    skill: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentAssigned(QueueEvent):
+    conversation_id: str
+    agent_id: str
+    priority: str
+    order: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AssignmentReleased(QueueEvent):
+    conversation_id: str
+    agent_id: str
+    reason: str
+
+
 COMMAND_TYPES: tuple[type[Command], ...] = (
     ReceiveMessage,
     RecordReply,
     RecordDelivery,
     CloseConversation,
+    AssignConversation,
+    QueueConversation,
+    HandOff,
+    RateConversation,
+    FlagSlaBreach,
 )
 EVENT_TYPES: tuple[type[Event], ...] = (
     MessageReceived,
@@ -206,9 +385,33 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ReplyProduced,
     MessageDelivered,
     ConversationClosed,
+    ConversationQueued,
+    ConversationAssigned,
+    ConversationHandedOff,
+    SlaBreached,
+    CsatRequested,
+    CsatRated,
+)
+ROUTING_COMMAND_TYPES: tuple[type[RoutingCommand], ...] = (
+    SetAgentPresence,
+    RequestAssignment,
+    ReleaseAssignment,
+)
+QUEUE_EVENT_TYPES: tuple[type[QueueEvent], ...] = (
+    AgentPresenceChanged,
+    ConversationEnqueued,
+    AgentAssigned,
+    AssignmentReleased,
 )
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.__name__: cls for cls in (*COMMAND_TYPES, *EVENT_TYPES, DeadLetter)
+    cls.__name__: cls
+    for cls in (
+        *COMMAND_TYPES,
+        *EVENT_TYPES,
+        *ROUTING_COMMAND_TYPES,
+        *QUEUE_EVENT_TYPES,
+        DeadLetter,
+    )
 }
 
 
