@@ -14,19 +14,30 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.records import (
+    AssignConversation,
     CloseConversation,
     Command,
+    ConversationAssigned,
     ConversationClosed,
+    ConversationHandedOff,
+    ConversationQueued,
     ConversationRouted,
+    CsatRated,
+    CsatRequested,
     Event,
+    FlagSlaBreach,
+    HandOff,
     MessageDelivered,
     MessageModerated,
     MessageReceived,
+    QueueConversation,
+    RateConversation,
     ReceiveMessage,
     RecordDelivery,
     RecordReply,
     ReplyProduced,
     ReplyRequested,
+    SlaBreached,
     event_id_for,
 )
 from streams.moderation import Moderator, Verdict
@@ -52,6 +63,16 @@ class Conversation:
     awaiting_reply: tuple[str, ...] = ()  # ReplyRequested ids not yet answered
     undelivered: tuple[str, ...] = ()  # ReplyProduced ids without a delivery outcome
     applied: tuple[str, ...] = ()  # recent command ids, oldest first
+    priority: str = "normal"
+    # Dialogue state: who the conversation waits for (reply = the AI or an agent owes
+    # the customer an answer; customer; rating after close; "" = nothing).
+    waiting_for: str = ""
+    ai_failures: int = 0  # consecutive AI turns that did not answer
+    last_activity_at: int = 0
+    unanswered_since: int = 0  # first customer message not yet answered (SLA clock)
+    breached_since: int = 0  # the unanswered_since an SLA breach was flagged for
+    rating: int = 0
+    last_agent: str = ""  # the human who last had it, for CSAT attribution
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,6 +101,7 @@ def evolve(state: Conversation, event: Event) -> Conversation:
     )
     match event:
         case MessageReceived():
+            reopened = state.status != "open"
             return dataclasses.replace(
                 base,
                 status="open",
@@ -87,24 +109,62 @@ def evolve(state: Conversation, event: Event) -> Conversation:
                 customer_id=event.customer_id,
                 messages=state.messages + 1,
                 applied=_remember(state.applied, event.command_id),
+                waiting_for="reply",
+                last_activity_at=event.occurred_at,
+                unanswered_since=state.unanswered_since or event.occurred_at,
+                ai_failures=0 if reopened else state.ai_failures,
+                rating=0 if reopened else state.rating,
             )
         case ConversationRouted():
-            return dataclasses.replace(base, assignee=event.assignee, queue=event.queue)
+            return dataclasses.replace(
+                base, assignee=event.assignee, queue=event.queue, priority=event.priority
+            )
+        case ConversationAssigned():
+            return dataclasses.replace(
+                base, assignee=event.assignee, queue=event.queue, last_agent=event.assignee
+            )
+        case ConversationHandedOff():
+            return dataclasses.replace(
+                base,
+                assignee=event.to_assignee,
+                queue=event.queue,
+                priority=event.priority,
+                ai_failures=0,
+                awaiting_reply=() if event.to_assignee != "ai" else state.awaiting_reply,
+            )
+        case SlaBreached():
+            return dataclasses.replace(base, breached_since=state.unanswered_since)
+        case CsatRequested():
+            return dataclasses.replace(base, waiting_for="rating")
+        case CsatRated():
+            return dataclasses.replace(base, waiting_for="", rating=event.rating)
         case ReplyRequested():
             return dataclasses.replace(base, awaiting_reply=(*state.awaiting_reply, event.event_id))
         case ReplyProduced():
+            failed = event.author == "ai" and event.action != "answer"
             return dataclasses.replace(
                 base,
                 replies=state.replies + 1,
                 awaiting_reply=tuple(r for r in state.awaiting_reply if r != event.in_reply_to),
                 undelivered=(*state.undelivered, event.event_id),
+                waiting_for="customer",
+                last_activity_at=event.occurred_at,
+                unanswered_since=0,
+                ai_failures=state.ai_failures + 1 if failed else 0,
             )
         case MessageDelivered():
             return dataclasses.replace(
                 base, undelivered=tuple(r for r in state.undelivered if r != event.reply_event_id)
             )
         case ConversationClosed():
-            return dataclasses.replace(base, status="closed", assignee="", awaiting_reply=())
+            return dataclasses.replace(
+                base,
+                status="closed",
+                assignee="",
+                awaiting_reply=(),
+                waiting_for="",
+                unanswered_since=0,
+            )
         case _:
             return base
 
@@ -119,6 +179,9 @@ class Policy:
 
     moderator: Moderator
     route: Callable[[str, str], Route]  # (tenant, channel) -> Route
+    # Hand off to a human after this many consecutive AI turns without an answer.
+    max_ai_failures: int = 3
+    csat: bool = True  # ask for a rating when a conversation closes
 
 
 class Rejected(ValueError):
@@ -152,9 +215,88 @@ def decide(state: Conversation, command: Command, policy: Policy) -> list[Event]
                 detail=command.detail,
             )
         case CloseConversation():
+            _require_known(state)
             if state.status == "open":
-                draft.add(ConversationClosed, reason=command.reason, closed_by=command.closed_by)
+                draft.add(
+                    ConversationClosed,
+                    reason=command.reason,
+                    closed_by=command.closed_by,
+                    assignee=state.assignee,
+                    queue=state.queue,
+                )
+                if policy.csat:
+                    draft.add(CsatRequested)
+        case AssignConversation():
+            _require_known(state)
+            # Closed, handed back to the AI, or moved meanwhile: the release that
+            # followed that event frees the router's slot, so this one is void.
+            if state.status == "open" and state.assignee == "" and state.queue == command.queue:
+                draft.add(
+                    ConversationAssigned,
+                    assignee=command.agent_id,
+                    queue=command.queue,
+                    priority=command.priority,
+                )
+        case QueueConversation():
+            _require_known(state)
+            if state.status == "open" and state.assignee == "" and state.queue == command.queue:
+                draft.add(
+                    ConversationQueued,
+                    queue=command.queue,
+                    priority=command.priority,
+                    position=command.position,
+                )
+        case HandOff():
+            _require_known(state)
+            if state.status != "open":
+                raise Rejected("cannot hand off a closed conversation")
+            _hand_off(draft, command.to, command.team, command.reason, command.requested_by)
+        case RateConversation():
+            _require_known(state)
+            if not 1 <= command.rating <= 5:
+                raise Rejected(f"rating must be 1-5, not {command.rating}")
+            if state.waiting_for == "rating":
+                draft.add(
+                    CsatRated,
+                    rating=command.rating,
+                    comment=command.comment[:2000],
+                    assignee=state.last_agent,
+                )
+        case FlagSlaBreach():
+            if state.unanswered_since and state.breached_since != state.unanswered_since:
+                draft.add(
+                    SlaBreached,
+                    kind=command.kind,
+                    due_at=command.due_at,
+                    assignee=state.assignee,
+                    priority=state.priority,
+                )
     return draft.events
+
+
+def _require_known(state: Conversation) -> None:
+    if state.status == "new":
+        raise Rejected("unknown conversation")
+
+
+def _hand_off(draft: _Draft, to: str, team: str, reason: str, requested_by: str) -> None:
+    state = draft.state
+    if to not in ("human", "ai"):
+        raise Rejected(f"hand off to 'human' or 'ai', not {to!r}")
+    queue = f"{state.tenant_id}:{team}" if team else state.queue
+    to_assignee = "ai" if to == "ai" else ""
+    if state.assignee == to_assignee and queue == state.queue:
+        return  # already there
+    draft.add(
+        ConversationHandedOff,
+        from_assignee=state.assignee,
+        to_assignee=to_assignee,
+        queue=queue,
+        from_queue=state.queue,
+        priority=state.priority,
+        reason=reason,
+        requested_by=requested_by,
+    )
 
 
 class _Draft:
@@ -209,7 +351,7 @@ def _receive(draft: _Draft, command: ReceiveMessage, policy: Policy) -> None:
     if verdict.action == "block":
         return
     assignee = draft.state.assignee
-    if draft.state.status != "open" or not assignee:
+    if draft.state.status != "open" or (not assignee and not draft.state.queue):
         route = policy.route(command.tenant_id, command.channel)
         draft.add(
             ConversationRouted,
@@ -233,6 +375,8 @@ def _reply(draft: _Draft, command: RecordReply, policy: Policy) -> None:
     state = draft.state
     if command.author == "ai" and command.in_reply_to not in state.awaiting_reply:
         return  # the conversation moved on (closed, or handed to a human) meanwhile
+    if command.author != "ai" and command.author != state.assignee:
+        raise Rejected(f"agent {command.author!r} is not assigned to this conversation")
     verdict = _moderated(draft, command.in_reply_to, "out", command.text, policy)
     if verdict.action == "block":
         return
@@ -246,7 +390,22 @@ def _reply(draft: _Draft, command: RecordReply, policy: Policy) -> None:
         confidence=command.confidence,
         intent=command.intent,
         customer_id=state.customer_id,
+        # The reply text is produced for every action, "handoff" included ("I'll get
+        # a colleague"), so the customer always hears back.
+        action=command.action,
+        model=command.model,
+        cache_hit=command.cache_hit,
+        prompt_tokens=command.prompt_tokens,
+        completion_tokens=command.completion_tokens,
+        cost=command.cost,
+        latency_ms=command.latency_ms,
     )
+    if command.author == "ai":
+        failures = state.ai_failures + (command.action != "answer")
+        if command.action == "handoff":
+            _hand_off(draft, "human", "", f"responder: {command.intent or 'low confidence'}", "ai")
+        elif failures >= policy.max_ai_failures:
+            _hand_off(draft, "human", "", f"{failures} AI turns without an answer", "system")
 
 
 def replay(events: Sequence[Event]) -> Conversation:

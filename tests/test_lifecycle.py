@@ -6,6 +6,7 @@ from schemas.records import (
     CloseConversation,
     ConversationClosed,
     ConversationRouted,
+    CsatRequested,
     MessageDelivered,
     MessageModerated,
     MessageReceived,
@@ -149,9 +150,10 @@ def test_close_once() -> None:
         closed_by="u1",
     )
     events = decide(state, close, POLICY)
-    assert [type(e) for e in events] == [ConversationClosed]
+    assert [type(e) for e in events] == [ConversationClosed, CsatRequested]
     state = apply(state, events)
     assert state.status == "closed" and state.awaiting_reply == ()
+    assert state.waiting_for == "rating"
     assert decide(state, dataclasses.replace(close, command_id="x-2"), POLICY) == []
 
 
