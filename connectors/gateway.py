@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from connectors import rest_api, webchat
+from connectors import rest_api, routing_api, webchat
 from connectors.publisher import CommandPublisher
 
 
@@ -27,6 +27,7 @@ class GatewayConfig:
     redis_url: str
     api_keys: Mapping[str, str]  # tenant -> API key
     ai_tenants: frozenset[str] = frozenset()
+    routing_topic: str = "kefu.routing"
 
 
 class Tenants:
@@ -54,7 +55,7 @@ class Services:
 def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        publisher = CommandPublisher(config.bootstrap, config.commands_topic)
+        publisher = CommandPublisher(config.bootstrap, config.commands_topic, config.routing_topic)
         await publisher.start()
         client = aioredis.Redis.from_url(config.redis_url)
         app.state.services = Services(publisher, client, Tenants(config.api_keys))
@@ -71,6 +72,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(rest_api.router)
+    app.include_router(routing_api.router)
     app.include_router(webchat.router)
 
     @app.get("/healthz", tags=["operations"])

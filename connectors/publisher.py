@@ -8,12 +8,13 @@ from __future__ import annotations
 from aiokafka import AIOKafkaProducer
 
 from schemas.codec import CODEC
-from schemas.records import Command
+from schemas.records import Command, RoutingCommand
 
 
 class CommandPublisher:
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, routing_topic: str = "") -> None:
         self._topic = topic
+        self._routing_topic = routing_topic
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",
@@ -27,6 +28,12 @@ class CommandPublisher:
 
     async def stop(self) -> None:
         await self._producer.stop()
+
+    async def publish_routing(self, command: RoutingCommand) -> None:
+        """Routing commands are keyed by queue: one router decides per queue."""
+        await self._producer.send_and_wait(
+            self._routing_topic, key=command.queue.encode(), value=CODEC.encode(command)
+        )
 
     async def publish(self, command: Command) -> None:
         await self._producer.send_and_wait(

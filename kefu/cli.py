@@ -133,6 +133,7 @@ def gateway(instance: str, state: str) -> None:
     config = GatewayConfig(
         bootstrap=settings.kafka.servers,
         commands_topic=TopicNames(settings.topic_prefix).commands,
+        routing_topic=TopicNames(settings.topic_prefix).routing,
         redis_url=settings.redis.dsn,
         api_keys={t: s.api_key.get_secret_value() for t, s in settings.tenants.items()},
     )

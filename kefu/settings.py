@@ -71,6 +71,16 @@ class WorkerSettings(_Frozen):
     concurrency: int = 16
 
 
+class RoutingSettings(_Frozen):
+    # A returning customer goes back to their last agent when that agent is free.
+    sticky: bool = True
+    # How often each worker scans its conversations for idle and SLA deadlines.
+    timer_seconds: float = 1.0
+    csat: bool = True
+    # Hand off to a human after this many AI turns in a row without an answer.
+    max_ai_failures: int = 3
+
+
 class DevSettings(_Frozen):
     # The local webhook receiver (``kefu webhook-sink``) used by the demo and tests.
     webhook_sink_port: int = 18090
@@ -82,6 +92,16 @@ class TenantSettings(_Frozen):
     webhook_url: str = ""
     webhook_secret: SecretStr = SecretStr("")
     ai_enabled: bool = True
+    # Routing and lifecycle (issue 3). SLA limits per priority, in seconds.
+    vip_customers: list[str] = Field(default_factory=list)
+    urgent_channels: list[str] = Field(default_factory=list)
+    idle_close_seconds: float = 600.0
+    sla_first_response_seconds: dict[str, float] = Field(
+        default_factory=lambda: {"urgent": 30.0, "vip": 60.0, "normal": 120.0, "low": 600.0}
+    )
+    sla_next_response_seconds: dict[str, float] = Field(
+        default_factory=lambda: {"urgent": 60.0, "vip": 120.0, "normal": 300.0, "low": 900.0}
+    )
 
 
 def _default_tenants() -> dict[str, TenantSettings]:
@@ -106,6 +126,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     worker: WorkerSettings = WorkerSettings()
     dev: DevSettings = DevSettings()
+    routing: RoutingSettings = RoutingSettings()
     tenants: dict[str, TenantSettings] = Field(default_factory=_default_tenants)
     log_level: str = "INFO"
 

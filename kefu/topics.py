@@ -25,6 +25,8 @@ def wanted(settings: Settings) -> list[NewTopic]:
         NewTopic(names.events, partitions, 1, topic_configs=KEEP_FOREVER),
         NewTopic(names.commands, partitions, 1, topic_configs={"retention.ms": str(7 * 86400_000)}),
         NewTopic(names.deadletter, 1, 1, topic_configs=KEEP_FOREVER),
+        NewTopic(names.routing, partitions, 1, topic_configs={"retention.ms": str(7 * 86400_000)}),
+        NewTopic(names.queue_events, partitions, 1, topic_configs=KEEP_FOREVER),
     ]
 
 

@@ -5,6 +5,7 @@ More workers (same code, same group) split the partitions between them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -14,12 +15,20 @@ from connectors.delivery import ChannelDeliverer, WebhookTarget
 from kefu.settings import Settings
 from projections.redis_state import RedisConversations
 from schemas.topics import TopicNames
-from streams import conversation, delivery, projection, responder
+from streams import (
+    conversation,
+    delivery,
+    projection,
+    responder,
+    routing_feed,
+    timers,
+)
+from streams import router as queue_router
 from streams.app import KefuApp, StreamsConfig, build_app
 from streams.lifecycle import Policy
 from streams.moderation import Moderator
 from streams.responders import OfflineResponder
-from streams.routing import router
+from streams.routing import TenantRouting, router
 
 
 def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
@@ -37,9 +46,13 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     )
     tenants = settings.tenants
 
-    def ai_enabled(tenant_id: str) -> bool:
+    def tenant_routing(tenant_id: str) -> TenantRouting:
         tenant = tenants.get(tenant_id)
-        return tenant is not None and tenant.ai_enabled
+        if tenant is None:
+            return TenantRouting(ai_enabled=False)
+        return TenantRouting(
+            tenant.ai_enabled, frozenset(tenant.vip_customers), frozenset(tenant.urgent_channels)
+        )
 
     redis = aioredis.Redis.from_url(settings.redis.dsn)
     webhooks = {
@@ -47,12 +60,37 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
         for tenant_id, t in tenants.items()
         if t.webhook_url
     }
-    conversation.install(kefu, Policy(Moderator(), router(ai_enabled)))
+    policy = Policy(
+        Moderator(),
+        router(tenant_routing),
+        max_ai_failures=settings.routing.max_ai_failures,
+        csat=settings.routing.csat,
+    )
+    conversation.install(kefu, policy)
+    queue_router.install(kefu, sticky=settings.routing.sticky)
+    routing_feed.install(kefu)
+    timers.install(kefu, _deadlines(settings), settings.routing.timer_seconds)
     responder.install(kefu, OfflineResponder())
     delivery.install(kefu, ChannelDeliverer(redis, webhooks))
     projection.install(kefu, RedisConversations(redis))
     _install_health(kefu)
     return kefu
+
+
+def _deadlines(settings: Settings) -> Callable[[str, str], timers.Deadlines]:
+    def deadlines_for(tenant_id: str, priority: str) -> timers.Deadlines:
+        tenant = settings.tenants.get(tenant_id)
+        if tenant is None:
+            return timers.Deadlines()
+        first = tenant.sla_first_response_seconds
+        after = tenant.sla_next_response_seconds
+        return timers.Deadlines(
+            idle_close_ms=int(tenant.idle_close_seconds * 1000),
+            first_response_ms=int(first.get(priority, first.get("normal", 120.0)) * 1000),
+            next_response_ms=int(after.get(priority, after.get("normal", 300.0)) * 1000),
+        )
+
+    return deadlines_for
 
 
 def _install_health(kefu: KefuApp) -> None:

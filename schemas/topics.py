@@ -21,3 +21,13 @@ class TopicNames:
     @property
     def deadletter(self) -> str:
         return f"{self.prefix}.deadletter"
+
+    @property
+    def routing(self) -> str:
+        """Routing commands, keyed by queue (tenant:team): one router per queue."""
+        return f"{self.prefix}.routing"
+
+    @property
+    def queue_events(self) -> str:
+        """The queues' own history (presence, line, assignments), keyed by queue."""
+        return f"{self.prefix}.queue-events"

@@ -40,6 +40,10 @@ class KefuApp:
     events_out: Any
     deadletter: Any
     conversations: Any  # faust.Table: conversation id -> state JSON
+    routing_in: Any  # routing commands, keyed by queue
+    routing_out: Any
+    queue_events_out: Any
+    queues: Any  # faust.Table: queue -> state JSON
 
 
 def build_app(config: StreamsConfig) -> KefuApp:
@@ -74,6 +78,10 @@ def build_app(config: StreamsConfig) -> KefuApp:
             default=None,
             partitions=config.partitions,
         ),
+        routing_in=_raw_topic(app, names.routing),
+        routing_out=app.topic(names.routing, value_serializer=faust_codec.CODEC_NAME),
+        queue_events_out=app.topic(names.queue_events, value_serializer=faust_codec.CODEC_NAME),
+        queues=app.Table("queues", default=None, partitions=config.partitions),
     )
 
 

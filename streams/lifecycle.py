@@ -151,6 +151,9 @@ def evolve(state: Conversation, event: Event) -> Conversation:
                 last_activity_at=event.occurred_at,
                 unanswered_since=0,
                 ai_failures=state.ai_failures + 1 if failed else 0,
+                applied=state.applied
+                if event.author == "ai"
+                else _remember(state.applied, event.in_reply_to),
             )
         case MessageDelivered():
             return dataclasses.replace(
@@ -178,7 +181,7 @@ class Policy:
     """What the conversation agent consults: moderation and routing, both pure."""
 
     moderator: Moderator
-    route: Callable[[str, str], Route]  # (tenant, channel) -> Route
+    route: Callable[[str, str, str], Route]  # (tenant, channel, customer) -> Route
     # Hand off to a human after this many consecutive AI turns without an answer.
     max_ai_failures: int = 3
     csat: bool = True  # ask for a rating when a conversation closes
@@ -352,12 +355,16 @@ def _receive(draft: _Draft, command: ReceiveMessage, policy: Policy) -> None:
         return
     assignee = draft.state.assignee
     if draft.state.status != "open" or (not assignee and not draft.state.queue):
-        route = policy.route(command.tenant_id, command.channel)
+        route = policy.route(command.tenant_id, command.channel, command.customer_id)
+        # Flagged content (a complaint, abuse) goes ahead of normal conversations.
+        priority = (
+            "high" if verdict.action == "flag" and route.priority == "normal" else route.priority
+        )
         draft.add(
             ConversationRouted,
             assignee=route.assignee,
             queue=route.queue,
-            priority=route.priority,
+            priority=priority,
             reason=route.reason,
         )
         assignee = route.assignee
@@ -382,7 +389,8 @@ def _reply(draft: _Draft, command: RecordReply, policy: Policy) -> None:
         return
     draft.add(
         ReplyProduced,
-        in_reply_to=command.in_reply_to,
+        # A human reply answers no request: its own command id makes it idempotent.
+        in_reply_to=command.in_reply_to if command.author == "ai" else command.command_id,
         channel=state.channel,
         text=verdict.text,
         author=command.author,

@@ -1,5 +1,5 @@
-"""Routing, skeleton: a conversation goes to the AI when its tenant enables it, else to
-the tenant's human queue. The routing issue adds agents, skills and capacity."""
+"""Where a new conversation starts: with the AI when its tenant enables it, else in
+line for the tenant's human team (``streams.queueing`` decides which agent)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,27 @@ class Route:
     reason: str
 
 
-def router(ai_enabled: Callable[[str], bool]) -> Callable[[str, str], Route]:
-    def route(tenant_id: str, channel: str) -> Route:
+@dataclass(frozen=True, slots=True)
+class TenantRouting:
+    ai_enabled: bool = True
+    vip_customers: frozenset[str] = frozenset()
+    urgent_channels: frozenset[str] = frozenset()
+
+
+def router(tenant: Callable[[str], TenantRouting]) -> Callable[[str, str, str], Route]:
+    """``route(tenant, channel, customer)``: AI first where enabled, else the tenant's
+    default team; VIP customers and urgent channels go ahead of normal ones."""
+
+    def route(tenant_id: str, channel: str, customer_id: str) -> Route:
+        config = tenant(tenant_id)
         queue = f"{tenant_id}:default"
-        if ai_enabled(tenant_id):
-            return Route("ai", queue, "normal", "ai-first")
-        return Route("", queue, "normal", "no-ai")
+        priority = "normal"
+        if channel in config.urgent_channels:
+            priority = "urgent"
+        elif customer_id in config.vip_customers:
+            priority = "vip"
+        if config.ai_enabled:
+            return Route("ai", queue, priority, "ai-first")
+        return Route("", queue, priority, "no-ai")
 
     return route

@@ -19,9 +19,11 @@ from schemas.records import (
 )
 from streams.lifecycle import Conversation, Policy, Rejected, decide, evolve, fold
 from streams.moderation import Moderator, WordList
-from streams.routing import router
+from streams.routing import TenantRouting, router
 
-POLICY = Policy(Moderator(), router(lambda tenant: tenant != "humans-only"))
+POLICY = Policy(
+    Moderator(), router(lambda tenant: TenantRouting(ai_enabled=tenant != "humans-only"))
+)
 
 
 def receive(n: int, text: str = "where is my order", tenant: str = "t1") -> ReceiveMessage:

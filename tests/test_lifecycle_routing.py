@@ -42,7 +42,7 @@ def step(state: Conversation, cmd: Command) -> tuple[Conversation, list[Event]]:
 
 
 def ai_reply(state: Conversation, action: str = "answer", intent: str | None = "x") -> RecordReply:
-    return command(
+    reply: RecordReply = command(
         RecordReply,
         in_reply_to=state.awaiting_reply[0],
         text="…",
@@ -52,6 +52,7 @@ def ai_reply(state: Conversation, action: str = "answer", intent: str | None = "
         intent=intent,
         action=action,
     )
+    return reply
 
 
 def test_tenant_without_ai_waits_for_a_human_who_answers() -> None:

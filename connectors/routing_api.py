@@ -1,0 +1,180 @@
+"""Routing and lifecycle over REST, for the agent console and admin tools: agent
+presence, handoff and transfer, close, agent replies, ratings. Authenticated by the
+tenant's API key; every call publishes one command and answers 202. Commands the
+pipeline must refuse (unknown conversation, an agent who is not assigned, another
+tenant's conversation) are rejected there, to the dead-letter topic with the reason.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Request, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from connectors.rest_api import Tenant
+from schemas.records import (
+    CloseConversation,
+    HandOff,
+    RateConversation,
+    RecordReply,
+    SetAgentPresence,
+)
+from schemas.time import now_ms
+
+router = APIRouter(prefix="/v1", tags=["routing"])
+_ID = r"^[A-Za-z0-9_.:@\-]+$"
+ConversationId = Annotated[str, Path(min_length=1, max_length=128, pattern=_ID)]
+AgentId = Annotated[str, Path(min_length=1, max_length=64, pattern=_ID)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PresenceIn(_Body):
+    presence: Literal["online", "away", "offline"]
+    capacity: int = Field(default=3, ge=0, le=100)
+    team: str = Field(default="default", min_length=1, max_length=64, pattern=_ID)
+    skills: list[Annotated[str, Field(min_length=1, max_length=32)]] = Field(
+        default_factory=list, max_length=32
+    )
+
+
+class HandOffIn(_Body):
+    to: Literal["human", "ai"]
+    team: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.:@\-]*$")
+    reason: str = Field(default="", max_length=200)
+    requested_by: str = Field(min_length=1, max_length=64)
+
+
+class CloseIn(_Body):
+    closed_by: str = Field(min_length=1, max_length=64)
+    reason: str = Field(default="resolved", max_length=200)
+
+
+class AgentReplyIn(_Body):
+    agent_id: str = Field(min_length=1, max_length=64, pattern=_ID)
+    text: str = Field(min_length=1, max_length=8000)
+    message_id: str | None = Field(default=None, max_length=128, pattern=_ID)
+
+
+class RatingIn(_Body):
+    rating: int = Field(ge=1, le=5)
+    comment: str = Field(default="", max_length=2000)
+
+
+class Accepted(BaseModel):
+    status: str = "accepted"
+    command_id: str
+
+
+def _command_id(given: str | None = None) -> str:
+    return given or str(uuid.uuid4())
+
+
+@router.put(
+    "/agents/{agent_id}/presence", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted
+)
+async def set_presence(
+    agent_id: AgentId, body: PresenceIn, tenant: Tenant, request: Request
+) -> Accepted:
+    command = SetAgentPresence(
+        command_id=_command_id(),
+        tenant_id=tenant,
+        queue=f"{tenant}:{body.team}",
+        issued_at=now_ms(),
+        agent_id=agent_id,
+        presence=body.presence,
+        capacity=body.capacity,
+        skills=list(body.skills),
+    )
+    await request.app.state.services.publisher.publish_routing(command)
+    return Accepted(command_id=command.command_id)
+
+
+@router.post(
+    "/conversations/{conversation_id}/handoff",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+)
+async def hand_off(
+    conversation_id: ConversationId, body: HandOffIn, tenant: Tenant, request: Request
+) -> Accepted:
+    command = HandOff(
+        command_id=_command_id(),
+        conversation_id=conversation_id,
+        tenant_id=tenant,
+        issued_at=now_ms(),
+        to=body.to,
+        team=body.team,
+        reason=body.reason or f"requested by {body.requested_by}",
+        requested_by=body.requested_by,
+    )
+    await request.app.state.services.publisher.publish(command)
+    return Accepted(command_id=command.command_id)
+
+
+@router.post(
+    "/conversations/{conversation_id}/close",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+)
+async def close(
+    conversation_id: ConversationId, body: CloseIn, tenant: Tenant, request: Request
+) -> Accepted:
+    command = CloseConversation(
+        command_id=_command_id(),
+        conversation_id=conversation_id,
+        tenant_id=tenant,
+        issued_at=now_ms(),
+        reason=body.reason,
+        closed_by=body.closed_by,
+    )
+    await request.app.state.services.publisher.publish(command)
+    return Accepted(command_id=command.command_id)
+
+
+@router.post(
+    "/conversations/{conversation_id}/replies",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+)
+async def agent_reply(
+    conversation_id: ConversationId, body: AgentReplyIn, tenant: Tenant, request: Request
+) -> Accepted:
+    message_id = body.message_id or str(uuid.uuid4())
+    command = RecordReply(
+        command_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{tenant}/{body.agent_id}/{message_id}")),
+        conversation_id=conversation_id,
+        tenant_id=tenant,
+        issued_at=now_ms(),
+        in_reply_to="",
+        text=body.text,
+        author=body.agent_id,
+        responder="agent",
+        confidence=1.0,
+    )
+    await request.app.state.services.publisher.publish(command)
+    return Accepted(command_id=command.command_id)
+
+
+@router.post(
+    "/conversations/{conversation_id}/rating",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+)
+async def rate(
+    conversation_id: ConversationId, body: RatingIn, tenant: Tenant, request: Request
+) -> Accepted:
+    command = RateConversation(
+        command_id=_command_id(),
+        conversation_id=conversation_id,
+        tenant_id=tenant,
+        issued_at=now_ms(),
+        rating=body.rating,
+        comment=body.comment,
+    )
+    await request.app.state.services.publisher.publish(command)
+    return Accepted(command_id=command.command_id)

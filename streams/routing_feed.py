@@ -1,0 +1,92 @@
+"""The routing feed: turns conversation events into routing commands for the queue
+they concern. It re-keys from conversation to queue, which is what serialises the
+router's decisions per queue; command ids derive from the event, so a redelivered
+event makes no second request."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from schemas.records import (
+    ConversationClosed,
+    ConversationHandedOff,
+    ConversationRouted,
+    Event,
+    ReleaseAssignment,
+    RequestAssignment,
+    RoutingCommand,
+)
+from streams.app import KefuApp
+from streams.inbox import records
+
+_NAMESPACE = uuid.UUID("8c4b2a9e-6d3f-4e1a-b7c5-2e9f0d8a1b36")
+
+
+def _id(event: Event, what: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"{event.event_id}/{what}"))
+
+
+def routing_commands(event: Event) -> list[RoutingCommand]:
+    match event:
+        case ConversationRouted(assignee=""):
+            return [
+                RequestAssignment(
+                    command_id=_id(event, "request"),
+                    queue=event.queue,
+                    conversation_id=event.conversation_id,
+                    priority=event.priority,
+                    requested_at=event.occurred_at,
+                    tenant_id=event.tenant_id,
+                    issued_at=event.occurred_at,
+                )
+            ]
+        case ConversationHandedOff():
+            out: list[RoutingCommand] = []
+            # Leaving a human (or a place in line): free it in the queue it leaves.
+            if event.from_assignee != "ai" and event.from_queue:
+                out.append(
+                    ReleaseAssignment(
+                        command_id=_id(event, "release"),
+                        queue=event.from_queue,
+                        conversation_id=event.conversation_id,
+                        reason=event.reason[:200],
+                        tenant_id=event.tenant_id,
+                        issued_at=event.occurred_at,
+                    )
+                )
+            if event.to_assignee == "":
+                out.append(
+                    RequestAssignment(
+                        command_id=_id(event, "request"),
+                        queue=event.queue,
+                        conversation_id=event.conversation_id,
+                        priority=event.priority,
+                        requested_at=event.occurred_at,
+                        tenant_id=event.tenant_id,
+                        issued_at=event.occurred_at,
+                    )
+                )
+            return out
+        case ConversationClosed() if event.assignee != "ai" and event.queue:
+            return [
+                ReleaseAssignment(
+                    command_id=_id(event, "release"),
+                    queue=event.queue,
+                    conversation_id=event.conversation_id,
+                    reason=f"closed: {event.reason}"[:200],
+                    tenant_id=event.tenant_id,
+                    issued_at=event.occurred_at,
+                )
+            ]
+        case _:
+            return []
+
+
+def install(kefu: KefuApp) -> Any:
+    async def routing_feed(stream: Any) -> None:
+        async for _event, record in records(stream, Event, kefu.deadletter, "routing-feed"):
+            for command in routing_commands(record):
+                await kefu.routing_out.send(key=command.queue, value=command)
+
+    return kefu.app.agent(kefu.events_in, name="kefu.routing-feed")(routing_feed)

@@ -1,0 +1,84 @@
+"""Timers over the conversations a worker holds: idle auto-close and SLA breaches.
+
+A Faust timer scans the local partitions of the conversation table and sends
+commands; it never writes events itself (the conversation agent stays the single
+writer). Command ids derive from the state they were decided on, so two workers (or
+a standby replica) noticing the same thing send the same command, applied once.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.records import CloseConversation, Command, FlagSlaBreach
+from schemas.time import now_ms
+from streams.app import KefuApp
+from streams.lifecycle import Conversation
+
+log = logging.getLogger(__name__)
+_NAMESPACE = uuid.UUID("e2a7c4d1-3b5f-4c8a-9e6d-7f1b0c2d4a58")
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    idle_close_ms: int = 600_000
+    first_response_ms: int = 120_000
+    next_response_ms: int = 300_000
+
+
+def due(state: Conversation, deadlines: Deadlines, now: int) -> list[Command]:
+    """What is overdue for one conversation at ``now``: pure, so it is tested alone."""
+    if state.status != "open":
+        return []
+    out: list[Command] = []
+    if state.unanswered_since and state.breached_since != state.unanswered_since:
+        kind = "first" if state.replies == 0 else "next"
+        limit = deadlines.first_response_ms if kind == "first" else deadlines.next_response_ms
+        deadline = state.unanswered_since + limit
+        if now >= deadline:
+            out.append(
+                FlagSlaBreach(
+                    command_id=str(
+                        uuid.uuid5(_NAMESPACE, f"{state.conversation_id}/sla/{deadline}")
+                    ),
+                    conversation_id=state.conversation_id,
+                    tenant_id=state.tenant_id,
+                    issued_at=now,
+                    kind=kind,
+                    due_at=deadline,
+                )
+            )
+    if state.last_activity_at and now - state.last_activity_at >= deadlines.idle_close_ms:
+        out.append(
+            CloseConversation(
+                command_id=str(uuid.uuid5(_NAMESPACE, f"{state.conversation_id}/idle/{state.seq}")),
+                conversation_id=state.conversation_id,
+                tenant_id=state.tenant_id,
+                issued_at=now,
+                reason="idle",
+                closed_by="system",
+            )
+        )
+    return out
+
+
+def install(
+    kefu: KefuApp, deadlines_for: Callable[[str, str], Deadlines], interval: float = 1.0
+) -> Any:
+    """``deadlines_for(tenant, priority)``: per-tenant, per-priority limits."""
+    table = kefu.conversations
+
+    async def check_deadlines() -> None:
+        now = now_ms()
+        for conversation_id, stored in list(table.items()):
+            if not stored:
+                continue
+            state = Conversation.from_json(stored)
+            for command in due(state, deadlines_for(state.tenant_id, state.priority), now):
+                await kefu.commands_out.send(key=conversation_id, value=command)
+
+    return kefu.app.timer(interval, name="kefu.deadlines")(check_deadlines)
