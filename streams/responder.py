@@ -49,6 +49,7 @@ def install(kefu: KefuApp, responder: Responder) -> Any:
                     responder=answer.responder,
                     confidence=answer.confidence,
                     intent=answer.intent,
+                    action=answer.action,
                 ),
             )
 

@@ -23,6 +23,7 @@ class Answer:
     responder: str
     confidence: float
     intent: str | None
+    action: str = "answer"  # answer | clarify | handoff (routing acts on it)
 
 
 class Responder(Protocol):
@@ -66,6 +67,8 @@ def load_faq(path: str | None = None) -> list[FaqEntry]:
     return entries
 
 
+HUMAN_INTENT = "human_agent"  # the customer asks for a person: hand off
+
 FALLBACK = {
     "en": "Thanks for your message. I couldn't find an answer; a colleague will follow up.",
     "zh": "感谢您的留言，暂时没有找到答案，稍后会有同事跟进。",
@@ -95,6 +98,7 @@ class OfflineResponder:
             if score > best_score:
                 best, best_score = entry, score
         if best is None or best_score < self._threshold:
-            return Answer(FALLBACK[lang], self.name, best_score, None)
+            return Answer(FALLBACK[lang], self.name, best_score, None, "clarify")
         text_out = best.answers.get(lang) or next(iter(best.answers.values()))
-        return Answer(text_out, self.name, round(best_score, 3), best.intent)
+        action = "handoff" if best.intent == HUMAN_INTENT else "answer"
+        return Answer(text_out, self.name, round(best_score, 3), best.intent, action)
