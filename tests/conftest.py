@@ -52,6 +52,20 @@ def isolated_settings(state_dir: Path) -> Settings:
                 webhook_secret=SecretStr("acme-secret"),
                 ai_enabled=False,
             ),
+            # Human-only tenants for the routing tests (one queue each, so tests do
+            # not share agents): hq for assignment, timers for idle close and SLA.
+            "hq": TenantSettings(
+                api_key=SecretStr("hq-test-key"),
+                ai_enabled=False,
+                vip_customers=["vip-customer"],
+            ),
+            "hq2": TenantSettings(api_key=SecretStr("hq2-test-key"), ai_enabled=False),
+            "timers": TenantSettings(
+                api_key=SecretStr("timers-test-key"),
+                ai_enabled=False,
+                idle_close_seconds=4.0,
+                sla_first_response_seconds={"normal": 1.0},
+            ),
         },
         log_level="INFO",
     )

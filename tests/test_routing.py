@@ -1,0 +1,219 @@
+"""Routing on the real stack: agents, the waiting line, assignment as capacity frees
+up, re-queueing when an agent goes offline, handoff, idle close, SLA breaches, and
+two workers sharing the queues without over-assigning."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from connectors.identity import conversation_id_for
+from kefu.services import Services
+from kefu.settings import Settings
+from schemas.codec import CODEC
+from schemas.records import (
+    AgentAssigned,
+    ConversationClosed,
+    ConversationHandedOff,
+    ConversationQueued,
+    CsatRated,
+    CsatRequested,
+    Event,
+    QueueEvent,
+    SlaBreached,
+)
+from schemas.topics import TopicNames
+from streams.queueing import Queue, evolve_queue
+from tests.conftest import wait_for
+from tests.kafka_helpers import read_topic
+from tests.test_pipeline import gateway
+
+E = TypeVar("E", bound=Event)
+
+
+def key(settings: Settings, tenant: str) -> dict[str, str]:
+    return {"X-Api-Key": settings.tenants[tenant].api_key.get_secret_value()}
+
+
+def post(
+    settings: Settings, tenant: str, path: str, body: dict[str, Any], method: str = "POST"
+) -> None:
+    with gateway(settings) as http:
+        response = http.request(method, path, json=body, headers=key(settings, tenant))
+    assert response.status_code == 202, response.text
+
+
+def message(settings: Settings, tenant: str, customer: str, text: str = "hello") -> str:
+    post(settings, tenant, "/v1/messages", {"customer_id": customer, "text": text})
+    return conversation_id_for(tenant, "api", customer)
+
+
+def presence(settings: Settings, tenant: str, agent: str, state: str, capacity: int = 2) -> None:
+    post(
+        settings,
+        tenant,
+        f"/v1/agents/{agent}/presence",
+        {"presence": state, "capacity": capacity},
+        "PUT",
+    )
+
+
+def queue_log(settings: Settings, queue: str) -> list[QueueEvent]:
+    topic = TopicNames(settings.topic_prefix).queue_events
+    found = []
+    for record in asyncio.run(read_topic(settings, topic)):
+        event = CODEC.decode(record)
+        assert isinstance(event, QueueEvent)
+        if event.queue == queue:
+            found.append(event)
+    return sorted(found, key=lambda e: e.seq)
+
+
+def queue_state(settings: Settings, queue: str) -> Queue:
+    state = Queue()
+    for event in queue_log(settings, queue):
+        state = evolve_queue(state, event)
+    return state
+
+
+def queue_when(
+    settings: Settings,
+    queue: str,
+    condition: Callable[[Queue], bool],
+    what: str,
+    timeout: float = 30,
+) -> Queue:
+    def probe() -> Queue | None:
+        state = queue_state(settings, queue)
+        return state if condition(state) else None
+
+    return wait_for(probe, timeout=timeout, what=what)
+
+
+def events_of(settings: Settings, conversation: str, kind: type[E]) -> list[E]:
+    return [e for e in conversation_log(settings, conversation) if isinstance(e, kind)]
+
+
+def conversation_log(settings: Settings, conversation: str) -> list[Event]:
+    topic = TopicNames(settings.topic_prefix).events
+    found = []
+    for record in asyncio.run(read_topic(settings, topic)):
+        event = CODEC.decode(record)
+        if isinstance(event, Event) and event.conversation_id == conversation:
+            found.append(event)
+    return sorted(found, key=lambda e: e.seq)
+
+
+def test_three_agents_ten_conversations_priority_then_age(pipeline: Settings) -> None:
+    queue = "hq:default"
+    for agent in ("ana", "bo", "cy"):
+        presence(pipeline, "hq", agent, "online", capacity=2)
+    wait_for(lambda: len(queue_state(pipeline, queue).agents) == 3, what="3 agents online")
+
+    first = [message(pipeline, "hq", f"early-{i}") for i in range(6)]
+    wait_for(lambda: len(queue_state(pipeline, queue).assigned) == 6, what="6 assigned")
+    # Four more: they wait, VIP first, then by age.
+    late = []
+    for customer in ("late-normal-1", "late-normal-2", "vip-customer", "late-normal-3"):
+        late.append(message(pipeline, "hq", customer))
+    state = queue_when(pipeline, queue, lambda s: len(s.waiting) == 4, "4 waiting")
+    assert {len(a.conversations) for a in state.agents.values()} == {2}
+    assert set(state.assigned) == set(first)
+    vip = conversation_id_for("hq", "api", "vip-customer")
+    assert [w.conversation_id for w in state.waiting] == [vip, late[0], late[1], late[3]]
+    # The customers were told their place in line.
+    queued = wait_for(
+        lambda: events_of(pipeline, late[3], ConversationQueued), what="position reported"
+    )
+    assert queued[-1].position >= 1
+
+    # An agent closes one: the head of the line is assigned to them at once.
+    closing = first[0]
+    agent = state.assigned[closing][0]
+    post(pipeline, "hq", f"/v1/conversations/{closing}/close", {"closed_by": agent})
+    state = queue_when(pipeline, queue, lambda s: vip in s.assigned, "VIP assigned")
+    assert state.assigned[vip][0] == agent
+    assert [w.conversation_id for w in state.waiting] == [late[0], late[1], late[3]]
+
+    # The customer rates the closed conversation.
+    wait_for(lambda: events_of(pipeline, closing, CsatRequested), what="rating requested")
+    post(pipeline, "hq", f"/v1/conversations/{closing}/rating", {"rating": 4})
+    rated = wait_for(lambda: events_of(pipeline, closing, CsatRated), what="rating")
+    assert rated[0].rating == 4 and rated[0].assignee == agent
+
+    # An agent goes offline: their conversations go back in line, ahead of the rest,
+    # and the others keep theirs.
+    leaving = "bo"
+    held = set(state.agents[leaving].conversations)
+    presence(pipeline, "hq", leaving, "offline")
+    state = queue_when(
+        pipeline, queue, lambda s: s.agents[leaving].presence == "offline", "bo offline"
+    )
+    assert not state.agents[leaving].conversations
+    assert [w.conversation_id for w in state.waiting][:2] == sorted(
+        held, key=lambda c: next(w.order for w in state.waiting if w.conversation_id == c)
+    )
+    assert all(len(a.conversations) <= a.capacity for a in state.agents.values())
+
+
+def test_handoff_when_the_customer_asks_for_a_human(pipeline: Settings) -> None:
+    who = f"cust-{uuid.uuid4().hex[:8]}"
+    conversation = message(pipeline, "demo", who, "I want to talk to a human agent")
+    handoff = wait_for(
+        lambda: events_of(pipeline, conversation, ConversationHandedOff), what="handoff"
+    )
+    assert handoff[0].from_assignee == "ai" and handoff[0].to_assignee == ""
+    state = queue_when(
+        pipeline, "demo:default", lambda s: s.position(conversation) > 0, "in the demo queue"
+    )
+    assert state.position(conversation) >= 1
+
+
+def test_idle_close_and_sla_breach(pipeline: Settings) -> None:
+    conversation = message(pipeline, "timers", f"idle-{uuid.uuid4().hex[:8]}")
+    breach = wait_for(lambda: events_of(pipeline, conversation, SlaBreached), what="SLA breach")
+    assert breach[0].kind == "first" and len(breach) == 1
+    closed = wait_for(
+        lambda: events_of(pipeline, conversation, ConversationClosed), what="idle close"
+    )
+    assert closed[0].reason == "idle" and closed[0].closed_by == "system"
+    assert len(events_of(pipeline, conversation, SlaBreached)) == 1
+
+
+def test_two_workers_never_over_assign(pipeline: Settings) -> None:
+    services = Services(pipeline, workers=2)
+    second = services.worker(1)
+    services.start([second])
+    try:
+        queue = "hq2:default"
+        for agent in ("a1", "a2", "a3"):
+            presence(pipeline, "hq2", agent, "online", capacity=2)
+        conversations = [message(pipeline, "hq2", f"two-{i}") for i in range(12)]
+        # Capacity churn while the line is long: one agent leaves and comes back.
+        presence(pipeline, "hq2", "a2", "offline")
+        presence(pipeline, "hq2", "a2", "online", capacity=1)
+        for closing in conversations[:3]:
+            post(pipeline, "hq2", f"/v1/conversations/{closing}/close", {"closed_by": "test"})
+        wait_for(
+            lambda: (
+                len(queue_state(pipeline, queue).assigned) == 5
+                and len(queue_state(pipeline, queue).waiting) == 4
+            ),
+            timeout=60,
+            what="5 assigned (capacity 2+1+2), 4 waiting",
+        )
+    finally:
+        services.stop([second])
+    # Replay the queue's history: no assignment ever went above capacity, and no
+    # conversation was held by two agents at once.
+    state = Queue()
+    for event in queue_log(pipeline, "hq2:default"):
+        if isinstance(event, AgentAssigned):
+            taker = state.agents[event.agent_id]
+            assert len(taker.conversations) < taker.capacity
+            assert event.conversation_id not in state.assigned
+        state = evolve_queue(state, event)
+    seqs = [e.seq for e in queue_log(pipeline, "hq2:default")]
+    assert seqs == list(range(1, len(seqs) + 1)), "one writer per queue: no gaps, no forks"
