@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from schemas.keys import outbox_channel
 from schemas.outcomes import DeliveryOutcome as Outcome
-from schemas.records import ReplyProduced
+from schemas.records import ConversationQueued, ReplyProduced
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,18 @@ class ChannelDeliverer:
                 return Outcome("delivered", 0, "no webhook: available via GET")
             return await self._post(target, payload, reply.event_id, reply.tenant_id)
         return Outcome("failed", 0, f"no delivery for channel {reply.channel!r}")
+
+    async def notify(self, event: ConversationQueued) -> None:
+        # Live sockets show it; other channels see it in GET /v1/conversations/{id}.
+        message = json.dumps(
+            {
+                "type": "queue",
+                "conversation_id": event.conversation_id,
+                "position": event.position,
+                "event_id": event.event_id,
+            }
+        )
+        await self._redis.publish(outbox_channel(event.tenant_id, event.conversation_id), message)
 
     async def _post(
         self, target: WebhookTarget, payload: dict[str, object], key: str, tenant_id: str

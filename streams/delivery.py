@@ -10,7 +10,7 @@ import uuid
 from typing import Any, Protocol
 
 from schemas.outcomes import DeliveryOutcome as Outcome
-from schemas.records import Event, RecordDelivery, ReplyProduced
+from schemas.records import ConversationQueued, Event, RecordDelivery, ReplyProduced
 from schemas.time import now_ms
 from streams.app import KefuApp
 from streams.inbox import position, records, send_dead_letter
@@ -22,6 +22,9 @@ _DELIVERY_NAMESPACE = uuid.UUID("a4d7c0f2-91b3-4e6a-b2d8-0c5f7e1a9b63")
 class Deliverer(Protocol):
     async def deliver(self, reply: ReplyProduced) -> Outcome: ...
 
+    async def notify(self, event: ConversationQueued) -> None:
+        """Tell a waiting customer their place in line (best effort, no receipt)."""
+
 
 def delivery_command_id(reply_event_id: str) -> str:
     return str(uuid.uuid5(_DELIVERY_NAMESPACE, reply_event_id))
@@ -30,6 +33,9 @@ def delivery_command_id(reply_event_id: str) -> str:
 def install(kefu: KefuApp, deliverer: Deliverer) -> Any:
     async def delivery(stream: Any) -> None:
         async for event, record in records(stream, Event, kefu.deadletter, "delivery"):
+            if isinstance(record, ConversationQueued):
+                await deliverer.notify(record)
+                continue
             if not isinstance(record, ReplyProduced):
                 continue
             try:

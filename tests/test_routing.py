@@ -5,9 +5,12 @@ two workers sharing the queues without over-assigning."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+import websockets
 
 from connectors.identity import conversation_id_for
 from kefu.services import Services
@@ -217,3 +220,20 @@ def test_two_workers_never_over_assign(pipeline: Settings) -> None:
         state = evolve_queue(state, event)
     seqs = [e.seq for e in queue_log(pipeline, "hq2:default")]
     assert seqs == list(range(1, len(seqs) + 1)), "one writer per queue: no gaps, no forks"
+
+
+def test_waiting_web_customer_is_told_their_place_in_line(pipeline: Settings) -> None:
+    async def chat() -> dict[str, Any]:
+        g = pipeline.gateway
+        who = f"web-{uuid.uuid4().hex[:8]}"
+        url = f"ws://{g.host}:{g.port}/v1/chat/ws?tenant=acme&customer={who}"
+        async with websockets.connect(url) as socket:
+            await socket.recv()  # history
+            await socket.send(json.dumps({"type": "message", "id": "q1", "text": "hello?"}))
+            while True:
+                frame: dict[str, Any] = json.loads(await asyncio.wait_for(socket.recv(), 30))
+                if frame["type"] == "queue":
+                    return frame
+
+    frame = asyncio.run(chat())
+    assert frame["position"] >= 1
