@@ -30,6 +30,7 @@ async def serve(settings: Settings) -> None:
             group_id=f"{settings.app_id}-clickhouse",
             batch_size=settings.clickhouse.batch_size,
             batch_seconds=settings.clickhouse.batch_seconds,
+            extra_topics=(names.queue_events,),
         ),
         store,
     )

@@ -9,6 +9,7 @@ the others (``projections.clickhouse_query``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from collections.abc import Sequence
@@ -20,8 +21,9 @@ from typing import Any
 import clickhouse_connect
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
+from projections.clickhouse_views import view_statements
 from schemas.codec import CODEC, DecodeError
-from schemas.records import Event, dead_letter
+from schemas.records import Event, Record, dead_letter
 from schemas.time import now_ms
 
 log = logging.getLogger(__name__)
@@ -38,21 +40,46 @@ COLUMNS = (
     "kafka_partition",
     "kafka_offset",
     "payload",
+    "avro_base64",
 )
 
 
 def schema_statements(database: str) -> list[str]:
     ddl = (resources.files("projections") / "sql" / "events.sql").read_text("utf-8")
-    return [f"CREATE DATABASE IF NOT EXISTS {database}", ddl.format(database=database)]
+    return [
+        f"CREATE DATABASE IF NOT EXISTS {database}",
+        ddl.format(database=database),
+        # Tables created before the archive column existed get it (empty for old rows).
+        f"ALTER TABLE {database}.events ADD COLUMN IF NOT EXISTS avro_base64 String "
+        "DEFAULT '' CODEC(ZSTD(3))",
+        *view_statements(database),
+    ]
 
 
-def row_for(event: Event, partition: int, offset: int) -> list[Any]:
+def stream_of(record: Record) -> str:
+    """The stream a record's seq counts in: its conversation, or for an event of a
+    queue (routing's queue events) ``queue:<queue>``, so the table key stays unique."""
+    conversation = getattr(record, "conversation_id", "")
+    if isinstance(record, Event) or not hasattr(record, "queue"):
+        return str(conversation)
+    return f"queue:{getattr(record, 'queue', '')}"
+
+
+def is_event(record: Record) -> bool:
+    """A conversation's event, or any other record with an event's envelope."""
+    return isinstance(record, Event) or all(
+        hasattr(record, name) for name in ("event_id", "tenant_id", "seq", "occurred_at")
+    )
+
+
+def row_for(event: Any, partition: int, offset: int, raw: bytes = b"") -> list[Any]:
+    """The row of one event; ``raw`` is its bytes on the log, kept for audits."""
     fields = event.to_avro()
     return [
         event.event_id,
         event.type,
         event.tenant_id,
-        event.conversation_id,
+        stream_of(event),
         event.seq,
         event.occurred_at,  # epoch ms into DateTime64(3)
         str(fields.get("channel") or ""),
@@ -60,7 +87,33 @@ def row_for(event: Event, partition: int, offset: int) -> list[Any]:
         partition,
         offset,
         json.dumps(fields, ensure_ascii=False, default=str),
+        base64.b64encode(raw).decode("ascii"),
     ]
+
+
+def delete_sql(
+    database: str,
+    tenant: str = "",
+    conversation: str = "",
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+) -> str:
+    """Drop the rows a replay with the same filter rewrites (``kefu replay --reset``)."""
+    from projections.clickhouse_views import quote
+
+    where = ["1"]
+    if tenant:
+        where.append(f"tenant_id = {quote(tenant)}")
+    if conversation:
+        where.append(f"conversation_id = {quote(conversation)}")
+    if since_ms is not None:
+        where.append(f"occurred_at >= fromUnixTimestamp64Milli(toInt64({int(since_ms)}), 'UTC')")
+    if until_ms is not None:
+        where.append(f"occurred_at < fromUnixTimestamp64Milli(toInt64({int(until_ms)}), 'UTC')")
+    return (
+        f"ALTER TABLE {database}.events DELETE WHERE {' AND '.join(where)} "
+        "SETTINGS mutations_sync = 2"
+    )
 
 
 class ClickHouseStore:
@@ -91,6 +144,9 @@ class ClickHouseStore:
 
         await self._run(insert)
 
+    async def command(self, sql: str) -> None:
+        await self._run(lambda: self._connect().command(sql))
+
     async def query(self, sql: str, readonly: bool = True) -> tuple[list[str], list[list[Any]]]:
         def query() -> tuple[list[str], list[list[Any]]]:
             settings = {"readonly": 1} if readonly else {}
@@ -112,6 +168,8 @@ class ProjectorConfig:
     group_id: str
     batch_size: int = 5000
     batch_seconds: float = 0.5
+    # More topics of events (routing's queue events): one consumer, same batches.
+    extra_topics: tuple[str, ...] = ()
 
 
 class ClickHouseProjector:
@@ -127,6 +185,7 @@ class ClickHouseProjector:
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(
             self._config.events_topic,
+            *self._config.extra_topics,
             bootstrap_servers=self._config.bootstrap,
             group_id=self._config.group_id,
             enable_auto_commit=False,
@@ -164,7 +223,7 @@ class ClickHouseProjector:
         for record in records:
             try:
                 event = CODEC.decode(record.value or b"")
-                if not isinstance(event, Event):
+                if not is_event(event):
                     raise DecodeError(f"expected an event, got {event.type}")
             except DecodeError as exc:
                 where = f"{record.topic}[{record.partition}]@{record.offset}"
@@ -183,7 +242,7 @@ class ClickHouseProjector:
                     self._config.deadletter_topic, key=record.key, value=CODEC.encode(letter)
                 )
                 continue
-            rows.append(row_for(event, record.partition, record.offset))
+            rows.append(row_for(event, record.partition, record.offset, record.value or b""))
         return rows
 
     async def _insert_until_done(self, rows: list[list[Any]]) -> None:

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from projections.clickhouse_events import ClickHouseStore
+from projections.clickhouse_events import COLUMNS, ClickHouseStore, delete_sql
 
 MAX_SQL = 100_000
 
@@ -57,7 +57,43 @@ def query_app(store: ClickHouseStore) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "database": store.database})
 
-    return Starlette(routes=[Route("/query", query, methods=["POST"]), Route("/healthz", health)])
+    async def insert(request: Request) -> JSONResponse:
+        """Replay's writes (rows made by ``row_for`` from the log) into the owner's chdb."""
+        try:
+            rows = (await request.json())["rows"]
+            if not all(isinstance(r, list) and len(r) == len(COLUMNS) for r in rows):
+                raise ValueError(f"each row is a list of {len(COLUMNS)} values")
+            await store.insert(rows)
+        except Exception as exc:
+            return JSONResponse({"error": str(exc).strip()[:2000]}, status_code=400)
+        return JSONResponse({"inserted": len(rows)})
+
+    async def delete(request: Request) -> JSONResponse:
+        """Replay's ``--reset``: drop the rows it is about to rewrite from the log."""
+        try:
+            body = await request.json()
+            await store.command(
+                delete_sql(
+                    store.database,
+                    str(body.get("tenant") or ""),
+                    str(body.get("conversation") or ""),
+                    body.get("since_ms"),
+                    body.get("until_ms"),
+                )
+            )
+        except Exception as exc:
+            return JSONResponse({"error": str(exc).strip()[:2000]}, status_code=400)
+        return JSONResponse({"deleted": True})
+
+    return Starlette(
+        routes=[
+            Route("/query", query, methods=["POST"]),
+            # Loopback only, like /query; they write only what the log already holds.
+            Route("/events", insert, methods=["POST"]),
+            Route("/events/delete", delete, methods=["POST"]),
+            Route("/healthz", health),
+        ]
+    )
 
 
 class QueryError(RuntimeError):

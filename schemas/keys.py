@@ -49,6 +49,11 @@ def queue_key(tenant_id: str, queue: str) -> str:
     return f"{queue_prefix(tenant_id)}{queue}"
 
 
+def queue_seq_key(tenant_id: str, queue: str) -> str:
+    """Hash: the last seq of a queue's own events applied (routing's queue stream)."""
+    return f"kefu:{tenant_id}:queueseq:{queue}"
+
+
 def assignee_prefix(tenant_id: str) -> str:
     return f"kefu:{tenant_id}:assignee:"
 

@@ -43,6 +43,7 @@ class KefuApp:
     routing_in: Any  # routing commands, keyed by queue
     routing_out: Any
     queue_events_out: Any
+    queue_events_in: Any
     queues: Any  # faust.Table: queue -> state JSON
 
 
@@ -81,6 +82,7 @@ def build_app(config: StreamsConfig) -> KefuApp:
         routing_in=_raw_topic(app, names.routing),
         routing_out=app.topic(names.routing, value_serializer=faust_codec.CODEC_NAME),
         queue_events_out=app.topic(names.queue_events, value_serializer=faust_codec.CODEC_NAME),
+        queue_events_in=_raw_topic(app, names.queue_events),
         queues=app.Table("queues", default=None, partitions=config.partitions),
     )
 

@@ -13,37 +13,49 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from schemas.codec import DecodeError
-from schemas.records import Event
+from schemas.records import Event, QueueEvent
 from streams.app import KefuApp
 from streams.inbox import decode, send_dead_letter
 
 log = logging.getLogger(__name__)
 
 
+Projected = Event | QueueEvent  # conversations' and queues' histories
+
+
 class EventSink(Protocol):
     name: str
 
-    async def apply(self, events: Sequence[Event]) -> None: ...
+    async def apply(self, events: Sequence[Projected]) -> None: ...
 
 
-def install(kefu: KefuApp, sink: EventSink, batch: int = 500, within: float = 0.05) -> Any:
-    consumer = f"projection.{sink.name}"
+def install(
+    kefu: KefuApp,
+    sink: EventSink,
+    batch: int = 500,
+    within: float = 0.05,
+    queues: bool = False,
+) -> Any:
+    """Project ``kefu.events``, or with ``queues`` the routing queues' history."""
+    consumer = f"projection.{sink.name}" + (".queues" if queues else "")
+    expected: type[Event] | type[QueueEvent] = QueueEvent if queues else Event
+    topic = kefu.queue_events_in if queues else kefu.events_in
 
     async def projection(stream: Any) -> None:
         async for batch_events in stream.take_events(batch, within=within):
-            decoded: list[Event] = []
+            decoded: list[Projected] = []
             for event in batch_events:
                 try:
-                    decoded.append(decode(event.value, Event))
+                    decoded.append(decode(event.value, expected))
                 except DecodeError as exc:
                     await send_dead_letter(kefu.deadletter, event.message, exc.reason, consumer)
             if decoded:
                 await _apply_until_done(sink, decoded)
 
-    return kefu.app.agent(kefu.events_in, name=f"kefu.{consumer}")(projection)
+    return kefu.app.agent(topic, name=f"kefu.{consumer}")(projection)
 
 
-async def _apply_until_done(sink: EventSink, events: Sequence[Event]) -> None:
+async def _apply_until_done(sink: EventSink, events: Sequence[Projected]) -> None:
     """A read model that is down (Redis restarting) is waited for, not skipped: the
     partition holds still and catches up when the store is back."""
     delay = 0.1

@@ -1,0 +1,294 @@
+"""Rebuild read models from the log.
+
+A group-less consumer reads ``kefu.events`` from the beginning of every partition up
+to the end offsets seen at the start (so a replay finishes while traffic goes on),
+keeps the events that pass the filter, and applies them with the projections' own
+code: ``RedisConversations.apply`` and ``row_for`` + an insert. Both are idempotent,
+so replaying over a live model changes nothing; ``reset`` first drops what the filter
+covers, so the model is rebuilt from the log alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import clickhouse_connect
+import httpx
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from projections.clickhouse_events import delete_sql, row_for
+from projections.redis_state import RedisConversations
+from schemas.codec import CODEC, DecodeError
+from schemas.keys import tenant_prefix
+from schemas.records import Event, QueueEvent
+from schemas.topics import TopicNames
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]  # called with how many records were read since last
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayFilter:
+    tenant: str = ""
+    conversation: str = ""
+    since_ms: int | None = None  # occurred_at >= since
+    until_ms: int | None = None  # occurred_at < until
+
+    def matches(self, event: Event | QueueEvent) -> bool:
+        if self.tenant and event.tenant_id != self.tenant:
+            return False
+        if self.conversation and getattr(event, "conversation_id", None) != self.conversation:
+            return False  # a queue's own history is not one conversation's
+        if self.since_ms is not None and event.occurred_at < self.since_ms:
+            return False
+        return self.until_ms is None or event.occurred_at < self.until_ms
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    event: Event | QueueEvent
+    raw: bytes
+    partition: int
+    offset: int
+
+
+@dataclass(slots=True)
+class ReplayStats:
+    read: int = 0
+    matched: int = 0
+    applied: int = 0
+    undecodable: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.read / self.seconds if self.seconds else 0.0
+
+
+class LogReader:
+    """Reads topics (the conversations' and the queues' histories) from the beginning
+    with no consumer group (commits nothing)."""
+
+    def __init__(
+        self, bootstrap: str, topics: str | Sequence[str], fetch_max_bytes: int = 64 << 20
+    ) -> None:
+        self._bootstrap = bootstrap
+        self._topics = [topics] if isinstance(topics, str) else list(topics)
+        self._fetch_max_bytes = fetch_max_bytes
+        self.total = 0  # records in range, known once ``batches`` starts
+
+    async def batches(
+        self, flt: ReplayFilter, stats: ReplayStats, progress: Progress | None = None
+    ) -> AsyncIterator[list[LogRecord]]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_bytes=self._fetch_max_bytes,
+            max_partition_fetch_bytes=16 << 20,
+        )
+        await consumer.start()
+        try:
+            partitions = [tp for topic in self._topics for tp in await _partitions(consumer, topic)]
+            consumer.assign(partitions)
+            starts = await consumer.beginning_offsets(partitions)
+            ends = await consumer.end_offsets(partitions)
+            remaining = {tp for tp in partitions if ends[tp] > starts[tp]}
+            self.total = sum(ends[tp] - starts[tp] for tp in partitions)
+            for tp in partitions:
+                consumer.seek(tp, starts[tp])
+            key = flt.conversation.encode() if flt.conversation else None
+            while remaining:
+                fetched = await consumer.getmany(*remaining, timeout_ms=1000, max_records=20_000)
+                out: list[LogRecord] = []
+                for tp, records in fetched.items():
+                    kept = [r for r in records if r.offset < ends[tp]]
+                    stats.read += len(kept)
+                    if progress:
+                        progress(len(kept))
+                    for record in kept:
+                        # The key is the conversation id: skip others before decoding.
+                        if key is not None and record.key != key:
+                            continue
+                        decoded = _decode(record, stats)
+                        if decoded is not None and flt.matches(decoded.event):
+                            out.append(decoded)
+                # Positions, not last offsets: control records leave gaps at the end.
+                for tp in list(remaining):
+                    if await consumer.position(tp) >= ends[tp]:
+                        remaining.discard(tp)
+                        consumer.pause(tp)
+                stats.matched += len(out)
+                if out:
+                    yield out
+        finally:
+            await consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    found = consumer.partitions_for_topic(topic)
+    if not found:
+        # A group-less consumer has no subscription, so the client's metadata lacks the
+        # topic; the full metadata names every partition.
+        cluster = await consumer._client.fetch_all_metadata()
+        found = cluster.partitions_for_topic(topic)
+    if not found:
+        raise RuntimeError(f"no topic {topic!r}")
+    return [TopicPartition(topic, p) for p in sorted(found)]
+
+
+def _decode(record: ConsumerRecord[bytes, bytes], stats: ReplayStats) -> LogRecord | None:
+    raw = record.value or b""
+    try:
+        event = CODEC.decode(raw)
+    except DecodeError as exc:
+        # The live projections dead-lettered it already; a replay only counts it.
+        stats.undecodable += 1
+        log.warning(
+            "replay skips %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc
+        )
+        return None
+    if not isinstance(event, Event | QueueEvent):
+        stats.undecodable += 1
+        return None
+    return LogRecord(event, raw, record.partition, record.offset)
+
+
+class Target(Protocol):
+    name: str
+
+    async def reset(self, flt: ReplayFilter) -> None: ...
+
+    async def apply(self, records: Sequence[LogRecord]) -> None: ...
+
+
+class RedisTarget:
+    name = "redis"
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+        self._model = RedisConversations(client)
+
+    async def reset(self, flt: ReplayFilter) -> None:
+        if flt.since_ms is not None or flt.until_ms is not None:
+            raise ValueError("reset rebuilds whole conversations: drop --from/--to with it")
+        if flt.conversation:
+            from schemas.keys import conversation_key, messages_key
+
+            tenants = [flt.tenant] if flt.tenant else await self._tenants_of(flt.conversation)
+            for tenant in tenants:
+                await self._redis.delete(
+                    conversation_key(tenant, flt.conversation),
+                    messages_key(tenant, flt.conversation),
+                )
+                # Its entries in the tenant's indexes are rewritten with the same scores.
+            return
+        pattern = f"{tenant_prefix(flt.tenant)}*" if flt.tenant else "kefu:*"
+        batch: list[bytes] = []
+        async for key in self._redis.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await self._redis.unlink(*batch)
+                batch.clear()
+        if batch:
+            await self._redis.unlink(*batch)
+
+    async def _tenants_of(self, conversation: str) -> list[str]:
+        found = []
+        async for key in self._redis.scan_iter(match=f"kefu:*:conv:{conversation}", count=1000):
+            found.append(key.decode().split(":")[1])
+        return found
+
+    async def apply(self, records: Sequence[LogRecord]) -> None:
+        await self._model.apply([r.event for r in records])
+
+
+class ClickHouseTarget:
+    """Writes through the chdb owner's loopback endpoint (embedded) or straight to a
+    server: only one process may open a chdb data directory."""
+
+    name = "clickhouse"
+
+    def __init__(self, url: str, database: str, query_port: int, batch: int = 20_000) -> None:
+        self._embedded = url.startswith("chdb://")
+        self._base = f"http://127.0.0.1:{query_port}"
+        self._url = url
+        self._database = database
+        self._batch = batch
+        self._client: Any = None
+        self._http = httpx.AsyncClient(base_url=self._base, timeout=120)
+
+    def _server(self) -> Any:
+        if self._client is None:
+            self._client = clickhouse_connect.get_client(dsn=self._url)
+        return self._client
+
+    async def reset(self, flt: ReplayFilter) -> None:
+        if self._embedded:
+            body = {
+                "tenant": flt.tenant,
+                "conversation": flt.conversation,
+                "since_ms": flt.since_ms,
+                "until_ms": flt.until_ms,
+            }
+            response = await self._http.post("/events/delete", json=body)
+            _check(response)
+        else:
+            self._server().command(
+                delete_sql(self._database, flt.tenant, flt.conversation, flt.since_ms, flt.until_ms)
+            )
+
+    async def apply(self, records: Sequence[LogRecord]) -> None:
+        rows = [row_for(r.event, r.partition, r.offset, r.raw) for r in records]
+        for start in range(0, len(rows), self._batch):
+            chunk = rows[start : start + self._batch]
+            if self._embedded:
+                _check(await self._http.post("/events", json={"rows": chunk}))
+            else:
+                from projections.clickhouse_events import COLUMNS
+
+                self._server().insert(f"{self._database}.events", chunk, column_names=COLUMNS)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+        if self._client is not None:
+            self._client.close()
+
+
+def _check(response: httpx.Response) -> None:
+    if response.status_code != 200:
+        raise RuntimeError(f"clickhouse owner: {response.status_code} {response.text[:500]}")
+
+
+async def replay(
+    reader: LogReader,
+    targets: Sequence[Target],
+    flt: ReplayFilter,
+    reset: bool = False,
+    progress: Progress | None = None,
+) -> ReplayStats:
+    """Apply the log's events that pass ``flt`` to every target, in log order per
+    partition (so per conversation)."""
+    stats = ReplayStats()
+    started = time.perf_counter()
+    if reset:
+        for target in targets:
+            await target.reset(flt)
+    async for batch in reader.batches(flt, stats, progress):
+        for target in targets:
+            await target.apply(batch)
+        stats.applied += len(batch)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def replay_topics(names: TopicNames) -> list[str]:
+    """Every history the read models are built from."""
+    return [names.events, names.queue_events]

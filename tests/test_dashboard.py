@@ -1,0 +1,119 @@
+"""The gateway's /dashboard in headless Chromium (Debian's, through Playwright; no
+browser download): it loads, draws non-empty charts after traffic, logs no console
+error. Its data endpoints are tenant-scoped by API key. Keeps docs/dashboard.png."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kefu.settings import Settings
+from projections.clickhouse_query import AnalyticsClient
+from tests.conftest import wait_for
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOT = Path(__file__).parent.parent / "docs" / "dashboard.png"
+
+
+def base(settings: Settings) -> str:
+    return f"http://{settings.gateway.host}:{settings.gateway.port}"
+
+
+def key(settings: Settings, tenant: str) -> str:
+    return settings.tenants[tenant].api_key.get_secret_value()
+
+
+def traffic(settings: Settings) -> None:
+    """A few demo conversations through the REST API, one with a moderated word; wait
+    until ClickHouse has their replies."""
+    marker = uuid.uuid4().hex[:8]
+    texts = ["Where is my order?", "How do I get a refund?", "you stupid bot, where is it?"]
+    with httpx.Client(base_url=base(settings), timeout=10) as http:
+        for n, text in enumerate(texts):
+            response = http.post(
+                "/v1/messages",
+                json={"customer_id": f"dash-{marker}-{n}", "text": text},
+                headers={"Authorization": f"Bearer {key(settings, 'demo')}"},
+            )
+            assert response.status_code == 202, response.text
+    client = AnalyticsClient(settings.clickhouse_url, settings.clickhouse.query_port)
+    sql = (
+        "SELECT count() FROM kefu.events FINAL WHERE tenant_id = 'demo' "
+        f"AND type = 'ReplyProduced' AND JSONExtractString(payload, 'customer_id') LIKE "
+        f"'dash-{marker}-%'"
+    )
+    wait_for(lambda: client.query(sql).rows[0][0] == len(texts), timeout=60, what="replies")
+
+
+def test_data_endpoints_are_tenant_scoped(pipeline: Settings) -> None:
+    with httpx.Client(base_url=base(pipeline), timeout=30) as http:
+        assert http.get("/v1/dashboard/reports").status_code == 401
+        bad = {"Authorization": "Bearer nope"}
+        assert http.get("/v1/dashboard/reports/csat", headers=bad).status_code == 401
+        acme = {"Authorization": f"Bearer {key(pipeline, 'acme')}"}
+        catalogue = http.get("/v1/dashboard/reports", headers=acme).json()
+        assert catalogue["tenant"] == "acme"
+        assert {r["name"] for r in catalogue["reports"]} >= {"volume-minute", "csat"}
+        assert http.get("/v1/dashboard/reports/nope", headers=acme).status_code == 404
+        window = http.get("/v1/dashboard/reports/csat?since=10&until=5", headers=acme)
+        assert window.status_code == 400
+        csat = http.get("/v1/dashboard/reports/csat", headers=acme)
+        assert csat.status_code == 200 and set(csat.json()) >= {"columns", "rows"}
+
+
+def test_dashboard_in_headless_chromium(pipeline: Settings) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no chromium (scripts/ensure-system.sh installs it)")
+    traffic(pipeline)
+
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1400})
+
+            def on_console(message: Any) -> None:
+                if message.type == "error":
+                    errors.append(message.text)
+
+            page.on("console", on_console)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            response = page.goto(f"{base(pipeline)}/dashboard")
+            assert response is not None and response.ok
+            assert page.title() == "kefu analytics"
+            page.fill("#key", key(pipeline, "demo"))
+            page.click("#load")
+            page.wait_for_selector("body[data-loaded=true]", timeout=60_000)
+
+            charts = page.eval_on_selector_all(
+                "section[data-report]",
+                "els => els.map(e => [e.dataset.report, Number(e.dataset.rows),"
+                " e.querySelectorAll('.mark').length])",
+            )
+            by_name = {name: (rows, marks) for name, rows, marks in charts}
+            assert len(by_name) == 9
+            for name in ("volume-minute", "first-response", "moderation"):
+                rows, marks = by_name[name]
+                assert rows > 0 and marks > 0, (name, rows, marks)
+            status = page.text_content("#status") or ""
+            assert status.startswith("tenant demo:"), status
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
