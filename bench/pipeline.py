@@ -979,9 +979,20 @@ def record(result: BenchResult, path: Path = RESULTS) -> None:
         f"{result.others_share * 100:.0f}",
     ]
     text = path.read_text("utf-8") if path.exists() else _RESULTS_HEADER
-    if not text.endswith("\n"):
-        text += "\n"
-    path.write_text(text + "| " + " | ".join(row) + " |\n", "utf-8")
+    path.write_text(insert_row(text, "| " + " | ".join(row) + " |"), "utf-8")
+
+
+def insert_row(text: str, line: str) -> str:
+    """Add ``line`` at the end of the pipeline table (the first table of the file):
+    other benchmarks keep their own sections after it."""
+    lines = text.splitlines()
+    header = next((i for i, row in enumerate(lines) if row.startswith("| date |")), None)
+    if header is None:
+        return text.rstrip("\n") + "\n" + line + "\n"
+    end = header + 1
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "\n".join([*lines[:end], line, *lines[end:]]) + "\n"
 
 
 # ------------------------------------------------------------------------ main

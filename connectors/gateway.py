@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from connectors import rest_api, routing_api, webchat
+from connectors import dashboard, rest_api, routing_api, webchat
 from connectors.publisher import CommandPublisher
 
 
@@ -27,6 +27,8 @@ class GatewayConfig:
     redis_url: str
     api_keys: Mapping[str, str]  # tenant -> API key
     ai_tenants: frozenset[str] = frozenset()
+    # The analytics reports behind /dashboard (kefu injects them; None: 503).
+    dashboard: dashboard.DashboardData | None = None
     routing_topic: str = "kefu.routing"
 
 
@@ -74,6 +76,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
     app.include_router(rest_api.router)
     app.include_router(routing_api.router)
     app.include_router(webchat.router)
+    app.include_router(dashboard.router)
+    app.state.dashboard = config.dashboard
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> JSONResponse:

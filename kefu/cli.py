@@ -136,6 +136,7 @@ def gateway(instance: str, state: str) -> None:
         routing_topic=TopicNames(settings.topic_prefix).routing,
         redis_url=settings.redis.dsn,
         api_keys={t: s.api_key.get_secret_value() for t, s in settings.tenants.items()},
+        dashboard=report_runner(settings),
     )
     g = settings.gateway
     uvicorn.run(create_app(config), host=g.host, port=g.port, log_level="warning")
@@ -223,6 +224,17 @@ def demo(keep_running: bool, workers: int) -> None:
 
 
 # Areas register their commands here, one line each (kefu/cli_<area>.py).
+from kefu.cli_ai import ai  # noqa: E402
+
+main.add_command(ai)
+from kefu.cli_analytics import audit, replay_command, report, report_runner  # noqa: E402
+
+analytics.add_command(report)
+main.add_command(replay_command)
+main.add_command(audit)
+from kefu.cli_moderation import moderation  # noqa: E402
+
+main.add_command(moderation)
 
 
 if __name__ == "__main__":

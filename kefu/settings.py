@@ -81,6 +81,21 @@ class RoutingSettings(_Frozen):
     max_ai_failures: int = 3
 
 
+class ModerationSettings(_Frozen):
+    # The shipped default lists (streams/moderation_data/default.json) for every tenant
+    # until the control topic replaces a category; off = only what the topic carries.
+    default_lists: bool = True
+    personal_data: bool = True  # phone, ID card, e-mail and bank card detectors
+    # Per sender (conversation): the same text this many times in the window, or this
+    # many links in the window, is spam (category "spam", its action; default flag).
+    spam_repeats: int = 3
+    spam_repeat_window_s: float = 600.0
+    spam_links: int = 3
+    spam_link_window_s: float = 60.0
+    # A worker reads the whole control topic before it moderates its first message.
+    load_timeout_s: float = 60.0
+
+
 class DevSettings(_Frozen):
     # The local webhook receiver (``kefu webhook-sink``) used by the demo and tests.
     webhook_sink_port: int = 18090
@@ -102,6 +117,64 @@ class TenantSettings(_Frozen):
     sla_next_response_seconds: dict[str, float] = Field(
         default_factory=lambda: {"urgent": 60.0, "vip": 120.0, "normal": 300.0, "low": 900.0}
     )
+
+
+class AIModelSettings(_Frozen):
+    """One model behind an OpenAI-compatible endpoint."""
+
+    base_url: str
+    model: str = ""  # the id sent to the endpoint; default: the key in ``ai.models``
+    api_key: SecretStr = SecretStr("")
+    languages: list[str] = Field(default_factory=list)  # e.g. ["zh"]; empty = any
+    cost_in_per_1k: float = 0.0  # price per 1000 prompt tokens
+    cost_out_per_1k: float = 0.0  # price per 1000 completion tokens
+    max_input_tokens: int = 8000
+    max_output_tokens: int = 1024
+    timeout: float = 30.0  # a whole call
+    first_token_timeout: float = 5.0
+
+
+class AIRuleSettings(_Frozen):
+    """Messages matching every non-empty condition go to ``model`` first."""
+
+    model: str
+    tenant: str = ""
+    language: str = ""
+    intent: str = ""
+    pattern: str = ""  # regular expression
+
+
+class AITenantSettings(_Frozen):
+    temperature: float = 0.4
+    max_tokens: int = 512
+    system_prompt: str = ""
+    rate_per_second: float | None = None  # LLM calls; None = ``ai.rate_per_second``
+    rate_burst: float | None = None
+
+
+class AISettings(_Frozen):
+    # Model label -> model. No models = the offline FAQ responder answers (the default).
+    # Dicts, not lists, so the settings survive the KEFU_* hand-over to child processes.
+    models: dict[str, AIModelSettings] = Field(default_factory=dict)
+    rules: dict[str, AIRuleSettings] = Field(default_factory=dict)  # tried in order
+    # ``<knowledge_dir>/<tenant>/`` holds intents.json, faq.json, *.md, *.txt.
+    knowledge_dir: Path | None = None
+    intent_threshold: float = 0.92
+    clarify_floor: float = 0.25
+    temperature: float = 0.4
+    max_tokens: int = 512
+    tenants: dict[str, AITenantSettings] = Field(default_factory=dict)
+    cache_enabled: bool = True
+    cache_ttl_seconds: float = 3600.0
+    cache_similarity: float = 0.75
+    rate_per_second: float = 5.0  # LLM calls per tenant, token bucket
+    rate_burst: float = 20.0
+    retries: int = 1
+    backoff_seconds: float = 0.1
+    first_token_budget_seconds: float = 1.5  # then the fallback answers
+    breaker_failures: int = 3
+    breaker_reset_seconds: float = 10.0
+    stream_channels: list[str] = Field(default_factory=lambda: ["web"])
 
 
 def _default_tenants() -> dict[str, TenantSettings]:
@@ -127,7 +200,9 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     dev: DevSettings = DevSettings()
     routing: RoutingSettings = RoutingSettings()
+    moderation: ModerationSettings = ModerationSettings()
     tenants: dict[str, TenantSettings] = Field(default_factory=_default_tenants)
+    ai: AISettings = AISettings()
     log_level: str = "INFO"
 
     @property

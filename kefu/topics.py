@@ -27,6 +27,9 @@ def wanted(settings: Settings) -> list[NewTopic]:
         NewTopic(names.deadletter, 1, 1, topic_configs=KEEP_FOREVER),
         NewTopic(names.routing, partitions, 1, topic_configs={"retention.ms": str(7 * 86400_000)}),
         NewTopic(names.queue_events, partitions, 1, topic_configs=KEEP_FOREVER),
+        # The latest list per tenant/category survives compaction; one partition keeps
+        # every change in order. Every worker reads it whole (streams.wordlists).
+        NewTopic(names.control, 1, 1, topic_configs={"cleanup.policy": "compact"}),
     ]
 
 

@@ -12,6 +12,7 @@ import faust
 import redis.asyncio as aioredis
 
 from connectors.delivery import ChannelDeliverer, WebhookTarget
+from kefu.ai import build_responder
 from kefu.settings import Settings
 from projections.redis_state import RedisConversations
 from schemas.topics import TopicNames
@@ -22,12 +23,12 @@ from streams import (
     responder,
     routing_feed,
     timers,
+    wordlists,
 )
 from streams import router as queue_router
 from streams.app import KefuApp, StreamsConfig, build_app
 from streams.lifecycle import Policy
-from streams.moderation import Moderator
-from streams.responders import OfflineResponder
+from streams.moderation import Moderator, SpamLimits, WordList
 from streams.routing import TenantRouting, router
 
 
@@ -60,8 +61,11 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
         for tenant_id, t in tenants.items()
         if t.webhook_url
     }
+    moderator = _moderator(settings)
+    # Every worker follows the whole control topic (not a group agent): lists live.
+    wordlists.install(kefu, moderator, load_timeout=settings.moderation.load_timeout_s)
     policy = Policy(
-        Moderator(),
+        moderator,
         router(tenant_routing),
         max_ai_failures=settings.routing.max_ai_failures,
         csat=settings.routing.csat,
@@ -70,11 +74,27 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     queue_router.install(kefu, sticky=settings.routing.sticky)
     routing_feed.install(kefu)
     timers.install(kefu, _deadlines(settings), settings.routing.timer_seconds)
-    responder.install(kefu, OfflineResponder())
+    responder.install(kefu, build_responder(settings, redis, policy.moderator))
     delivery.install(kefu, ChannelDeliverer(redis, webhooks))
-    projection.install(kefu, RedisConversations(redis))
+    read_model = RedisConversations(redis)
+    projection.install(kefu, read_model)
+    projection.install(kefu, read_model, queues=True)
     _install_health(kefu)
     return kefu
+
+
+def _moderator(settings: Settings) -> Moderator:
+    m = settings.moderation
+    return Moderator(
+        WordList.default() if m.default_lists else WordList({}, {}, 0),
+        personal_data=m.personal_data,
+        spam=SpamLimits(
+            repeats=m.spam_repeats,
+            repeat_window_ms=int(m.spam_repeat_window_s * 1000),
+            links=m.spam_links,
+            link_window_ms=int(m.spam_link_window_s * 1000),
+        ),
+    )
 
 
 def _deadlines(settings: Settings) -> Callable[[str, str], timers.Deadlines]:

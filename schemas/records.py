@@ -211,6 +211,20 @@ class DeadLetter(Record):
     key: bytes | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WordListChanged(Record):
+    """A moderation category's whole list for a tenant ('*': all), on the compacted
+    control topic keyed ``<tenant_id>/<category>``."""
+
+    tenant_id: str
+    category: str
+    action: str
+    words: list[str]
+    version: int
+    changed_at: int
+    changed_by: str = ""
+
+
 # --- routing: conversation commands and events -----------------------------------
 
 
@@ -411,6 +425,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         *ROUTING_COMMAND_TYPES,
         *QUEUE_EVENT_TYPES,
         DeadLetter,
+        WordListChanged,
     )
 }
 

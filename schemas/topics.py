@@ -31,3 +31,9 @@ class TopicNames:
     def queue_events(self) -> str:
         """The queues' own history (presence, line, assignments), keyed by queue."""
         return f"{self.prefix}.queue-events"
+
+    @property
+    def control(self) -> str:
+        """Moderation word lists, compacted, keyed tenant/category: every worker reads
+        all of it, from the beginning (see streams.wordlists)."""
+        return f"{self.prefix}.control.wordlists"

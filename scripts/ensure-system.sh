@@ -8,6 +8,8 @@ command -v java >/dev/null 2>&1 || missing="$missing default-jre-headless"
 command -v mvn >/dev/null 2>&1 || missing="$missing maven"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
+# Headless browser for the dashboard test (Playwright drives it; no browser download).
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
 
 [ -z "$missing" ] && exit 0

@@ -40,7 +40,7 @@ from schemas.records import (
     SlaBreached,
     event_id_for,
 )
-from streams.moderation import Moderator, Verdict
+from streams.moderation import Moderates, SenderEntry, Verdict, remember, sender_entry
 from streams.routing import Route
 
 # How many recent command ids a conversation remembers to drop redeliveries. A
@@ -73,6 +73,9 @@ class Conversation:
     breached_since: int = 0  # the unanswered_since an SLA breach was flagged for
     rating: int = 0
     last_agent: str = ""  # the human who last had it, for CSAT attribution
+    # The customer's last inbound messages (time, fingerprint, links) for moderation's
+    # spam signals: a conversation is one customer on one channel, so this is per sender.
+    recent: tuple[SenderEntry, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,6 +86,7 @@ class Conversation:
         data["awaiting_reply"] = tuple(data.get("awaiting_reply", ()))
         data["applied"] = tuple(data.get("applied", ()))
         data["undelivered"] = tuple(data.get("undelivered", ()))
+        data["recent"] = tuple(tuple(entry) for entry in data.get("recent", ()))
         return cls(**data)
 
 
@@ -114,6 +118,7 @@ def evolve(state: Conversation, event: Event) -> Conversation:
                 unanswered_since=state.unanswered_since or event.occurred_at,
                 ai_failures=0 if reopened else state.ai_failures,
                 rating=0 if reopened else state.rating,
+                recent=remember(state.recent, sender_entry(event.text, event.occurred_at)),
             )
         case ConversationRouted():
             return dataclasses.replace(
@@ -180,7 +185,7 @@ def _remember(applied: tuple[str, ...], command_id: str) -> tuple[str, ...]:
 class Policy:
     """What the conversation agent consults: moderation and routing, both pure."""
 
-    moderator: Moderator
+    moderator: Moderates
     route: Callable[[str, str, str], Route]  # (tenant, channel, customer) -> Route
     # Hand off to a human after this many consecutive AI turns without an answer.
     max_ai_failures: int = 3
@@ -327,7 +332,12 @@ class _Draft:
 def _moderated(
     draft: _Draft, message_event_id: str, direction: str, text: str, policy: Policy
 ) -> Verdict:
-    verdict = policy.moderator.check(text, draft.command.tenant_id)
+    if direction == "in":  # the customer's own recent messages feed the spam signals
+        verdict = policy.moderator.check(
+            text, draft.command.tenant_id, recent=draft.state.recent, now=draft.command.issued_at
+        )
+    else:
+        verdict = policy.moderator.check(text, draft.command.tenant_id)
     draft.add(
         MessageModerated,
         message_event_id=message_event_id,

@@ -1,13 +1,16 @@
 """The responder agent: answers reply requests off the hot path.
 
 It runs concurrently (several requests in flight per worker) so a slow responder never
-holds a conversation partition; the answer goes back as a ``RecordReply`` command whose
-id derives from the request, so a redelivered request cannot produce a second reply.
+holds a conversation partition (the AI responder also bounds every model call: see
+``streams.llm`` and ``streams.breaker``); the answer goes back as a ``RecordReply``
+command whose id derives from the request, so a redelivered request cannot produce a
+second reply. ``latency_ms`` on the reply is the time the responder took.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -30,6 +33,7 @@ def install(kefu: KefuApp, responder: Responder) -> Any:
         async for event, record in records(stream, Event, kefu.deadletter, "responder"):
             if not isinstance(record, ReplyRequested):
                 continue
+            started = time.perf_counter()
             try:
                 answer = await responder.answer(record)
             except Exception as exc:
@@ -50,6 +54,12 @@ def install(kefu: KefuApp, responder: Responder) -> Any:
                     confidence=answer.confidence,
                     intent=answer.intent,
                     action=answer.action,
+                    model=answer.model,
+                    cache_hit=answer.cache_hit,
+                    prompt_tokens=answer.prompt_tokens,
+                    completion_tokens=answer.completion_tokens,
+                    cost=answer.cost,
+                    latency_ms=round((time.perf_counter() - started) * 1000),
                 ),
             )
 

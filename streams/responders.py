@@ -1,6 +1,6 @@
 """Responders turn a reply request into a reply. The offline FAQ responder needs no
-API key and answers from a packaged knowledge base; the LLM responder (the AI issue)
-implements the same ``Responder`` protocol."""
+API key and answers from a packaged knowledge base; it stays the default when no model
+is configured. The AI responder (``streams.llm``) implements the same protocol."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ class Answer:
     confidence: float
     intent: str | None
     action: str = "answer"  # answer | clarify | handoff (routing acts on it)
+    model: str = ""  # the model that wrote the text, if any
+    cache_hit: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
 
 
 class Responder(Protocol):

@@ -25,6 +25,7 @@ from kefu.settings import (
     TenantSettings,
     WorkerSettings,
 )
+from tests.fake_openai import FakeOpenAI
 
 T = TypeVar("T")
 
@@ -94,3 +95,13 @@ def wait_for(probe: Callable[[], T | None], timeout: float = 30.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def fake_openai() -> Iterator[FakeOpenAI]:
+    """A local OpenAI-compatible server (``tests.fake_openai``); call ``reset()`` first."""
+    fake = FakeOpenAI().start()
+    try:
+        yield fake
+    finally:
+        fake.stop()

@@ -108,7 +108,7 @@ def test_three_agents_of_capacity_two_and_ten_conversations() -> None:
 
 
 def test_least_loaded_then_round_robin() -> None:
-    state, log = run(
+    _state, log = run(
         [presence("a"), presence("b"), request("c1", 1), request("c2", 2), request("c3", 3)]
     )
     order = [e.agent_id for e in log if isinstance(e, AgentAssigned)]
