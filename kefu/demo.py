@@ -151,6 +151,91 @@ async def _drive(settings: Settings, run: str) -> list[Outcome]:
         return list(await asyncio.gather(*jobs))
 
 
+async def _human_handoff(settings: Settings, run: str) -> list[str]:
+    """A customer asks for a person: the AI hands off, the router assigns the online
+    agent, the agent answers and closes, the customer rates. Returns what happened."""
+    g = settings.gateway
+    agent, customer = f"ana-{run}", f"grace-{run}"
+    conversation = conversation_id_for(TENANT, "api", customer)
+    headers = {"X-Api-Key": settings.tenants[TENANT].api_key.get_secret_value()}
+    sink = f"http://127.0.0.1:{settings.dev.webhook_sink_port}/received"
+    redis = aioredis.Redis.from_url(settings.redis.dsn, decode_responses=True)
+    lines: list[str] = []
+    started = time.monotonic()
+
+    async def until(what: str, check: Any) -> None:
+        deadline = time.monotonic() + 60
+        while not await check():
+            if time.monotonic() > deadline:
+                raise TimeoutError(what)
+            await asyncio.sleep(0.05)
+        lines.append(f"  {time.monotonic() - started:5.2f} s  {what}")
+
+    async def replies() -> list[dict[str, Any]]:
+        received = (await http.get(sink)).json()["received"]
+        return [r for r in received if r["conversation_id"] == conversation]
+
+    async def field(name: str) -> str:
+        value = await redis.hget(conversation_key(TENANT, conversation), name)
+        return str(value or "")
+
+    async with httpx.AsyncClient(base_url=f"http://{g.host}:{g.port}", timeout=30) as http:
+        try:
+            await http.put(
+                f"/v1/agents/{agent}/presence",
+                json={"presence": "online", "capacity": 2},
+                headers=headers,
+            )
+            lines.append(f"  agent {agent} online (capacity 2)")
+            await http.post(
+                "/v1/messages",
+                json={"customer_id": customer, "text": "I'd like to talk to a human, please"},
+                headers=headers,
+            )
+            lines.append(f"  customer {customer}: I'd like to talk to a human, please")
+
+            async def ai_answered() -> bool:
+                return len(await replies()) >= 1
+
+            await until("AI answered and handed off", ai_answered)
+            lines.append(f"           kefu (ai): {(await replies())[0]['text']}")
+
+            async def assigned() -> bool:
+                return await field("assignee") == agent
+
+            await until(f"router assigned it to {agent}", assigned)
+            await http.post(
+                f"/v1/conversations/{conversation}/replies",
+                json={"agent_id": agent, "text": "Hi, this is Ana. How can I help?"},
+                headers=headers,
+            )
+
+            async def agent_answered() -> bool:
+                return len(await replies()) >= 2
+
+            await until("agent's reply delivered by webhook", agent_answered)
+            lines.append(f"           {agent}: {(await replies())[1]['text']}")
+            await http.post(
+                f"/v1/conversations/{conversation}/close",
+                json={"closed_by": agent},
+                headers=headers,
+            )
+            await http.post(
+                f"/v1/conversations/{conversation}/rating", json={"rating": 5}, headers=headers
+            )
+
+            async def rated() -> bool:
+                return await field("status") == "closed" and await field("csat") == "5"
+
+            await until("closed by the agent, rated 5 by the customer", rated)
+        finally:
+            await http.put(
+                f"/v1/agents/{agent}/presence", json={"presence": "offline"}, headers=headers
+            )
+            await redis.aclose()
+    return lines
+
+
 async def _redis_states(settings: Settings, outcomes: list[Outcome]) -> list[dict[str, str]]:
     client = aioredis.Redis.from_url(settings.redis.dsn, decode_responses=True)
     try:
@@ -218,6 +303,7 @@ def run_demo(settings: Settings, keep_running: bool = False, workers: int = 1) -
         click.secho("\nOpen:", bold=True)
         click.echo(f"  web chat      http://{g.host}:{g.port}/chat?tenant={TENANT}")
         click.echo(f"  API docs      http://{g.host}:{g.port}/docs")
+        click.echo(f"  dashboard     http://{g.host}:{g.port}/dashboard  (tenant API key)")
         click.echo(f"  gateway       http://{g.host}:{g.port}/healthz")
         if settings.embedded_clickhouse:
             click.echo(
@@ -253,6 +339,14 @@ def _show(settings: Settings, run: str, before: int) -> int:
             else:
                 failures += 1
                 click.secho("  kefu:     (no reply within 60 s)", fg="red")
+
+    click.secho("\nHandoff to a human agent (REST routing API)", bold=True)
+    try:
+        for line in asyncio.run(_human_handoff(settings, run)):
+            click.echo(line)
+    except TimeoutError as exc:
+        failures += 1
+        click.secho(f"  timed out waiting for: {exc}", fg="red")
 
     click.secho("\nRedis read model (kefu:demo:conv:<id>)", bold=True)
     states = asyncio.run(_redis_states(settings, outcomes))
