@@ -15,6 +15,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 import redis.asyncio as aioredis
@@ -53,7 +54,16 @@ def reply_payload(reply: ReplyProduced) -> dict[str, object]:
     }
 
 
+class ChannelSender(Protocol):
+    """Delivers a reply on one channel (WeChat, Telegram, email, ...)."""
+
+    async def send(self, reply: ReplyProduced) -> Outcome: ...
+
+
 class ChannelDeliverer:
+    """Web chat and REST webhooks here; other channels register a ``ChannelSender``
+    under their channel name (one module per channel in ``connectors/``)."""
+
     def __init__(
         self,
         redis: aioredis.Redis,
@@ -61,14 +71,19 @@ class ChannelDeliverer:
         http: httpx.AsyncClient | None = None,
         attempts: int = 5,
         backoff: float = 0.2,
+        senders: Mapping[str, ChannelSender] | None = None,
     ) -> None:
         self._redis = redis
         self._webhooks = webhooks
         self._http = http or httpx.AsyncClient(timeout=5.0)
         self._attempts = attempts
         self._backoff = backoff
+        self._senders = dict(senders or {})
 
     async def deliver(self, reply: ReplyProduced) -> Outcome:
+        sender = self._senders.get(reply.channel)
+        if sender is not None:
+            return await sender.send(reply)
         payload = reply_payload(reply)
         if reply.channel == "web":
             message = json.dumps(payload, ensure_ascii=False)
