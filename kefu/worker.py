@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from connectors.delivery import ChannelDeliverer, WebhookTarget
 from kefu.ai import build_responder
+from kefu.channels import channel_senders
 from kefu.settings import Settings
 from projections.redis_state import RedisConversations
 from schemas.topics import TopicNames
@@ -75,7 +76,7 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     routing_feed.install(kefu)
     timers.install(kefu, _deadlines(settings), settings.routing.timer_seconds)
     responder.install(kefu, build_responder(settings, redis, policy.moderator))
-    delivery.install(kefu, ChannelDeliverer(redis, webhooks))
+    delivery.install(kefu, ChannelDeliverer(redis, webhooks, senders=channel_senders(settings)))
     read_model = RedisConversations(redis)
     projection.install(kefu, read_model)
     projection.install(kefu, read_model, queues=True)
