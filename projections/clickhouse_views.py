@@ -137,6 +137,14 @@ REPORTS: dict[str, Report] = {
             ("utilisation",),
         ),
         Report("csat", "csat", "CSAT distribution", "bar", ("rating",), ("responses",)),
+        Report(
+            "sla-breaches",
+            "sla-breaches",
+            "SLA breaches by kind and priority",
+            "bar",
+            ("kind", "priority"),
+            ("breaches",),
+        ),
     )
 }
 # What the dashboard page shows, in order (one volume chart: the hourly one).

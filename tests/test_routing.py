@@ -15,6 +15,8 @@ import websockets
 from connectors.identity import conversation_id_for
 from kefu.services import Services
 from kefu.settings import Settings
+from projections.clickhouse_query import AnalyticsClient
+from projections.clickhouse_views import render
 from schemas.codec import CODEC
 from schemas.records import (
     AgentAssigned,
@@ -27,6 +29,7 @@ from schemas.records import (
     QueueEvent,
     SlaBreached,
 )
+from schemas.time import now_ms
 from schemas.topics import TopicNames
 from streams.queueing import Queue, evolve_queue
 from tests.conftest import wait_for
@@ -178,6 +181,11 @@ def test_idle_close_and_sla_breach(pipeline: Settings) -> None:
     conversation = message(pipeline, "timers", f"idle-{uuid.uuid4().hex[:8]}")
     breach = wait_for(lambda: events_of(pipeline, conversation, SlaBreached), what="SLA breach")
     assert breach[0].kind == "first" and len(breach) == 1
+    # It shows in the analysts' SLA report (the dashboard and Grafana run the same SQL).
+    client = AnalyticsClient(pipeline.clickhouse_url, pipeline.clickhouse.query_port)
+    sql = render("sla-breaches", "kefu", "timers", 0, now_ms() + 60_000)
+    rows = wait_for(lambda: client.query(sql).rows, what="SLA report row")
+    assert rows[0][0] == "first" and rows[0][2] >= 1
     closed = wait_for(
         lambda: events_of(pipeline, conversation, ConversationClosed), what="idle close"
     )
