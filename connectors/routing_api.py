@@ -45,6 +45,12 @@ class PresenceIn(_Body):
 class HandOffIn(_Body):
     to: Literal["human", "ai"]
     team: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.:@\-]*$")
+    agent: str = Field(
+        default="",
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:@\-]*$",
+        description="Transfer to this agent (when they can take it; else normal routing)",
+    )
     reason: str = Field(default="", max_length=200)
     requested_by: str = Field(min_length=1, max_length=64)
 
@@ -109,6 +115,7 @@ async def hand_off(
         issued_at=now_ms(),
         to=body.to,
         team=body.team,
+        agent=body.agent,
         reason=body.reason or f"requested by {body.requested_by}",
         requested_by=body.requested_by,
     )

@@ -244,10 +244,12 @@ class QueueConversation(Command):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HandOff(Command):
+    SCHEMA_VERSION: ClassVar[int] = 2
     to: str  # human | ai
     reason: str
     requested_by: str
     team: str = ""
+    agent: str = ""  # transfer to this agent when they can take it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -278,6 +280,7 @@ class ConversationAssigned(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConversationHandedOff(Event):
+    SCHEMA_VERSION: ClassVar[int] = 2
     from_assignee: str
     to_assignee: str
     queue: str
@@ -285,6 +288,7 @@ class ConversationHandedOff(Event):
     requested_by: str
     from_queue: str = ""
     priority: str = "normal"
+    preferred_agent: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -337,10 +341,12 @@ class SetAgentPresence(RoutingCommand):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestAssignment(RoutingCommand):
+    SCHEMA_VERSION: ClassVar[int] = 2
     conversation_id: str
     priority: str
     requested_at: int
     skill: str = ""
+    preferred_agent: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -359,10 +365,12 @@ class AgentPresenceChanged(QueueEvent):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConversationEnqueued(QueueEvent):
+    SCHEMA_VERSION: ClassVar[int] = 2
     conversation_id: str
     priority: str
     order: int
     skill: str = ""
+    preferred_agent: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -258,7 +258,9 @@ def decide(state: Conversation, command: Command, policy: Policy) -> list[Event]
             _require_known(state)
             if state.status != "open":
                 raise Rejected("cannot hand off a closed conversation")
-            _hand_off(draft, command.to, command.team, command.reason, command.requested_by)
+            _hand_off(
+                draft, command.to, command.team, command.reason, command.requested_by, command.agent
+            )
         case RateConversation():
             _require_known(state)
             if not 1 <= command.rating <= 5:
@@ -287,14 +289,18 @@ def _require_known(state: Conversation) -> None:
         raise Rejected("unknown conversation")
 
 
-def _hand_off(draft: _Draft, to: str, team: str, reason: str, requested_by: str) -> None:
+def _hand_off(
+    draft: _Draft, to: str, team: str, reason: str, requested_by: str, agent: str = ""
+) -> None:
     state = draft.state
     if to not in ("human", "ai"):
         raise Rejected(f"hand off to 'human' or 'ai', not {to!r}")
     queue = f"{state.tenant_id}:{team}" if team else state.queue
     to_assignee = "ai" if to == "ai" else ""
-    if state.assignee == to_assignee and queue == state.queue:
+    if state.assignee == to_assignee and queue == state.queue and not agent:
         return  # already there
+    if agent and (to != "human" or agent == state.assignee):
+        raise Rejected(f"cannot transfer to agent {agent!r} from {state.assignee!r}")
     draft.add(
         ConversationHandedOff,
         from_assignee=state.assignee,
@@ -304,6 +310,7 @@ def _hand_off(draft: _Draft, to: str, team: str, reason: str, requested_by: str)
         priority=state.priority,
         reason=reason,
         requested_by=requested_by,
+        preferred_agent=agent,
     )
 
 

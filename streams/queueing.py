@@ -60,6 +60,7 @@ class Waiting:
     priority: str
     order: int
     skill: str = ""
+    preferred: str = ""  # a transfer to this agent
 
     @property
     def sort_key(self) -> tuple[int, int]:
@@ -120,7 +121,13 @@ def evolve_queue(state: Queue, event: QueueEvent) -> Queue:
             )
             return dataclasses.replace(base, agents={**state.agents, event.agent_id: agent})
         case ConversationEnqueued():
-            entry = Waiting(event.conversation_id, event.priority, event.order, event.skill)
+            entry = Waiting(
+                event.conversation_id,
+                event.priority,
+                event.order,
+                event.skill,
+                event.preferred_agent,
+            )
             waiting = tuple(sorted((*state.waiting, entry), key=lambda w: w.sort_key))
             return dataclasses.replace(base, waiting=waiting)
         case AgentAssigned():
@@ -210,6 +217,7 @@ def decide_queue(state: Queue, command: RoutingCommand, sticky: bool = True) -> 
                 priority=command.priority,
                 skill=command.skill,
                 order=command.requested_at,
+                preferred_agent=command.preferred_agent,
             )
         case ReleaseAssignment():
             held = state.assigned.get(command.conversation_id)
@@ -278,6 +286,8 @@ def _next_assignment(state: Queue, sticky: bool) -> tuple[Waiting, str] | None:
         eligible = [a for a in state.agents.values() if a.can_take(entry.skill)]
         if not eligible:
             continue  # a skill nobody free has: later entries may still be served
+        if entry.preferred and any(a.agent_id == entry.preferred for a in eligible):
+            return entry, entry.preferred  # a transfer to this agent
         last = state.last_agent.get(entry.conversation_id)
         if sticky and last is not None and any(a.agent_id == last for a in eligible):
             return entry, last

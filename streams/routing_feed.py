@@ -63,6 +63,7 @@ def routing_commands(event: Event) -> list[RoutingCommand]:
                         conversation_id=event.conversation_id,
                         priority=event.priority,
                         requested_at=event.occurred_at,
+                        preferred_agent=event.preferred_agent,
                         tenant_id=event.tenant_id,
                         issued_at=event.occurred_at,
                     )

@@ -61,6 +61,7 @@ def isolated_settings(state_dir: Path) -> Settings:
                 vip_customers=["vip-customer"],
             ),
             "hq2": TenantSettings(api_key=SecretStr("hq2-test-key"), ai_enabled=False),
+            "hq3": TenantSettings(api_key=SecretStr("hq3-test-key"), ai_enabled=False),
             "timers": TenantSettings(
                 api_key=SecretStr("timers-test-key"),
                 ai_enabled=False,

@@ -189,3 +189,32 @@ def test_sla_breach_is_flagged_once_per_unanswered_message() -> None:
         decide(state, command(FlagSlaBreach, tenant="humans-only", kind="first", due_at=1), POLICY)
         == []
     )
+
+
+def test_agent_transfers_to_a_named_colleague() -> None:
+    state, _ = step(Conversation(), receive(1, tenant="humans-only"))
+    state, _ = step(
+        state,
+        command(
+            AssignConversation,
+            tenant="humans-only",
+            agent_id="a1",
+            queue="humans-only:default",
+            priority="normal",
+        ),
+    )
+    handoff = command(
+        HandOff, tenant="humans-only", to="human", reason="colleague", requested_by="a1", agent="a2"
+    )
+    state, events = step(state, handoff)
+    moved = events[0]
+    assert isinstance(moved, ConversationHandedOff)
+    assert moved.preferred_agent == "a2" and moved.from_assignee == "a1"
+    with pytest.raises(Rejected):
+        decide(
+            state,
+            command(
+                HandOff, tenant="humans-only", to="ai", reason="x", requested_by="a1", agent="a3"
+            ),
+            POLICY,
+        )

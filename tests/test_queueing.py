@@ -226,3 +226,21 @@ def test_never_over_capacity_and_never_skipped(script: list[RoutingCommand], sti
         for waiting in state.waiting:
             assert not any(a.can_take(waiting.skill) for a in state.agents.values())
         assert set(state.assigned).isdisjoint(w.conversation_id for w in state.waiting)
+
+
+def test_transfer_to_a_specific_agent_when_they_can_take_it() -> None:
+    state, _ = run([presence("a"), presence("b"), request("c1", 1)])
+    holder = state.assigned["c1"][0]
+    other = "b" if holder == "a" else "a"
+    transfer = RequestAssignment(
+        command_id="t1",
+        tenant_id="t1",
+        queue=QUEUE,
+        issued_at=5,
+        conversation_id="c1",
+        priority="normal",
+        requested_at=5,
+        preferred_agent=other,
+    )
+    state, log = run([release("c1"), transfer], state)
+    assert [e.agent_id for e in log if isinstance(e, AgentAssigned)] == [other]

@@ -245,3 +245,24 @@ def test_waiting_web_customer_is_told_their_place_in_line(pipeline: Settings) ->
 
     frame = asyncio.run(chat())
     assert frame["position"] >= 1
+
+
+def test_agent_transfers_to_a_named_colleague(pipeline: Settings) -> None:
+    queue = "hq3:default"
+    presence(pipeline, "hq3", "kim", "online", capacity=1)
+    conversation = message(pipeline, "hq3", "transfer-me")
+    queue_when(pipeline, queue, lambda s: conversation in s.assigned, "assigned to kim")
+    presence(pipeline, "hq3", "lee", "online", capacity=1)
+    post(
+        pipeline,
+        "hq3",
+        f"/v1/conversations/{conversation}/handoff",
+        {"to": "human", "agent": "lee", "requested_by": "kim", "reason": "billing expert"},
+    )
+    state = queue_when(
+        pipeline,
+        queue,
+        lambda s: s.assigned.get(conversation, ("",))[0] == "lee",
+        "transferred to lee",
+    )
+    assert not state.agents["kim"].conversations
