@@ -235,7 +235,7 @@ def _replied(event: Event) -> Change:
         incr=("replies",),
         message={
             "id": event.event_id,
-            "role": "ai" if author == "ai" else "agent",
+            "role": author if author in ("ai", "system") else "agent",
             "author": author,
             "text": text,
             "at": event.occurred_at,

@@ -9,6 +9,7 @@ Both are pure: the conversation agent owns the I/O, so replaying the log through
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -192,6 +193,13 @@ class Policy:
     csat: bool = True  # ask for a rating when a conversation closes
 
 
+BLOCKED_NOTICE = {
+    "en": "Your message was not delivered because it breaks our community rules.",
+    "zh": "您的消息因违反社区规则未被发送。",
+}
+_HAN = re.compile(r"[\u4e00-\u9fff]")
+
+
 class Rejected(ValueError):
     """A command this conversation must never apply (it goes to the dead-letter topic)."""
 
@@ -369,6 +377,17 @@ def _receive(draft: _Draft, command: ReceiveMessage, policy: Policy) -> None:
     )
     verdict = _moderated(draft, received.event_id, "in", command.text, policy)
     if verdict.action == "block":
+        # Not passed on; the sender is told, through their own channel, like a reply.
+        draft.add(
+            ReplyProduced,
+            in_reply_to=received.event_id,
+            channel=command.channel,
+            text=BLOCKED_NOTICE["zh" if _HAN.search(command.text) else "en"],
+            author="system",
+            responder="moderation",
+            confidence=1.0,
+            customer_id=command.customer_id,
+        )
         return
     assignee = draft.state.assignee
     if draft.state.status != "open" or (not assignee and not draft.state.queue):
@@ -403,6 +422,8 @@ def _reply(draft: _Draft, command: RecordReply, policy: Policy) -> None:
         raise Rejected(f"agent {command.author!r} is not assigned to this conversation")
     verdict = _moderated(draft, command.in_reply_to, "out", command.text, policy)
     if verdict.action == "block":
+        if command.author == "ai":  # the customer still deserves an answer: a human's
+            _hand_off(draft, "human", "", "AI reply blocked by moderation", "system")
         return
     draft.add(
         ReplyProduced,

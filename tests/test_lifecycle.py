@@ -121,10 +121,31 @@ def test_masking_replaces_the_text_passed_on() -> None:
     assert request.text == "you *****, where is my order"
 
 
-def test_blocked_message_asks_for_no_reply() -> None:
+def test_blocked_message_is_not_passed_on_and_the_sender_is_told() -> None:
     blocking = Policy(Moderator(WordList({"spam": ("casino",)}, {"spam": "block"})), POLICY.route)
     events = decide(Conversation(), receive(1, "best CASINO bonus"), blocking)
-    assert [type(e) for e in events] == [MessageReceived, MessageModerated]
+    assert [type(e) for e in events] == [MessageReceived, MessageModerated, ReplyProduced]
+    notice = events[-1]
+    assert isinstance(notice, ReplyProduced)
+    assert notice.author == "system" and "not delivered" in notice.text
+
+
+def test_blocked_ai_reply_hands_off_to_a_human() -> None:
+    blocking = Policy(Moderator(WordList({"spam": ("casino",)}, {"spam": "block"})), POLICY.route)
+    state = apply(Conversation(), decide(Conversation(), receive(1), blocking))
+    reply = RecordReply(
+        command_id="r-1",
+        conversation_id="conv-1",
+        tenant_id="t1",
+        issued_at=2000,
+        in_reply_to=state.awaiting_reply[0],
+        text="visit our casino",
+        author="ai",
+        responder="llm",
+        confidence=1.0,
+    )
+    events = decide(state, reply, blocking)
+    assert [type(e).__name__ for e in events] == ["MessageModerated", "ConversationHandedOff"]
 
 
 def test_tenant_without_ai_is_routed_to_its_queue_and_gets_no_ai_reply() -> None:
