@@ -1,0 +1,80 @@
+"""WeChat and Telegram wiring from settings: the gateway's callback edges and the
+worker's senders (registered in ``kefu/channels.py``)."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from connectors.delivery import ChannelSender
+from connectors.telegram import TelegramEdge, TelegramSender
+from connectors.wechat import WeChatAccount, WeChatApp, WeChatEdge, WeChatSender
+from kefu.settings import Settings, WeChatAccountSettings
+
+
+def _account(s: WeChatAccountSettings) -> WeChatAccount:
+    return WeChatAccount(
+        token=s.token.get_secret_value(),
+        encoding_aes_key=s.encoding_aes_key.get_secret_value(),
+        app_id=s.app_id,
+    )
+
+
+def wechat_edge(settings: Settings) -> WeChatEdge:
+    c = settings.channels
+    return WeChatEdge(
+        accounts={t: _account(s.wechat) for t, s in settings.tenants.items() if s.wechat.token},
+        mini_programs={
+            t: _account(s.wechat_mp) for t, s in settings.tenants.items() if s.wechat_mp.token
+        },
+        max_body=c.max_body_bytes,
+        passive_wait=c.wechat_passive_wait_s,
+        max_skew=c.wechat_max_skew_s,
+    )
+
+
+def telegram_edge(settings: Settings) -> TelegramEdge:
+    return TelegramEdge(
+        secrets={
+            t: s.telegram.secret_token.get_secret_value()
+            for t, s in settings.tenants.items()
+            if s.telegram.bot_token.get_secret_value()
+        },
+        max_body=settings.channels.max_body_bytes,
+    )
+
+
+def chat_senders(settings: Settings) -> dict[str, ChannelSender]:
+    c = settings.channels
+    tenants = settings.tenants.items()
+    redis = aioredis.Redis.from_url(settings.redis.dsn)
+    return {
+        "wechat": WeChatSender(
+            {
+                t: WeChatApp(s.wechat.app_id, s.wechat.app_secret.get_secret_value())
+                for t, s in tenants
+            },
+            c.wechat_api_base,
+            redis=redis,
+            passive=c.wechat_passive_wait_s > 0,
+            attempts=c.attempts,
+            backoff=c.backoff_seconds,
+            timeout=c.timeout_s,
+        ),
+        "wechat-mp": WeChatSender(
+            {
+                t: WeChatApp(s.wechat_mp.app_id, s.wechat_mp.app_secret.get_secret_value())
+                for t, s in tenants
+            },
+            c.wechat_api_base,
+            attempts=c.attempts,
+            backoff=c.backoff_seconds,
+            timeout=c.timeout_s,
+        ),
+        "telegram": TelegramSender(
+            {t: s.telegram.bot_token.get_secret_value() for t, s in tenants},
+            c.telegram_api_base,
+            attempts=c.attempts,
+            backoff=c.backoff_seconds,
+            timeout=c.timeout_s,
+        ),
+    }
