@@ -1,0 +1,334 @@
+"""Email in: an SMTP listener (aiosmtpd) that turns each accepted mail into a
+``ReceiveMessage`` command. ``250`` means the command is durable in Kafka.
+
+- Tenant: each recipient, by the tenant's ``email_addresses`` or as
+  ``<inbound_local>+<tenant>@…``; unknown recipients get ``550`` at RCPT.
+- Conversation: a mail that refers to a known Message-ID (In-Reply-To / References,
+  ours included) joins that Message-ID's conversation; one that refers only to unknown
+  mail starts the conversation of its thread root (the first References id); a mail
+  with no thread headers joins the sender's conversation (one per address, like the
+  other channels).
+- Dedupe: the channel message id is the Message-ID (a hash of the raw bytes when there
+  is none), so a redelivered mail is the same command and dropped downstream.
+- Text: text/plain preferred, else HTML stripped to text; quoted history ("> " lines
+  and their "On … wrote:" line) is cut; at most ``max_text_chars``.
+- Malformed MIME, no From address or no text part: ``550`` with the reason, nothing
+  published. Too large: ``552`` (SMTP SIZE). Kafka or Redis down: ``451`` (the sender
+  retries; dedupe makes that safe). Auto-submitted mail (auto-replies) is accepted
+  and ignored, so two robots never talk to each other forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.errors
+import hashlib
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.utils import getaddresses, parseaddr
+from html.parser import HTMLParser
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from connectors.email_threads import Thread, ThreadStore
+from connectors.identity import command_id_for, conversation_id_for
+from connectors.publisher import CommandPublisher
+from schemas.records import Command, ReceiveMessage
+from schemas.time import now_ms
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "email"
+_MSGID = re.compile(r"<([^<>\s]{1,900})>")
+_STRUCTURAL_DEFECTS = (
+    email.errors.NoBoundaryInMultipartDefect,
+    email.errors.StartBoundaryNotFoundDefect,
+    email.errors.MultipartInvariantViolationDefect,
+    email.errors.MissingHeaderBodySeparatorDefect,
+    email.errors.InvalidMultipartContentTransferEncodingDefect,
+)
+
+
+class MailRejected(Exception):
+    """The mail cannot be accepted; ``reply`` is the SMTP answer."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMail:
+    message_id: str  # without angle brackets
+    sender: str  # From address, lower case: the customer id
+    reply_to: str  # where replies go
+    subject: str
+    references: tuple[str, ...]  # References then In-Reply-To, oldest first, unique
+    text: str
+    auto_submitted: bool
+
+
+# ------------------------------------------------------------------------- parsing
+
+
+class _TextExtractor(HTMLParser):
+    _BLOCK = frozenset(
+        {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "pre"}
+    )
+    _SKIP = frozenset({"script", "style", "head", "title"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._SKIP:
+            self._skipping += 1
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP:
+            self._skipping = max(0, self._skipping - 1)
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skipping:
+            self.parts.append(data)
+
+
+def html_to_text(html: str) -> str:
+    extractor = _TextExtractor()
+    extractor.feed(html)
+    extractor.close()
+    lines = (" ".join(line.split()) for line in "".join(extractor.parts).splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+_WROTE = re.compile(r"^(on\b.*\bwrote:|.*写道[:：])\s*$", re.IGNORECASE)
+
+
+def strip_quoted(text: str) -> str:
+    """Drop quoted history: "> " lines and the "On … wrote:" line that introduces them."""
+    kept: list[str] = []
+    for line in text.splitlines():
+        if line.lstrip().startswith(">"):
+            if kept and _WROTE.match(kept[-1].strip()):
+                kept.pop()
+            continue
+        kept.append(line.rstrip())
+    while kept and (not kept[-1] or _WROTE.match(kept[-1].strip())):
+        kept.pop()
+    return "\n".join(kept).strip()
+
+
+def _message_ids(value: str | None) -> list[str]:
+    return _MSGID.findall(str(value or ""))
+
+
+def _text_of(part: Message) -> str:
+    try:
+        content = part.get_content()  # type: ignore[attr-defined]
+    except (LookupError, UnicodeError):  # an unknown or lying charset
+        payload = part.get_payload(decode=True)
+        content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+    return content if isinstance(content, str) else ""
+
+
+def parse_mail(data: bytes, max_text_chars: int = 8000) -> InboundMail:
+    """Parse raw mail bytes; raises :class:`MailRejected` with a 5xx reply."""
+    try:
+        msg = BytesParser(policy=policy.default).parsebytes(data)
+        assert isinstance(msg, EmailMessage)
+        for part in msg.walk():
+            for defect in part.defects:
+                if isinstance(defect, _STRUCTURAL_DEFECTS):
+                    raise MailRejected(f"550 5.6.0 malformed MIME: {type(defect).__name__}")
+        sender = parseaddr(str(msg.get("From", "")))[1].strip().lower()
+        subject = " ".join(str(msg.get("Subject", "")).split())[:200]
+        reply_to = [a for _, a in getaddresses([str(v) for v in msg.get_all("Reply-To", [])])]
+        message_ids = _message_ids(msg.get("Message-ID"))
+        references = _message_ids(msg.get("References"))
+        for parent in _message_ids(msg.get("In-Reply-To")):
+            if parent not in references:
+                references.append(parent)
+        auto = str(msg.get("Auto-Submitted", "no")).strip().lower() not in ("", "no")
+        body = msg.get_body(preferencelist=("plain", "html"))
+        raw_text = _text_of(body) if body is not None else ""
+        is_html = body is not None and body.get_content_subtype() == "html"
+    except MailRejected:
+        raise
+    except Exception as exc:  # the email package raises many things on garbage
+        raise MailRejected(f"554 5.6.0 malformed message: {type(exc).__name__}") from exc
+    if "@" not in sender or len(sender) > 254:
+        raise MailRejected("550 5.6.0 malformed message: no valid From address")
+    if body is None:
+        raise MailRejected("550 5.6.0 no text/plain or text/html part")
+    text = strip_quoted(html_to_text(raw_text) if is_html else raw_text)[:max_text_chars]
+    if not text.strip():
+        raise MailRejected("550 5.6.0 the message has no text")
+    # No Message-ID: a digest of the bytes, so a redelivery still dedupes.
+    message_id = message_ids[0] if message_ids else "sha256-" + hashlib.sha256(data).hexdigest()
+    return InboundMail(
+        message_id=message_id,
+        sender=sender,
+        reply_to=(reply_to[0] if reply_to and "@" in reply_to[0] else sender).lower(),
+        subject=subject,
+        references=tuple(r for r in references if r != message_id),
+        text=text,
+        auto_submitted=auto,
+    )
+
+
+# -------------------------------------------------------------------------- routing
+
+
+@dataclass(frozen=True, slots=True)
+class Mailboxes:
+    """Recipient address → tenant."""
+
+    tenants: frozenset[str]
+    addresses: Mapping[str, str]  # exact address (lower case) -> tenant
+    inbound_local: str = "support"
+
+    def tenant_of(self, address: str) -> str | None:
+        address = address.strip().lower()
+        if address in self.addresses:
+            return self.addresses[address]
+        local, at, _domain = address.rpartition("@")
+        base, plus, tag = local.partition("+")
+        if at and plus and base == self.inbound_local and tag in self.tenants:
+            return tag
+        return None
+
+
+class Publisher(Protocol):
+    async def publish(self, command: Command) -> None: ...
+
+
+async def conversation_for(store: ThreadStore, tenant: str, mail: InboundMail) -> str:
+    refs = list(mail.references)
+    if refs:
+        known = await store.conversation_of(tenant, refs)
+        return known or conversation_id_for(tenant, CHANNEL, f"thread:{refs[0]}")
+    return conversation_id_for(tenant, CHANNEL, mail.sender)
+
+
+class EmailHandler:
+    """aiosmtpd handler: RCPT checks the mailbox, DATA parses and publishes."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        store: ThreadStore,
+        mailboxes: Mailboxes,
+        max_text_chars: int = 8000,
+    ) -> None:
+        self._publisher = publisher
+        self._store = store
+        self._mailboxes = mailboxes
+        self._max_text = max_text_chars
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if self._mailboxes.tenant_of(address) is None:
+            return "550 5.1.1 no such mailbox"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        data = envelope.content
+        raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data or b""
+        try:
+            mail = parse_mail(raw, self._max_text)
+        except MailRejected as rejected:
+            log.info("email rejected: %s", rejected.reply)
+            return rejected.reply
+        if mail.auto_submitted:
+            return "250 OK: auto-submitted mail is not answered"
+        tenants = dict.fromkeys(
+            t for t in (self._mailboxes.tenant_of(a) for a in envelope.rcpt_tos) if t
+        )
+        try:
+            for tenant in tenants:
+                await self._accept(tenant, mail)
+        except Exception as exc:  # Kafka or Redis: the sender retries, dedupe holds
+            log.warning("email not accepted, sender will retry: %s", type(exc).__name__)
+            return "451 4.3.0 temporarily unable to accept the message"
+        return "250 OK"
+
+    async def _accept(self, tenant: str, mail: InboundMail) -> None:
+        conversation = await conversation_for(self._store, tenant, mail)
+        # Thread state first: a redelivery after a failed publish rewrites the same.
+        thread = Thread(mail.reply_to, mail.subject, mail.message_id, mail.references)
+        await self._store.remember_inbound(tenant, conversation, mail.message_id, thread)
+        command = ReceiveMessage(
+            command_id=command_id_for(tenant, CHANNEL, mail.message_id),
+            conversation_id=conversation,
+            tenant_id=tenant,
+            issued_at=now_ms(),
+            channel=CHANNEL,
+            customer_id=mail.sender,
+            text=mail.text,
+            channel_message_id=mail.message_id,
+        )
+        await self._publisher.publish(command)
+        log.info("email accepted: tenant=%s conversation=%s", tenant, conversation)
+
+
+# -------------------------------------------------------------------------- process
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    bootstrap: str
+    commands_topic: str
+    redis_url: str
+    mailboxes: Mailboxes
+    port: int
+    hostname: str = "kefu.localhost"
+    max_message_bytes: int = 10 * 1024 * 1024
+    max_text_chars: int = 8000
+    host: str = "127.0.0.1"
+
+
+async def serve(config: ListenerConfig, stop: asyncio.Event | None = None) -> None:
+    """Listen until ``stop`` is set (or forever)."""
+    publisher = CommandPublisher(config.bootstrap, config.commands_topic)
+    await publisher.start()
+    redis = aioredis.Redis.from_url(config.redis_url)
+    handler = EmailHandler(publisher, ThreadStore(redis), config.mailboxes, config.max_text_chars)
+
+    def factory() -> SMTP:
+        kwargs: dict[str, Any] = {
+            "hostname": config.hostname,
+            "data_size_limit": config.max_message_bytes,
+            "enable_SMTPUTF8": True,
+            "ident": "kefu",
+        }
+        return SMTP(handler, **kwargs)
+
+    server = await asyncio.get_running_loop().create_server(factory, config.host, config.port)
+    log.info("smtp listening on %s:%d", config.host, config.port)
+    try:
+        await (stop or asyncio.Event()).wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+        await publisher.stop()
+        await redis.aclose()

@@ -1,0 +1,325 @@
+"""The email channel: MIME parsing and threading (pure), then end to end on the real
+stack: a mail to the SMTP listener gets a threaded reply at a local fake relay."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import smtplib
+import uuid
+from collections.abc import Iterator
+from email.message import EmailMessage
+
+import hypothesis
+import hypothesis.strategies as st
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from connectors.email_in import Mailboxes, MailRejected, html_to_text, parse_mail, strip_quoted
+from connectors.email_out import EmailSender, RelayConfig, build_reply
+from connectors.email_threads import Thread, ThreadStore
+from connectors.identity import conversation_id_for
+from kefu.cli_email import from_address
+from kefu.settings import Settings
+from schemas.keys import messages_key
+from schemas.records import ReplyProduced
+from tests.conftest import wait_for
+from tests.fake_smtp_relay import FakeSmtpRelay
+from tests.samples import SAMPLES
+from tests.test_pipeline import commands_end
+
+# ---------------------------------------------------------------------------- pure
+
+
+def sample_reply() -> ReplyProduced:
+    return next(s for s in SAMPLES if isinstance(s, ReplyProduced))
+
+
+def mail(
+    text: str = "Where is my order?",
+    *,
+    sender: str = "alice@example.com",
+    to: str = "help@demo.test",
+    message_id: str | None = "m1@example.com",
+    in_reply_to: str = "",
+    references: str = "",
+    html: str = "",
+) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = f"Alice <{sender}>"
+    msg["To"] = to
+    msg["Subject"] = "My order"
+    if message_id:
+        msg["Message-ID"] = f"<{message_id}>"
+    if in_reply_to:
+        msg["In-Reply-To"] = in_reply_to
+    if references:
+        msg["References"] = references
+    if text:
+        msg.set_content(text)
+    if html:
+        if text:
+            msg.add_alternative(html, subtype="html")
+        else:
+            msg.set_content(html, subtype="html")
+    return msg
+
+
+def test_plain_text_is_preferred_and_threading_headers_are_read() -> None:
+    raw = mail(
+        "Hello there",
+        html="<p>HTML version</p>",
+        in_reply_to="<b@x>",
+        references="<a@x> <b@x>",
+    ).as_bytes()
+    parsed = parse_mail(raw)
+    assert parsed.text == "Hello there"
+    assert parsed.message_id == "m1@example.com"
+    assert parsed.sender == "alice@example.com"
+    assert parsed.references == ("a@x", "b@x")
+    assert not parsed.auto_submitted
+
+
+def test_html_only_mail_is_stripped_to_text() -> None:
+    html = (
+        "<html><head><style>p {color: red}</style></head><body>"
+        "<p>Where is&nbsp;my <b>order</b>?</p><script>alert(1)</script><div>Thanks</div>"
+        "</body></html>"
+    )
+    assert parse_mail(mail("", html=html).as_bytes()).text == "Where is my order?\nThanks"
+    assert html_to_text("a<br>b") == "a\nb"
+
+
+def test_quoted_history_is_cut() -> None:
+    text = "Still waiting.\n\nOn Mon, 1 Jan 2026, Kefu wrote:\n> We are on it.\n> Regards"
+    assert strip_quoted(text) == "Still waiting."
+
+
+def test_missing_message_id_is_a_digest_of_the_bytes() -> None:
+    raw = mail(message_id=None).as_bytes()
+    assert parse_mail(raw).message_id == parse_mail(raw).message_id
+    assert parse_mail(raw).message_id.startswith("sha256-")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # multipart without a boundary
+        b"From: a@x.com\r\nMessage-ID: <z@x>\r\nContent-Type: multipart/mixed\r\n\r\nhi\r\n",
+        # a boundary that never starts
+        b"From: a@x.com\r\nContent-Type: multipart/mixed; boundary=XYZ\r\n\r\nno parts\r\n",
+        # no From address
+        b"Subject: hi\r\nMessage-ID: <y@x>\r\n\r\nhello\r\n",
+        # only an attachment
+        b"From: a@x.com\r\nContent-Type: application/pdf\r\n\r\n%PDF-1.4\r\n",
+        # nothing to read
+        b"From: a@x.com\r\n\r\n   \r\n",
+    ],
+)
+def test_malformed_mail_is_rejected_with_a_5xx(raw: bytes) -> None:
+    with pytest.raises(MailRejected) as rejected:
+        parse_mail(raw)
+    assert rejected.value.reply.startswith("55")
+
+
+def test_recipients_map_to_tenants() -> None:
+    boxes = Mailboxes(frozenset({"demo", "acme"}), {"help@demo.test": "demo"}, "support")
+    assert boxes.tenant_of("Help@Demo.test") == "demo"
+    assert boxes.tenant_of("support+acme@anything.example") == "acme"
+    assert boxes.tenant_of("support+nobody@x") is None
+    assert boxes.tenant_of("sales+acme@x") is None
+    assert boxes.tenant_of("random@x") is None
+
+
+def test_reply_headers_thread_to_the_customer_message() -> None:
+    reply = sample_reply()
+    msg = build_reply(reply, "help@demo.test", "alice@x", "My order", "m2@x", ("m1@x",), "h.test")
+    assert msg["Message-ID"] == f"<{reply.event_id}@h.test>"
+    assert msg["In-Reply-To"] == "<m2@x>"
+    assert msg["References"] == "<m1@x> <m2@x>"
+    assert msg["Subject"] == "Re: My order"
+    assert msg.get_content().strip() == reply.text.strip()
+
+
+_HEADERS = st.sampled_from(
+    [
+        b"From: a@x.com\r\n",
+        b"From: =?utf-8?b?5a6i5oi3?= <k@x.cn>\r\n",
+        b"From: <>\r\n",
+        b"Message-ID: <id@x>\r\n",
+        b"In-Reply-To: <p@x>\r\n",
+        b"References: <a@x> junk <b@x\r\n",
+        b"Content-Type: multipart/alternative; boundary=B\r\n",
+        b"Content-Type: text/html; charset=no-such-charset\r\n",
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Transfer-Encoding: base64\r\n",
+        b"Content-Transfer-Encoding: quoted-printable\r\n",
+        b"Auto-Submitted: auto-replied\r\n",
+        b"Subject: \xff\xfe bad bytes\r\n",
+    ]
+)
+_BODIES = st.sampled_from(
+    [
+        b"hello\r\n",
+        b"--B\r\nContent-Type: text/plain\r\n\r\nhi\r\n--B--\r\n",
+        b"--B\r\n\r\n",
+        b"aGVsbG8=\r\n",
+        b"not base64 !!!\r\n",
+        b"<p>x</p><script>y\r\n",
+        b"=E4=BD=A0=E5=A5=BD=\r\n",
+        b"> quoted only\r\n",
+    ]
+)
+
+
+@hypothesis.settings(max_examples=300, deadline=None, database=None)
+@hypothesis.given(
+    headers=st.lists(_HEADERS, max_size=8),
+    separator=st.sampled_from([b"\r\n", b"", b"\n"]),
+    body=st.lists(_BODIES | st.binary(max_size=64), max_size=4),
+)
+def test_any_mail_is_parsed_or_rejected_with_a_5xx(
+    headers: list[bytes], separator: bytes, body: list[bytes]
+) -> None:
+    raw = b"".join(headers) + separator + b"".join(body)
+    try:
+        parsed = parse_mail(raw)
+    except MailRejected as rejected:
+        assert rejected.reply[:3] in ("550", "554"), rejected.reply
+        return
+    assert parsed.text.strip() and "@" in parsed.sender and parsed.message_id
+
+
+# --------------------------------------------------------------------- integration
+
+
+@pytest.fixture(scope="module")
+def relay(pipeline: Settings) -> Iterator[FakeSmtpRelay]:
+    fake = FakeSmtpRelay(pipeline.email.relay_port).start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+def send(settings: Settings, message: EmailMessage) -> None:
+    with smtplib.SMTP("127.0.0.1", settings.email.port, timeout=30) as client:
+        client.send_message(message)
+
+
+def history(settings: Settings, tenant: str, conversation: str) -> list[dict[str, object]]:
+    client = redis.Redis.from_url(settings.redis.dsn, decode_responses=True)
+    return [json.loads(m) for m in client.lrange(messages_key(tenant, conversation), 0, -1)]
+
+
+def customer_messages(settings: Settings, conversation: str) -> int:
+    return sum(1 for m in history(settings, "demo", conversation) if m["role"] == "customer")
+
+
+def test_mail_gets_a_threaded_reply_and_replies_stay_in_the_conversation(
+    pipeline: Settings, relay: FakeSmtpRelay
+) -> None:
+    who = f"c-{uuid.uuid4().hex[:8]}@example.com"
+    first = f"{uuid.uuid4().hex}@example.com"
+    send(pipeline, mail("Where is my order?", sender=who, message_id=first))
+    conversation = conversation_id_for("demo", "email", who)
+
+    replies = wait_for(lambda: relay.to(who), timeout=60, what="email reply at the relay")
+    answer = replies[0]
+    assert answer["In-Reply-To"] == f"<{first}>"
+    assert answer["References"] == f"<{first}>"
+    assert answer["Subject"] == "Re: My order"
+    assert answer["From"] == "help@demo.test"
+    assert answer["Message-ID"].endswith("@kefu.localhost>")
+    assert "Account > Orders" in answer.get_content()
+
+    # The customer answers our reply: a new thread root for the sender fallback, so
+    # only the Message-ID map can put it in the same conversation.
+    second = f"{uuid.uuid4().hex}@example.com"
+    follow_up = mail(
+        "Thanks! And how do I get a refund?",
+        sender=who,
+        message_id=second,
+        in_reply_to=answer["Message-ID"],
+        references=f"{answer['Message-ID']}",
+    )
+    send(pipeline, follow_up)
+    replies = wait_for(
+        lambda: relay.to(who) if len(relay.to(who)) >= 2 else None, timeout=60, what="reply 2"
+    )
+    assert replies[1]["In-Reply-To"] == f"<{second}>"
+    assert replies[1]["References"] == f"{answer['Message-ID']} <{second}>"
+    # The Redis projection runs beside delivery: wait for it, not for the mail.
+    wait_for(lambda: customer_messages(pipeline, conversation) >= 2, what="2 in Redis")
+
+    # A redelivered mail is not a second message: after a marker mail is answered,
+    # the conversation still has one customer message per distinct Message-ID.
+    send(pipeline, mail("Where is my order?", sender=who, message_id=first))
+    third = f"{uuid.uuid4().hex}@example.com"
+    send(pipeline, mail("hello", sender=who, message_id=third, in_reply_to=f"<{second}>"))
+    wait_for(lambda: len(relay.to(who)) >= 3, timeout=60, what="third reply")
+    # One partition per conversation: the copy of the first mail came before the third.
+    wait_for(lambda: customer_messages(pipeline, conversation) >= 3, what="3 in Redis")
+    assert customer_messages(pipeline, conversation) == 3
+    assert len(relay.to(who)) == 3
+
+
+def test_bad_mail_is_refused_and_nothing_is_published(pipeline: Settings) -> None:
+    before = asyncio.run(commands_end(pipeline))
+    with smtplib.SMTP("127.0.0.1", pipeline.email.port, timeout=30) as client:
+        malformed = b"From: a@x.com\r\nContent-Type: multipart/mixed\r\n\r\nhi\r\n"
+        with pytest.raises(smtplib.SMTPDataError) as bad:
+            client.sendmail("a@x.com", ["help@demo.test"], malformed)
+        assert bad.value.smtp_code == 550
+        assert b"malformed MIME" in bad.value.smtp_error
+
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            client.sendmail("a@x.com", ["nobody@demo.test"], mail().as_bytes())
+        assert refused.value.recipients["nobody@demo.test"][0] == 550
+
+        client.rset()
+        huge = mail("x" * (pipeline.email.max_message_bytes + 1000)).as_bytes()
+        with pytest.raises(smtplib.SMTPException) as too_big:
+            client.sendmail("a@x.com", ["help@demo.test"], huge)
+        assert "552" in str(too_big.value)
+    assert asyncio.run(commands_end(pipeline)) == before
+
+
+def test_relay_failures_are_retried_then_reported(pipeline: Settings, relay: FakeSmtpRelay) -> None:
+    async def run() -> tuple[str, int, str, int]:
+        client = aioredis.Redis.from_url(pipeline.redis.dsn)
+        store = ThreadStore(client)
+        conversation = str(uuid.uuid4())
+        reply = dataclasses.replace(
+            sample_reply(),
+            conversation_id=conversation,
+            tenant_id="demo",
+            channel="email",
+            event_id=str(uuid.uuid4()),
+        )
+        who = f"r-{uuid.uuid4().hex[:8]}@example.com"
+        await store.remember_inbound("demo", conversation, "q1@x", Thread(who, "Help", "q1@x", ()))
+        sender = EmailSender(
+            store,
+            RelayConfig(
+                "127.0.0.1",
+                pipeline.email.relay_port,
+                {"demo": from_address(pipeline, "demo")},
+                attempts=3,
+                backoff=0.01,
+            ),
+        )
+        relay.fail_next("451 4.3.0 try later")
+        ok = await sender.send(reply)
+        relay.fail_next("554 5.7.1 rejected")
+        bad = await sender.send(reply)
+        # Our Message-ID is remembered for the conversation before sending.
+        assert await store.conversation_of("demo", [f"{reply.event_id}@kefu.localhost"]) == (
+            conversation
+        )
+        await client.aclose()
+        return ok.status, ok.attempts, bad.status, bad.attempts
+
+    assert asyncio.run(run()) == ("delivered", 2, "failed", 1)
