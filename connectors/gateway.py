@@ -10,14 +10,19 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from connectors import dashboard, rest_api, routing_api, webchat
+from connectors import console, dashboard, rest_api, routing_api, webchat
+from connectors.body_limit import BodyLimit
 from connectors.publisher import CommandPublisher
+from connectors.telegram import TelegramEdge
+from connectors.telegram import router as telegram_router
+from connectors.wechat import WeChatEdge
+from connectors.wechat import router as wechat_router
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +35,12 @@ class GatewayConfig:
     # The analytics reports behind /dashboard (kefu injects them; None: 503).
     dashboard: dashboard.DashboardData | None = None
     routing_topic: str = "kefu.routing"
+    max_body_bytes: int = 1024 * 1024  # larger request bodies: 413 (connectors/body_limit.py)
+    # WeChat (Official Account, mini-program) and Telegram callbacks; empty = off.
+    wechat: WeChatEdge = field(default_factory=WeChatEdge)
+    telegram: TelegramEdge = field(default_factory=TelegramEdge)
+    # Who may log in to /console: tenant -> agent id -> account (token hash, team, ...).
+    agents: console.AgentDirectory = field(default_factory=dict)
 
 
 class Tenants:
@@ -73,10 +84,17 @@ def create_app(config: GatewayConfig) -> FastAPI:
         description="Customer messages in (REST, web chat), replies out.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.include_router(rest_api.router)
     app.include_router(routing_api.router)
     app.include_router(webchat.router)
     app.include_router(dashboard.router)
+    app.include_router(wechat_router)
+    app.include_router(telegram_router)
+    app.state.wechat = config.wechat
+    app.state.telegram = config.telegram
+    app.include_router(console.router)
+    app.state.agents = config.agents
     app.state.dashboard = config.dashboard
 
     @app.get("/healthz", tags=["operations"])

@@ -1,6 +1,9 @@
 """Web chat widget channel: a WebSocket per browser tab, and the ``/chat`` page.
 
-Client → server: ``{"type": "message", "id": "<client message id>", "text": "..."}``.
+Client → server: ``{"type": "message", "id": "<client message id>", "text": "..."}``
+(a resend with the same id is dropped upstream), ``{"type": "typing"}`` (shown in the
+agent console; the console's typing comes back as ``{"type": "typing", "from":
+"agent"}``). ``/widget.js`` embeds the chat in any page.
 Server → client: ``{"type": "history", "messages": [...]}`` on connect, ``{"type":
 "ack", "id": ...}`` once the message is durable, ``{"type": "reply", ...}`` for each
 reply, ``{"type": "error", "reason": ...}`` for bad input (the socket stays open).
@@ -16,7 +19,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from connectors.identity import command_id_for, conversation_id_for
 from schemas.keys import messages_key, outbox_channel
@@ -31,6 +34,16 @@ MAX_TEXT = 8000
 @router.get("/chat", response_class=HTMLResponse)
 async def chat_page() -> str:
     return (resources.files("connectors") / "static" / "chat.html").read_text("utf-8")
+
+
+@router.get("/widget.js", include_in_schema=False)
+async def widget_script() -> Response:
+    script = (resources.files("connectors") / "static" / "widget.js").read_text("utf-8")
+    return Response(
+        script,
+        media_type="application/javascript",
+        headers={"Cache-Control": "public, max-age=300"},
+    )
 
 
 @router.websocket("/v1/chat/ws")
@@ -56,7 +69,8 @@ async def chat_socket(websocket: WebSocket, tenant: str, customer: str) -> None:
         while True:
             frame = await websocket.receive_text()
             reply = await _accept(frame, tenant, customer, conversation_id, services)
-            await websocket.send_json(reply)
+            if reply is not None:
+                await websocket.send_json(reply)
     except WebSocketDisconnect:
         pass
     finally:
@@ -68,11 +82,17 @@ async def chat_socket(websocket: WebSocket, tenant: str, customer: str) -> None:
 
 async def _accept(
     frame: str, tenant: str, customer: str, conversation_id: str, services: Any
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     try:
         data = json.loads(frame)
     except ValueError:
         return {"type": "error", "reason": "frame is not JSON"}
+    if isinstance(data, dict) and data.get("type") == "typing":
+        # Ephemeral: straight to the conversation's live sockets (the agent console),
+        # never to the log.
+        event = {"type": "typing", "from": "customer", "conversation_id": conversation_id}
+        await services.redis.publish(outbox_channel(tenant, conversation_id), json.dumps(event))
+        return None
     if not isinstance(data, dict) or data.get("type") != "message":
         return {"type": "error", "reason": 'expected {"type": "message", ...}'}
     text = data.get("text")

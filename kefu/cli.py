@@ -126,6 +126,7 @@ def gateway(instance: str, state: str) -> None:
     import uvicorn
 
     from connectors.gateway import GatewayConfig, create_app
+    from kefu.chat_channels import telegram_edge, wechat_edge
     from schemas.topics import TopicNames
 
     settings = _settings()
@@ -137,6 +138,10 @@ def gateway(instance: str, state: str) -> None:
         redis_url=settings.redis.dsn,
         api_keys={t: s.api_key.get_secret_value() for t, s in settings.tenants.items()},
         dashboard=report_runner(settings),
+        max_body_bytes=settings.gateway.max_body_bytes,
+        wechat=wechat_edge(settings),
+        telegram=telegram_edge(settings),
+        agents=agent_directory(settings),
     )
     g = settings.gateway
     uvicorn.run(create_app(config), host=g.host, port=g.port, log_level="warning")
@@ -235,6 +240,12 @@ main.add_command(audit)
 from kefu.cli_moderation import moderation  # noqa: E402
 
 main.add_command(moderation)
+from kefu.cli_email import smtp  # noqa: E402
+
+main.add_command(smtp)
+from kefu.cli_agents import agent_directory, agents  # noqa: E402
+
+main.add_command(agents)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from kefu.processes import Daemon, child_env
+from kefu.processes import Daemon, child_env, port_open
 from kefu.runtime import settings_env
 from kefu.settings import Settings
 
@@ -76,8 +76,17 @@ class Services:
             _http_ok(f"http://127.0.0.1:{port}/received"),
         )
 
+    def smtp(self) -> Service:
+        port = self.settings.email.port
+        return Service(self._daemon("smtp", "smtp"), lambda: port_open(port))
+
     def app_services(self) -> list[Service]:
-        return [self.webhook_sink(), *(self.worker(i) for i in range(self.workers)), self.gateway()]
+        return [
+            self.webhook_sink(),
+            *(self.worker(i) for i in range(self.workers)),
+            self.gateway(),
+            self.smtp(),
+        ]
 
     def start(self, services: list[Service], timeout: float = 90.0) -> dict[str, float]:
         """Start all, then wait for each: they boot in parallel."""

@@ -61,6 +61,8 @@ class ClickHouseSettings(_Frozen):
 class GatewaySettings(_Frozen):
     host: str = LOOPBACK
     port: int = 18000
+    # A request body over this many bytes gets 413 before any route reads it.
+    max_body_bytes: int = 1024 * 1024
 
 
 class WorkerSettings(_Frozen):
@@ -101,6 +103,74 @@ class DevSettings(_Frozen):
     webhook_sink_port: int = 18090
 
 
+class AgentSettings(_Frozen):
+    """A human agent of a tenant, for the console (``/console``). Only the SHA-256 of
+    the login token is kept (``kefu agents token`` prints a new token and its hash)."""
+
+    token_sha256: SecretStr = SecretStr("")  # hex; empty = the agent cannot log in
+    name: str = ""
+    team: str = "default"
+    skills: list[str] = Field(default_factory=list)
+    capacity: int = 3
+
+
+class EmailSettings(_Frozen):
+    """The email channel: an SMTP listener in (``kefu smtp``), an SMTP relay out."""
+
+    # The listener binds loopback only; put a real MTA in front of it for the Internet.
+    port: int = 12525
+    hostname: str = "kefu.localhost"  # in the SMTP greeting and our Message-IDs
+    # Mail to ``<inbound_local>+<tenant>@any-domain`` goes to that tenant (besides
+    # each tenant's ``email_addresses``).
+    inbound_local: str = "support"
+    max_message_bytes: int = 10 * 1024 * 1024  # advertised as SMTP SIZE; larger: 552
+    max_text_chars: int = 8000  # the extracted text is cut here
+    relay_host: str = LOOPBACK
+    relay_port: int = 12587
+    relay_user: str = ""
+    relay_password: SecretStr = SecretStr("")
+    relay_starttls: bool = False
+    relay_timeout: float = 10.0
+    # Replies come from the tenant's first ``email_addresses`` entry, else from
+    # ``<local part>+<tenant>@<domain>`` of this address, so answers find their way back.
+    from_address: str = "support@kefu.localhost"
+    attempts: int = 4
+    backoff_seconds: float = 0.5
+
+
+class WeChatAccountSettings(_Frozen):
+    """A WeChat Official Account or mini-program of a tenant. Empty token = disabled."""
+
+    token: SecretStr = SecretStr("")  # the callback token (signature check)
+    # 43 characters: safe mode (AES) when set; plaintext callbacks are then refused.
+    encoding_aes_key: SecretStr = SecretStr("")
+    app_id: str = ""
+    app_secret: SecretStr = SecretStr("")  # for access tokens (customer-service API)
+
+
+class TelegramBotSettings(_Frozen):
+    """A tenant's Telegram bot. Empty bot_token = disabled."""
+
+    bot_token: SecretStr = SecretStr("")
+    # Sent by Telegram in X-Telegram-Bot-Api-Secret-Token (setWebhook secret_token).
+    secret_token: SecretStr = SecretStr("")
+
+
+class ChannelsSettings(_Frozen):
+    """WeChat and Telegram: API bases (tests point them at local fakes) and edge limits."""
+
+    wechat_api_base: str = "https://api.weixin.qq.com"
+    telegram_api_base: str = "https://api.telegram.org"
+    max_body_bytes: int = 64 * 1024  # larger callback bodies: 413
+    # WeChat waits 5 s for a passive reply; after this, "success" and the API later.
+    wechat_passive_wait_s: float = 4.0
+    # Callbacks whose timestamp is further than this from now are refused (replays).
+    wechat_max_skew_s: float = 300.0
+    attempts: int = 4
+    backoff_seconds: float = 0.5
+    timeout_s: float = 10.0
+
+
 class TenantSettings(_Frozen):
     api_key: SecretStr
     # REST replies are POSTed here, signed with HMAC-SHA256 over the body.
@@ -117,6 +187,15 @@ class TenantSettings(_Frozen):
     sla_next_response_seconds: dict[str, float] = Field(
         default_factory=lambda: {"urgent": 60.0, "vip": 120.0, "normal": 300.0, "low": 900.0}
     )
+    # Inbound email addresses of this tenant (exact, case-insensitive); the first one
+    # is the From of email replies.
+    email_addresses: list[str] = Field(default_factory=list)
+    # Agent id -> agent: who may log in to the console (issue 7).
+    agents: dict[str, AgentSettings] = Field(default_factory=dict)
+    # WeChat Official Account, WeChat mini-program, Telegram bot (all off by default).
+    wechat: WeChatAccountSettings = WeChatAccountSettings()
+    wechat_mp: WeChatAccountSettings = WeChatAccountSettings()
+    telegram: TelegramBotSettings = TelegramBotSettings()
 
 
 class AIModelSettings(_Frozen):
@@ -203,6 +282,8 @@ class Settings(BaseSettings):
     moderation: ModerationSettings = ModerationSettings()
     tenants: dict[str, TenantSettings] = Field(default_factory=_default_tenants)
     ai: AISettings = AISettings()
+    email: EmailSettings = EmailSettings()
+    channels: ChannelsSettings = ChannelsSettings()
     log_level: str = "INFO"
 
     @property

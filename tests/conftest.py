@@ -4,6 +4,8 @@ ports in a temporary state dir, and stopped after."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,22 +18,51 @@ from kefu.cli import stack_down_all, stack_up_all
 from kefu.processes import free_ports
 from kefu.services import Services
 from kefu.settings import (
+    AgentSettings,
+    ChannelsSettings,
     ClickHouseSettings,
     DevSettings,
+    EmailSettings,
     GatewaySettings,
     KafkaSettings,
     RedisSettings,
     Settings,
+    TelegramBotSettings,
     TenantSettings,
+    WeChatAccountSettings,
     WorkerSettings,
 )
 from tests.fake_openai import FakeOpenAI
+from tests.fake_telegram import FakeTelegram
+from tests.fake_wechat import FakeWeChat
 
 T = TypeVar("T")
 
 
+def console_agent(agent: str, team: str = "default", name: str = "") -> AgentSettings:
+    digest = hashlib.sha256(f"{agent}-token".encode()).hexdigest()
+    return AgentSettings(token_sha256=SecretStr(digest), team=team, capacity=2, name=name)
+
+
+def _free_pair() -> int:
+    """A port whose successor is free too: extra workers bind web_port + index."""
+    for _ in range(50):
+        port = free_ports(1)[0]
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
 def isolated_settings(state_dir: Path) -> Settings:
-    kafka, controller, redis, query, gateway, web, sink = free_ports(7)
+    kafka, controller, redis, query, gateway, sink = free_ports(6)
+    # The SMTP listener (a daemon) and the fake relay (started lazily by email tests).
+    smtp_in, smtp_relay = free_ports(2)
+    # The fake WeChat and Telegram APIs (started by the fake_wechat/fake_telegram fixtures).
+    wechat_api, telegram_api = free_ports(2)
     sink_url = f"http://127.0.0.1:{sink}/webhook"
     return Settings(
         state_dir=state_dir,
@@ -39,13 +70,25 @@ def isolated_settings(state_dir: Path) -> Settings:
         redis=RedisSettings(port=redis),
         clickhouse=ClickHouseSettings(query_port=query, batch_seconds=0.2),
         gateway=GatewaySettings(port=gateway),
-        worker=WorkerSettings(web_port=web),
+        worker=WorkerSettings(web_port=_free_pair()),
         dev=DevSettings(webhook_sink_port=sink),
+        email=EmailSettings(
+            port=smtp_in, relay_port=smtp_relay, max_message_bytes=256 * 1024, backoff_seconds=0.05
+        ),
+        channels=ChannelsSettings(
+            wechat_api_base=f"http://127.0.0.1:{wechat_api}",
+            telegram_api_base=f"http://127.0.0.1:{telegram_api}",
+            max_body_bytes=16 * 1024,
+            attempts=3,
+            backoff_seconds=0.05,
+            timeout_s=3.0,
+        ),
         tenants={
             "demo": TenantSettings(
                 api_key=SecretStr("demo-test-key"),
                 webhook_url=sink_url,
                 webhook_secret=SecretStr("demo-secret"),
+                email_addresses=["help@demo.test"],
             ),
             "acme": TenantSettings(
                 api_key=SecretStr("acme-test-key"),
@@ -67,6 +110,62 @@ def isolated_settings(state_dir: Path) -> Settings:
                 ai_enabled=False,
                 idle_close_seconds=4.0,
                 sla_first_response_seconds={"normal": 1.0},
+            ),
+            # The endpoint fuzzer's own tenants (tests/test_fuzz_endpoints.py): whatever
+            # it generates lands here, never in another test's queues.
+            "fuzz": TenantSettings(api_key=SecretStr("fuzz-test-key"), ai_enabled=False),
+            "fuzz2": TenantSettings(api_key=SecretStr("fuzz2-test-key"), ai_enabled=False),
+            # WeChat and Telegram (tests/test_wechat.py, tests/test_telegram.py): wx in
+            # plain mode with the AI, wxs in safe mode (AES), wxh human-only.
+            "wx": TenantSettings(
+                api_key=SecretStr("wx-test-key"),
+                wechat=WeChatAccountSettings(
+                    token=SecretStr("wx-token"), app_id="wx-app", app_secret=SecretStr("wx-secret")
+                ),
+                wechat_mp=WeChatAccountSettings(
+                    token=SecretStr("wx-mp-token"),
+                    app_id="wx-mp-app",
+                    app_secret=SecretStr("wx-mp-secret"),
+                ),
+                telegram=TelegramBotSettings(
+                    bot_token=SecretStr("1001:wx-bot"), secret_token=SecretStr("tg-secret")
+                ),
+            ),
+            "wxs": TenantSettings(
+                api_key=SecretStr("wxs-test-key"),
+                wechat=WeChatAccountSettings(
+                    token=SecretStr("wxs-token"),
+                    encoding_aes_key=SecretStr("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"),
+                    app_id="wxs-app",
+                    app_secret=SecretStr("wxs-secret"),
+                ),
+            ),
+            "wxh": TenantSettings(
+                api_key=SecretStr("wxh-test-key"),
+                ai_enabled=False,
+                wechat=WeChatAccountSettings(
+                    token=SecretStr("wxh-token"),
+                    app_id="wxh-app",
+                    app_secret=SecretStr("wxh-secret"),
+                ),
+                telegram=TelegramBotSettings(
+                    bot_token=SecretStr("1002:wxh-bot"), secret_token=SecretStr("tg-secret-h")
+                ),
+            ),
+            # Human-only tenants for the agent console (tests/test_console.py): desk for
+            # the browser test, desk2 for the protocol test. Tokens: "<agent>-token".
+            "desk": TenantSettings(
+                api_key=SecretStr("desk-test-key"),
+                ai_enabled=False,
+                agents={"alice": console_agent("alice", name="Alice")},
+            ),
+            "desk2": TenantSettings(
+                api_key=SecretStr("desk2-test-key"),
+                ai_enabled=False,
+                agents={
+                    "carol": console_agent("carol"),
+                    "dave": console_agent("dave", team="billing"),
+                },
             ),
         },
         log_level="INFO",
@@ -102,6 +201,39 @@ def wait_for(probe: Callable[[], T | None], timeout: float = 30.0, what: str = "
 def fake_openai() -> Iterator[FakeOpenAI]:
     """A local OpenAI-compatible server (``tests.fake_openai``); call ``reset()`` first."""
     fake = FakeOpenAI().start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+def _port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+@pytest.fixture(scope="session")
+def fake_wechat(pipeline: Settings) -> Iterator[FakeWeChat]:
+    """The WeChat API on the port the pipeline's settings point at, knowing every test
+    tenant's apps (the worker only calls it when it delivers)."""
+    apps = {
+        a.app_id: a.app_secret.get_secret_value()
+        for t in pipeline.tenants.values()
+        for a in (t.wechat, t.wechat_mp)
+        if a.app_id
+    }
+    fake = FakeWeChat(apps=apps).start(_port_of(pipeline.channels.wechat_api_base))
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_telegram(pipeline: Settings) -> Iterator[FakeTelegram]:
+    """The Telegram Bot API on the port the pipeline's settings point at."""
+    tokens = {t.telegram.bot_token.get_secret_value() for t in pipeline.tenants.values()}
+    fake = FakeTelegram(tokens={t for t in tokens if t})
+    fake.start(_port_of(pipeline.channels.telegram_api_base))
     try:
         yield fake
     finally:
