@@ -10,10 +10,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Request, status
+from fastapi import APIRouter, HTTPException, Path, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.rest_api import Tenant
+from schemas.keys import conversation_key
 from schemas.records import (
     CloseConversation,
     HandOff,
@@ -76,6 +77,14 @@ class Accepted(BaseModel):
     command_id: str
 
 
+async def _known(request: Request, tenant: str, conversation_id: str) -> None:
+    """404 at the edge for a conversation this tenant does not have (or another
+    tenant's): the read model knows every conversation a client has been told about."""
+    redis = request.app.state.services.redis
+    if not await redis.exists(conversation_key(tenant, conversation_id)):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such conversation")
+
+
 def _command_id(given: str | None = None) -> str:
     return given or str(uuid.uuid4())
 
@@ -108,6 +117,7 @@ async def set_presence(
 async def hand_off(
     conversation_id: ConversationId, body: HandOffIn, tenant: Tenant, request: Request
 ) -> Accepted:
+    await _known(request, tenant, conversation_id)
     command = HandOff(
         command_id=_command_id(),
         conversation_id=conversation_id,
@@ -131,6 +141,7 @@ async def hand_off(
 async def close(
     conversation_id: ConversationId, body: CloseIn, tenant: Tenant, request: Request
 ) -> Accepted:
+    await _known(request, tenant, conversation_id)
     command = CloseConversation(
         command_id=_command_id(),
         conversation_id=conversation_id,
@@ -151,6 +162,7 @@ async def close(
 async def agent_reply(
     conversation_id: ConversationId, body: AgentReplyIn, tenant: Tenant, request: Request
 ) -> Accepted:
+    await _known(request, tenant, conversation_id)
     message_id = body.message_id or str(uuid.uuid4())
     command = RecordReply(
         command_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{tenant}/{body.agent_id}/{message_id}")),
@@ -175,6 +187,7 @@ async def agent_reply(
 async def rate(
     conversation_id: ConversationId, body: RatingIn, tenant: Tenant, request: Request
 ) -> Accepted:
+    await _known(request, tenant, conversation_id)
     command = RateConversation(
         command_id=_command_id(),
         conversation_id=conversation_id,

@@ -229,11 +229,6 @@ VALID_ACTIONS = {
 }
 
 
-@pytest.mark.xfail(
-    reason="routing_api answers 202 for unknown conversations by design (the conversation "
-    "agent dead-letters them); issue 7 asks for a 4xx at the edge",
-    strict=False,
-)
 def test_actions_on_unknown_conversations_get_404(pipeline: Settings) -> None:
     unknown = f"no-such-{uuid.uuid4().hex[:8]}"
     with httpx.Client(base_url=base_url(pipeline), timeout=30) as http:

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import redis
 import websockets
 
 from connectors.identity import conversation_id_for
@@ -18,6 +19,7 @@ from kefu.settings import Settings
 from projections.clickhouse_query import AnalyticsClient
 from projections.clickhouse_views import render
 from schemas.codec import CODEC
+from schemas.keys import conversation_key
 from schemas.records import (
     AgentAssigned,
     ConversationClosed,
@@ -46,6 +48,14 @@ def key(settings: Settings, tenant: str) -> dict[str, str]:
 def post(
     settings: Settings, tenant: str, path: str, body: dict[str, Any], method: str = "POST"
 ) -> None:
+    if path.startswith("/v1/conversations/"):
+        # The API answers 404 for conversations the read model has not seen yet.
+        conversation = path.split("/")[3]
+        client = redis.Redis.from_url(settings.redis.dsn)
+        wait_for(
+            lambda: client.exists(conversation_key(tenant, conversation)),
+            what=f"{conversation} in the read model",
+        )
     with gateway(settings) as http:
         response = http.request(method, path, json=body, headers=key(settings, tenant))
     assert response.status_code == 202, response.text
