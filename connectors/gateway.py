@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from connectors import console, dashboard, rest_api, routing_api, webchat
 from connectors.body_limit import BodyLimit
+from connectors.outbox_hub import OutboxHub
 from connectors.publisher import CommandPublisher
 from connectors.telegram import TelegramEdge
 from connectors.telegram import router as telegram_router
@@ -63,6 +64,7 @@ class Services:
     publisher: CommandPublisher
     redis: aioredis.Redis
     tenants: Tenants
+    outbox: OutboxHub
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
@@ -71,10 +73,13 @@ def create_app(config: GatewayConfig) -> FastAPI:
         publisher = CommandPublisher(config.bootstrap, config.commands_topic, config.routing_topic)
         await publisher.start()
         client = aioredis.Redis.from_url(config.redis_url)
-        app.state.services = Services(publisher, client, Tenants(config.api_keys))
+        outbox = OutboxHub(client)
+        await outbox.start()
+        app.state.services = Services(publisher, client, Tenants(config.api_keys), outbox)
         try:
             yield
         finally:
+            await outbox.stop()
             await publisher.stop()
             await client.aclose()
 

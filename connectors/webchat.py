@@ -54,8 +54,8 @@ async def chat_socket(websocket: WebSocket, tenant: str, customer: str) -> None:
         return
     await websocket.accept()
     conversation_id = conversation_id_for(tenant, CHANNEL, customer)
-    pubsub = services.redis.pubsub()
-    await pubsub.subscribe(outbox_channel(tenant, conversation_id))
+    channel = outbox_channel(tenant, conversation_id)
+    frames = services.outbox.subscribe(channel)
     history = await services.redis.lrange(messages_key(tenant, conversation_id), 0, -1)
     await websocket.send_json(
         {
@@ -64,7 +64,7 @@ async def chat_socket(websocket: WebSocket, tenant: str, customer: str) -> None:
             "messages": [json.loads(m) for m in history],
         }
     )
-    relay = asyncio.create_task(_relay(pubsub, websocket))
+    relay = asyncio.create_task(_relay(frames, websocket))
     try:
         while True:
             frame = await websocket.receive_text()
@@ -77,7 +77,7 @@ async def chat_socket(websocket: WebSocket, tenant: str, customer: str) -> None:
         relay.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await relay
-        await pubsub.aclose()
+        services.outbox.unsubscribe(channel, frames)
 
 
 async def _accept(
@@ -117,7 +117,6 @@ async def _accept(
     return {"type": "ack", "id": message_id, "conversation_id": conversation_id}
 
 
-async def _relay(pubsub: Any, websocket: WebSocket) -> None:
-    async for message in pubsub.listen():
-        if message.get("type") == "message":
-            await websocket.send_text(message["data"].decode())
+async def _relay(frames: asyncio.Queue[str], websocket: WebSocket) -> None:
+    while True:
+        await websocket.send_text(await frames.get())
