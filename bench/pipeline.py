@@ -31,7 +31,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -53,17 +52,12 @@ from pydantic import SecretStr
 
 from connectors.identity import command_id_for, conversation_id_for
 from kefu.cli import stack_down_all, stack_up_all
-from kefu.processes import LOOPBACK, free_port
+from kefu.local import private_settings
+from kefu.processes import LOOPBACK
 from kefu.services import Services
 from kefu.settings import (
-    ClickHouseSettings,
-    DevSettings,
-    GatewaySettings,
-    KafkaSettings,
-    RedisSettings,
     Settings,
     TenantSettings,
-    WorkerSettings,
 )
 from kefu.stack import Stack
 from schemas.codec import CODEC, DecodeError
@@ -143,51 +137,22 @@ def machine(settings: Settings) -> Machine:
 # ------------------------------------------------------------------------ settings
 
 
-def _ports(count: int, consecutive: int) -> list[int]:
-    """``count`` distinct free ports; the last starts a run of ``consecutive`` free ones
-    (worker ``i`` listens on ``web_port + i``)."""
-
-    def bindable(port: int) -> bool:
-        with socket.socket() as sock:
-            try:
-                sock.bind((LOOPBACK, port))
-            except OSError:
-                return False
-            return True
-
-    chosen: list[int] = []
-    while len(chosen) < count:
-        port = free_port()
-        if port in chosen:
-            continue
-        if len(chosen) == count - 1:
-            run = range(port, port + consecutive)
-            if any(p in chosen or p > 65535 or not bindable(p) for p in run):
-                continue
-        chosen.append(port)
-    return chosen
-
-
 def bench_settings(state_dir: Path, workers: int) -> Settings:
-    kafka, controller, redis, query, gateway, sink, web = _ports(7, consecutive=workers)
-    return Settings(
-        state_dir=state_dir,
-        kafka=KafkaSettings(port=kafka, controller_port=controller),
-        redis=RedisSettings(port=redis),
-        clickhouse=ClickHouseSettings(query_port=query),
-        gateway=GatewaySettings(port=gateway),
-        worker=WorkerSettings(web_port=web),
-        dev=DevSettings(webhook_sink_port=sink),
-        # Replies go out by signed webhook to the local sink, as in the demo: the
-        # workers do the whole production path, delivery included.
-        tenants={
-            TENANT: TenantSettings(
-                api_key=SecretStr("bench-key"),
-                webhook_url=f"http://{LOOPBACK}:{sink}/webhook",
-                webhook_secret=SecretStr("bench-webhook-secret"),
-            )
-        },
-        log_level="WARNING",
+    base = private_settings(state_dir, workers)
+    sink = base.dev.webhook_sink_port
+    return base.model_copy(
+        update={
+            # Replies go out by signed webhook to the local sink, as in the demo: the
+            # workers do the whole production path, delivery included.
+            "tenants": {
+                TENANT: TenantSettings(
+                    api_key=SecretStr("bench-key"),
+                    webhook_url=f"http://{LOOPBACK}:{sink}/webhook",
+                    webhook_secret=SecretStr("bench-webhook-secret"),
+                )
+            },
+            "log_level": "WARNING",
+        }
     )
 
 

@@ -24,11 +24,8 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from kefu.cli import stack_down_all, stack_up_all
-from kefu.processes import free_ports
+from kefu.local import private_settings
 from kefu.settings import (
-    ClickHouseSettings,
-    KafkaSettings,
-    RedisSettings,
     Settings,
 )
 from projections.replay import (
@@ -181,13 +178,7 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="kefu-bench-replay-"))
-    kafka, controller, redis_port, query = free_ports(4)
-    settings = Settings(
-        state_dir=state,
-        kafka=KafkaSettings(port=kafka, controller_port=controller),
-        redis=RedisSettings(port=redis_port),
-        clickhouse=ClickHouseSettings(query_port=query),
-    )
+    settings = private_settings(state)
     try:
         stack_up_all(settings)
         print(f"writing {args.events:,} events to kefu.events …", flush=True)

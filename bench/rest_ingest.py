@@ -19,18 +19,8 @@ import tempfile
 from pathlib import Path
 
 from kefu.cli import stack_down_all, stack_up_all
-from kefu.processes import free_ports
+from kefu.local import private_settings
 from kefu.services import Services
-from kefu.settings import (
-    ClickHouseSettings,
-    DevSettings,
-    EmailSettings,
-    GatewaySettings,
-    KafkaSettings,
-    RedisSettings,
-    Settings,
-    WorkerSettings,
-)
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # wrk's Lua: a new message id per request, so none is a resend.
@@ -59,17 +49,7 @@ def main() -> None:
     if wrk is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     state = Path(tempfile.mkdtemp(prefix="kefu-bench-rest-"))
-    ports = free_ports(9)
-    settings = Settings(
-        state_dir=state,
-        kafka=KafkaSettings(port=ports[0], controller_port=ports[1]),
-        redis=RedisSettings(port=ports[2]),
-        clickhouse=ClickHouseSettings(query_port=ports[3]),
-        gateway=GatewaySettings(port=ports[4]),
-        worker=WorkerSettings(web_port=ports[5]),
-        dev=DevSettings(webhook_sink_port=ports[6]),
-        email=EmailSettings(port=ports[7], relay_port=ports[8]),
-    )
+    settings = private_settings(state)
     services = Services(settings)
     script = state / "post.lua"
     try:

@@ -26,17 +26,10 @@ from typing import Any
 import websockets
 
 from kefu.cli import stack_down_all, stack_up_all
-from kefu.processes import free_ports
+from kefu.local import private_settings
 from kefu.services import Services
 from kefu.settings import (
-    ClickHouseSettings,
-    DevSettings,
-    EmailSettings,
-    GatewaySettings,
-    KafkaSettings,
-    RedisSettings,
     Settings,
-    WorkerSettings,
 )
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -122,17 +115,7 @@ def main() -> None:
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="kefu-bench-ws-"))
-    ports = free_ports(9)
-    settings = Settings(
-        state_dir=state,
-        kafka=KafkaSettings(port=ports[0], controller_port=ports[1]),
-        redis=RedisSettings(port=ports[2]),
-        clickhouse=ClickHouseSettings(query_port=ports[3]),
-        gateway=GatewaySettings(port=ports[4]),
-        worker=WorkerSettings(web_port=ports[5]),
-        dev=DevSettings(webhook_sink_port=ports[6]),
-        email=EmailSettings(port=ports[7], relay_port=ports[8]),
-    )
+    settings = private_settings(state)
     services = Services(settings)
     try:
         stack_up_all(settings)

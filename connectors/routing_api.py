@@ -7,20 +7,22 @@ tenant's conversation) are rejected there, to the dead-letter topic with the rea
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from connectors.agent_commands import (
+    close_command,
+    handoff_command,
+    new_command_id,
+    presence_command,
+    reply_command,
+)
 from connectors.rest_api import Tenant
 from schemas.keys import conversation_key
 from schemas.records import (
-    CloseConversation,
-    HandOff,
     RateConversation,
-    RecordReply,
-    SetAgentPresence,
 )
 from schemas.time import now_ms
 
@@ -85,25 +87,14 @@ async def _known(request: Request, tenant: str, conversation_id: str) -> None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such conversation")
 
 
-def _command_id(given: str | None = None) -> str:
-    return given or str(uuid.uuid4())
-
-
 @router.put(
     "/agents/{agent_id}/presence", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted
 )
 async def set_presence(
     agent_id: AgentId, body: PresenceIn, tenant: Tenant, request: Request
 ) -> Accepted:
-    command = SetAgentPresence(
-        command_id=_command_id(),
-        tenant_id=tenant,
-        queue=f"{tenant}:{body.team}",
-        issued_at=now_ms(),
-        agent_id=agent_id,
-        presence=body.presence,
-        capacity=body.capacity,
-        skills=list(body.skills),
+    command = presence_command(
+        tenant, agent_id, body.presence, body.team, body.capacity, body.skills
     )
     await request.app.state.services.publisher.publish_routing(command)
     return Accepted(command_id=command.command_id)
@@ -118,16 +109,14 @@ async def hand_off(
     conversation_id: ConversationId, body: HandOffIn, tenant: Tenant, request: Request
 ) -> Accepted:
     await _known(request, tenant, conversation_id)
-    command = HandOff(
-        command_id=_command_id(),
-        conversation_id=conversation_id,
-        tenant_id=tenant,
-        issued_at=now_ms(),
-        to=body.to,
-        team=body.team,
-        agent=body.agent,
-        reason=body.reason or f"requested by {body.requested_by}",
-        requested_by=body.requested_by,
+    command = handoff_command(
+        tenant,
+        conversation_id,
+        body.to,
+        body.team,
+        body.reason,
+        body.requested_by,
+        body.agent,
     )
     await request.app.state.services.publisher.publish(command)
     return Accepted(command_id=command.command_id)
@@ -142,14 +131,7 @@ async def close(
     conversation_id: ConversationId, body: CloseIn, tenant: Tenant, request: Request
 ) -> Accepted:
     await _known(request, tenant, conversation_id)
-    command = CloseConversation(
-        command_id=_command_id(),
-        conversation_id=conversation_id,
-        tenant_id=tenant,
-        issued_at=now_ms(),
-        reason=body.reason,
-        closed_by=body.closed_by,
-    )
+    command = close_command(tenant, conversation_id, body.closed_by, body.reason)
     await request.app.state.services.publisher.publish(command)
     return Accepted(command_id=command.command_id)
 
@@ -163,18 +145,7 @@ async def agent_reply(
     conversation_id: ConversationId, body: AgentReplyIn, tenant: Tenant, request: Request
 ) -> Accepted:
     await _known(request, tenant, conversation_id)
-    message_id = body.message_id or str(uuid.uuid4())
-    command = RecordReply(
-        command_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{tenant}/{body.agent_id}/{message_id}")),
-        conversation_id=conversation_id,
-        tenant_id=tenant,
-        issued_at=now_ms(),
-        in_reply_to="",
-        text=body.text,
-        author=body.agent_id,
-        responder="agent",
-        confidence=1.0,
-    )
+    command = reply_command(tenant, conversation_id, body.agent_id, body.text, body.message_id)
     await request.app.state.services.publisher.publish(command)
     return Accepted(command_id=command.command_id)
 
@@ -189,7 +160,7 @@ async def rate(
 ) -> Accepted:
     await _known(request, tenant, conversation_id)
     command = RateConversation(
-        command_id=_command_id(),
+        command_id=new_command_id(),
         conversation_id=conversation_id,
         tenant_id=tenant,
         issued_at=now_ms(),

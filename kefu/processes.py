@@ -53,6 +53,24 @@ def free_ports(count: int) -> list[int]:
         return [int(sock.getsockname()[1]) for sock in socks]
 
 
+def free_run(length: int, avoid: Sequence[int] = ()) -> int:
+    """The first of ``length`` consecutive free ports (extra workers bind
+    ``web_port + index``), none of them in ``avoid``."""
+    for _ in range(100):
+        first = free_port()
+        run = range(first, first + length)
+        if first + length > 65536 or any(p in avoid for p in run):
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in run:
+                    stack.enter_context(socket.socket()).bind((LOOPBACK, port))
+            except OSError:
+                continue
+        return first
+    raise ProcessError(f"no {length} consecutive free ports on {LOOPBACK}")
+
+
 def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.2) -> bool:
     """Whether something accepts TCP connections on ``host:port``."""
     try:

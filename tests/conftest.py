@@ -5,7 +5,6 @@ ports in a temporary state dir, and stopped after."""
 from __future__ import annotations
 
 import hashlib
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,22 +14,16 @@ import pytest
 from pydantic import SecretStr
 
 from kefu.cli import stack_down_all, stack_up_all
+from kefu.local import private_settings
 from kefu.processes import free_ports
 from kefu.services import Services
 from kefu.settings import (
     AgentSettings,
     ChannelsSettings,
-    ClickHouseSettings,
-    DevSettings,
-    EmailSettings,
-    GatewaySettings,
-    KafkaSettings,
-    RedisSettings,
     Settings,
     TelegramBotSettings,
     TenantSettings,
     WeChatAccountSettings,
-    WorkerSettings,
 )
 from tests.fake_openai import FakeOpenAI
 from tests.fake_telegram import FakeTelegram
@@ -44,36 +37,23 @@ def console_agent(agent: str, team: str = "default", name: str = "") -> AgentSet
     return AgentSettings(token_sha256=SecretStr(digest), team=team, capacity=2, name=name)
 
 
-def _free_pair() -> int:
-    """A port whose successor is free too: extra workers bind web_port + index."""
-    for _ in range(50):
-        port = free_ports(1)[0]
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
-
-
 def isolated_settings(state_dir: Path) -> Settings:
-    kafka, controller, redis, query, gateway, sink = free_ports(6)
-    # The SMTP listener (a daemon) and the fake relay (started lazily by email tests).
-    smtp_in, smtp_relay = free_ports(2)
+    # Two worker web ports: some tests start a second worker.
+    base = private_settings(state_dir, workers=2)
     # The fake WeChat and Telegram APIs (started by the fake_wechat/fake_telegram fixtures).
     wechat_api, telegram_api = free_ports(2)
-    sink_url = f"http://127.0.0.1:{sink}/webhook"
+    sink_url = f"http://127.0.0.1:{base.dev.webhook_sink_port}/webhook"
     return Settings(
         state_dir=state_dir,
-        kafka=KafkaSettings(port=kafka, controller_port=controller),
-        redis=RedisSettings(port=redis),
-        clickhouse=ClickHouseSettings(query_port=query, batch_seconds=0.2),
-        gateway=GatewaySettings(port=gateway),
-        worker=WorkerSettings(web_port=_free_pair()),
-        dev=DevSettings(webhook_sink_port=sink),
-        email=EmailSettings(
-            port=smtp_in, relay_port=smtp_relay, max_message_bytes=256 * 1024, backoff_seconds=0.05
+        kafka=base.kafka,
+        redis=base.redis,
+        clickhouse=base.clickhouse.model_copy(update={"batch_seconds": 0.2}),
+        gateway=base.gateway,
+        worker=base.worker,
+        dev=base.dev,
+        # The SMTP listener (a daemon) and the fake relay (started lazily by email tests).
+        email=base.email.model_copy(
+            update={"max_message_bytes": 256 * 1024, "backoff_seconds": 0.05}
         ),
         channels=ChannelsSettings(
             wechat_api_base=f"http://127.0.0.1:{wechat_api}",

@@ -15,8 +15,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.fake_http import LoopbackServer, port_of, serve, shutdown
 
 
 @dataclass
@@ -40,13 +42,12 @@ class FakeOpenAI:
     in_flight: int = 0
     max_in_flight: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _server: ThreadingHTTPServer | None = None
+    _server: LoopbackServer | None = None
     _release: threading.Event = field(default_factory=threading.Event)
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.server_address[1])
+        return port_of(self._server)
 
     @property
     def base_url(self) -> str:
@@ -58,17 +59,13 @@ class FakeOpenAI:
         class Handler(_Handler):
             server_state = fake
 
-        self._server = _Server(("127.0.0.1", port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = serve(Handler, port)
         return self
 
     def stop(self) -> None:
         """Stop listening: from now on, connections are refused."""
         self._release.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        shutdown(self._server)
 
     def reset(self) -> None:
         with self._lock:
@@ -84,10 +81,6 @@ class FakeOpenAI:
         if self.reply:
             return self.reply
         return f"[{model}] Thanks for asking. Here is what I found for you."
-
-
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 512  # many clients connect at once (the default backlog is 5)
 
 
 class _Handler(BaseHTTPRequestHandler):

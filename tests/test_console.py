@@ -382,9 +382,10 @@ def test_console_protocol_end_to_end(pipeline: Settings) -> None:
 
 
 def test_customer_and_agent_in_headless_chromium(pipeline: Settings) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("no chromium (scripts/ensure-system.sh installs it)")
+    # A missing browser is a broken setup, not a reason to skip: `make test` installs it.
+    assert Path(CHROMIUM).exists(), f"no {CHROMIUM}: run scripts/ensure-system.sh"
+    import playwright.sync_api as sync_api
+
     base = http_base(pipeline)
     who = f"web-{uuid.uuid4().hex[:8]}"
     errors: list[str] = []
