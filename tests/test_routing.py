@@ -164,8 +164,14 @@ def test_three_agents_ten_conversations_priority_then_age(pipeline: Settings) ->
     leaving = "bo"
     held = set(state.agents[leaving].conversations)
     presence(pipeline, "hq", leaving, "offline")
+    # The router writes the presence change and the re-queueing as one batch, but a
+    # reader can catch the log between them: wait for the whole batch.
     state = queue_when(
-        pipeline, queue, lambda s: s.agents[leaving].presence == "offline", "bo offline"
+        pipeline,
+        queue,
+        lambda s: s.agents[leaving].presence == "offline"
+        and held <= {w.conversation_id for w in s.waiting},
+        "bo offline and their conversations back in line",
     )
     assert not state.agents[leaving].conversations
     assert [w.conversation_id for w in state.waiting][:2] == sorted(
