@@ -6,7 +6,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/kefu
 WORKDIR /src
 COPY . .
-# Every dependency ships manylinux wheels for x86_64: no compiler needed there.
+# Dependencies ship manylinux wheels; gcc builds kefu's own moderation extension
+# (streams/_native), which would otherwise fall back to the slower Python path.
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN /opt/kefu/bin/pip install .
 
 FROM python:3.11-slim

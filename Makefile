@@ -21,7 +21,8 @@ system:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# setup.py and the C source too: `pip install -e .` rebuilds the moderation extension.
+$(VENV)/.installed: pyproject.toml setup.py streams/_native/moderation.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
@@ -40,7 +41,7 @@ typecheck: venv
 check: lint typecheck test
 
 bench: setup
-	$(BIN)/python bench/pipeline.py
+	$(BIN)/kefu bench $(BENCH_ARGS)
 
 stack-down:
 	-$(BIN)/kefu stack down

@@ -11,6 +11,10 @@ command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
 # Headless browser for the dashboard test (Playwright drives it; no browser download).
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
+# The moderation extension (streams/_native) is compiled by `pip install -e .`.
+command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
+python3 -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' \
+    >/dev/null 2>&1 || missing="$missing python3-dev"
 
 [ -z "$missing" ] && exit 0
 

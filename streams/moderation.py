@@ -6,10 +6,16 @@ to every tenant; the control topic (``streams.wordlists``) replaces a category f
 all tenants (tenant ``*``) or for one, live, through :meth:`Moderator.apply`.
 
 Matching runs on the normalised text (``streams.normalize``) with one Aho-Corasick
-automaton (ahocorasick-rs) for the shared lists and one per tenant with lists of its
-own. A message that matches nothing costs one ``str.translate`` and one automaton
-pass; positions, word boundaries and masks are worked out only for a hit, on the
-original text. Besides words, two categories have detectors: ``personal`` (Chinese
+automaton for the shared lists and one per tenant with lists of its own. ``check`` is
+native (``streams/_native/moderation.c``, built by ``pip install -e .``): one pass over
+the text normalises each character through ``normalize.table()``, steps the automata,
+keeps each normalised character's original index (so a hit is a span of the original
+text at once), applies the word boundaries, pre-checks personal data and counts the
+spam signals; a message that matches nothing is one C call, and so is one with word
+hits only. The Python implementation (``str.translate`` + ahocorasick-rs, positions
+and boundaries only for a hit) stays as the reference the native path is tested
+against (``check_reference``, ``Moderator(native=False)``) and as the fallback when the
+extension is not built. Besides words, two categories have detectors: ``personal`` (Chinese
 mobile and international phone numbers, Chinese ID card numbers with their check
 digit, e-mail addresses, bank cards passing Luhn) and ``spam`` (the same message
 repeated, or links flooding in, by the same sender: see :func:`sender_entry`).
@@ -24,6 +30,8 @@ MessageModerated event: no routing, no reply request (inbound), no ReplyProduced
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
 import zlib
@@ -34,7 +42,19 @@ from typing import NamedTuple, Protocol
 
 import ahocorasick_rs
 
-from streams.normalize import is_word_char, normalize, offsets, table
+from streams.normalize import (
+    char_flags,
+    code_table,
+    is_word_char,
+    normalize,
+    offsets,
+    table,
+)
+
+try:  # the C hot path (streams/_native/moderation.c), built by `pip install -e .`
+    from streams import _moderation_c as _native
+except ImportError:  # not built: the Python reference below does the same, slower
+    _native = None  # type: ignore[assignment]
 
 ACTION_ORDER = ("pass", "flag", "mask", "block")  # a stronger action wins
 ACTIONS = ("block", "mask", "flag", "off")
@@ -149,9 +169,11 @@ class _Entry:
 class _Matcher:
     automaton: ahocorasick_rs.AhoCorasick | None
     entries: tuple[tuple[_Entry, ...], ...]  # per pattern index
+    # The same patterns and entries for the one-pass native check (None: Python only).
+    compiled: _native.Automaton | None = None
 
     @classmethod
-    def build(cls, lists: Iterable[CategoryList]) -> _Matcher:
+    def build(cls, lists: Iterable[CategoryList], *, with_native: bool = True) -> _Matcher:
         patterns: dict[str, dict[_Entry, None]] = {}
         for lst in lists:
             if lst.action == "off":
@@ -167,7 +189,31 @@ class _Matcher:
         automaton = ahocorasick_rs.AhoCorasick(
             list(patterns), implementation=ahocorasick_rs.Implementation.ContiguousNFA
         )
-        return cls(automaton, tuple(tuple(e) for e in patterns.values()))
+        entries = tuple(tuple(e) for e in patterns.values())
+        return cls(automaton, entries, _native_automaton(patterns, entries, with_native))
+
+
+def _native_automaton(
+    patterns: Iterable[str], entries: tuple[tuple[_Entry, ...], ...], with_native: bool
+) -> _native.Automaton | None:
+    if _native is None or not with_native:
+        return None
+    categories = tuple(sorted({e.category for es in entries for e in es}))
+    index = {c: i for i, c in enumerate(categories)}
+    return _native.Automaton(
+        list(patterns),
+        [[(index[e.category], _entry_flags(e)) for e in es] for es in entries],
+        categories,
+    )
+
+
+def _entry_flags(e: _Entry) -> int:
+    assert _native is not None
+    return (
+        (_native.E_LEFT if e.left_boundary else 0)
+        | (_native.E_RIGHT if e.right_boundary else 0)
+        | (_native.E_LETTERS if e.has_letters else 0)
+    )
 
 
 def _parse_word(word: str, category: str) -> tuple[str, _Entry] | None:
@@ -202,6 +248,8 @@ class _View:
     version: int
     personal: str  # the personal-data action, "off" for none
     spam: str
+    # The view's native scanner (None: the Python reference only).
+    scanner: _native.Scanner | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,23 +261,64 @@ class _Snapshot:
 # ------------------------------------------------------------------ the moderator
 
 
+class _Check(Protocol):
+    def __call__(
+        self,
+        text: str,
+        tenant_id: str = "",
+        *,
+        recent: Sequence[SenderEntry] | None = None,
+        now: int = 0,
+    ) -> Verdict: ...
+
+
 @dataclass(slots=True)
 class Moderator:
-    """Lists per tenant, updated live by :meth:`apply`; :meth:`check` is pure per call."""
+    """Lists per tenant, updated live by :meth:`apply`; ``check`` is pure per call.
+
+    ``check(text, tenant_id="", *, recent=None, now=0) -> Verdict`` is an attribute: the
+    native dispatcher (streams/_native/moderation.c: the tenant's scanner normalises,
+    matches, pre-checks personal data and counts the spam signals in one pass, and
+    builds the "pass" verdict; anything else comes back to :func:`_found`), or, when
+    the extension is not built or ``native=False``, :meth:`check_reference`."""
 
     word_list: WordList = field(default_factory=WordList.default)
     personal_data: bool = True
     spam: SpamLimits = field(default_factory=SpamLimits)
+    native: bool = True  # the C one-pass check when built; False: the Python reference
     _lists: dict[tuple[str, str], CategoryList] = field(default_factory=dict, init=False)
     _shared_matcher: _Matcher = field(init=False)
     _tenant_matchers: dict[str, _Matcher] = field(default_factory=dict, init=False)
     _snapshot: _Snapshot = field(init=False)
     _table: list[int | None] = field(init=False, repr=False)
+    _dispatch: _native.Dispatch | None = field(default=None, init=False, repr=False)
+    check: _Check = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._table = table()  # built once per process, now rather than on a message
-        self._shared_matcher = _Matcher.build(self._shared_lists().values())
+        self._shared_matcher = self._build(self._shared_lists().values())
         self._snapshot = self._views()
+        self.check = self.check_reference
+        self._publish()
+
+    def _publish(self) -> None:
+        """Hand the snapshot's scanners to the native dispatcher (one swap)."""
+        snap = self._snapshot
+        if snap.shared.scanner is None:
+            return
+        scanners = {t: v.scanner for t, v in snap.tenants.items() if v.scanner is not None}
+        if self._dispatch is None:
+            self._dispatch = _native.Dispatch(snap.shared.scanner, scanners)
+            self.check = self._dispatch
+        else:
+            self._dispatch.update(snap.shared.scanner, scanners)
+
+    def _build(self, lists: Iterable[CategoryList]) -> _Matcher:
+        return _Matcher.build(lists, with_native=self.native)
+
+    @property
+    def uses_native(self) -> bool:
+        return self._dispatch is not None
 
     # -- updates
 
@@ -253,16 +342,17 @@ class Moderator:
             return touched
         self._lists = lists
         if ALL_TENANTS in touched:
-            self._shared_matcher = _Matcher.build(self._shared_lists().values())
+            self._shared_matcher = self._build(self._shared_lists().values())
         matchers = dict(self._tenant_matchers)
         for tenant in touched - {ALL_TENANTS}:
             own = [lst for (t, _), lst in lists.items() if t == tenant]
             if own:
-                matchers[tenant] = _Matcher.build(own)
+                matchers[tenant] = self._build(own)
             else:
                 matchers.pop(tenant, None)
         self._tenant_matchers = matchers
         self._snapshot = self._views()  # one assignment: a check sees old or new
+        self._publish()
         return touched
 
     def _shared_lists(self) -> dict[str, CategoryList]:
@@ -306,13 +396,44 @@ class Moderator:
         version: int,
     ) -> _View:
         personal = actions.get(PERSONAL, "mask") if self.personal_data else "off"
-        return _View(
+        spam = actions.get(SPAM, "flag")
+        view = _View(
             tuple((m.automaton, m.entries, ignored) for m, ignored in matchers if m.automaton),
             actions,
             version,
             personal,
-            actions.get(SPAM, "flag"),
+            spam,
         )
+        if _native is not None and self.native:
+            pairs = []
+            for m, ignored in matchers:
+                if m.compiled is None:
+                    continue
+                enabled = bytes(
+                    not (e.category in ignored or actions.get(e.category) == "off")
+                    for es in m.entries
+                    for e in es
+                )
+                codes = bytes(
+                    ACTION_ORDER.index(a) if (a := _action(view, c)) in ACTION_ORDER else 0
+                    for c in m.compiled.categories
+                )
+                pairs.append((m.compiled, enabled, codes))
+            limits = self.spam
+            scanner = _native.Scanner(
+                tuple(pairs),
+                ACTION_ORDER,
+                code_table(),
+                char_flags(),
+                Verdict,
+                version,
+                personal != "off",
+                spam != "off",
+                (limits.repeats, limits.repeat_window_ms, limits.links, limits.link_window_ms),
+                functools.partial(_found, view),
+            )
+            view = dataclasses.replace(view, scanner=scanner)
+        return view
 
     # -- reading
 
@@ -330,7 +451,7 @@ class Moderator:
 
     # -- the check
 
-    def check(
+    def check_reference(
         self,
         text: str,
         tenant_id: str = "",
@@ -338,10 +459,16 @@ class Moderator:
         recent: Sequence[SenderEntry] | None = None,
         now: int = 0,
     ) -> Verdict:
-        # The hot path: most messages match nothing, and cost one translate, one
-        # automaton pass per list set, a byte count for personal data, the verdict.
+        """``check`` in Python only: the reference the native path is tested against,
+        and the fallback when the extension is not built."""
         snap = self._snapshot
-        view = snap.tenants.get(tenant_id) or snap.shared
+        return self._check_python(snap.tenants.get(tenant_id) or snap.shared, text, recent, now)
+
+    def _check_python(
+        self, view: _View, text: str, recent: Sequence[SenderEntry] | None, now: int
+    ) -> Verdict:
+        # One translate, one automaton pass per list set, a byte count for personal
+        # data, the verdict.
         norm = text.translate(self._table)
         hits = []
         for automaton, entries, ignored in view.matchers:
@@ -385,6 +512,32 @@ def _decide(
         spans.setdefault(PERSONAL, []).extend((s, e) for s, e, _ in personal)
     if spam:
         spans.setdefault(SPAM, [])
+    return _verdict(view, text, spans)
+
+
+def _found(
+    view: _View,
+    text: str,
+    accepted: list[tuple[str, int, int]] | None,
+    personal_hint: bool,
+    spam: bool,
+) -> Verdict:
+    """The verdict from what the native pass found: word hits already past the
+    boundary rules, and whether personal data may be there (the regexes decide)."""
+    spans: dict[str, list[tuple[int, int]]] = {}
+    if accepted:
+        for category, first, last in accepted:
+            spans.setdefault(category, []).append((first, last))
+    if personal_hint:
+        personal = find_personal(text)
+        if personal:
+            spans.setdefault(PERSONAL, []).extend((s, e) for s, e, _ in personal)
+    if spam:
+        spans.setdefault(SPAM, [])
+    return _verdict(view, text, spans)
+
+
+def _verdict(view: _View, text: str, spans: dict[str, list[tuple[int, int]]]) -> Verdict:
     if not spans:  # every hit was inside a longer word, or a plain number
         return Verdict("pass", text, (), view.version)
     categories = tuple(sorted(spans))
@@ -494,6 +647,13 @@ def _links(norm: str) -> int:
 
 def sender_entry(text: str, at: int) -> SenderEntry:
     """What a conversation keeps of an inbound message for the spam signals."""
+    if _native is not None:
+        fingerprint, links = _native.sender_stats(text, code_table())
+        return (at, fingerprint, links)
+    return sender_entry_reference(text, at)
+
+
+def sender_entry_reference(text: str, at: int) -> SenderEntry:
     norm = normalize(text)
     return (at, _fingerprint(norm), _links(norm))
 

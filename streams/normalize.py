@@ -18,6 +18,7 @@ What folds, in order, per character:
 
 from __future__ import annotations
 
+import array
 import functools
 import itertools
 import unicodedata
@@ -181,6 +182,39 @@ def offsets(text: str) -> list[int]:
     if not flags.isascii():  # characters beyond the table: the plain loop
         return normalize_with_offsets(text)[1]
     return list(itertools.compress(range(len(text)), flags.encode("ascii")))
+
+
+# The native matcher's tables (streams/_native/moderation.c): the same fold, as bytes.
+DROP = 0xFFFFFFFF  # "dropped" in the code-point table
+F_WORD = 1  # is_word_char
+F_DIGIT = 2  # str.isdigit
+F_ASCII_DIGIT = 4
+F_HINT = 8  # "@", a full-width digit or "＠": personal data worth a look
+
+
+@functools.cache
+def code_table() -> bytes:
+    """``table()`` as native unsigned 32-bit code points, ``DROP`` for None."""
+    return array.array("I", [DROP if m is None else m for m in table()]).tobytes()
+
+
+@functools.cache
+def char_flags() -> bytes:
+    """Per code point below ``TABLE_SIZE``: ``F_WORD`` | ``F_DIGIT`` | ... No character
+    above it is a word character (NFKC maps none of them to ASCII), checked once."""
+    out = bytearray(TABLE_SIZE)
+    for ch in "0123456789":
+        out[ord(ch)] |= F_ASCII_DIGIT
+    for ch in "@０１２３４５６７８９＠":
+        out[ord(ch)] |= F_HINT
+    for code in range(TABLE_SIZE):
+        ch = chr(code)
+        if ch.isdigit():
+            out[code] |= F_DIGIT
+        # NFKC of a character that is not alphanumeric never is: skip the normalize.
+        if (ch.isalnum() or not ch.isascii()) and is_word_char(ch):
+            out[code] |= F_WORD
+    return bytes(out)
 
 
 def is_word_char(ch: str) -> bool:

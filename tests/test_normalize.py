@@ -3,11 +3,27 @@ normalised character back at the original character it came from."""
 
 from __future__ import annotations
 
+import array
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.normalize import is_word_char, normalize, normalize_with_offsets, offsets
+from streams.normalize import (
+    DROP,
+    F_ASCII_DIGIT,
+    F_DIGIT,
+    F_HINT,
+    F_WORD,
+    TABLE_SIZE,
+    char_flags,
+    code_table,
+    is_word_char,
+    normalize,
+    normalize_with_offsets,
+    offsets,
+    table,
+)
 
 
 @pytest.mark.parametrize(
@@ -76,3 +92,17 @@ def test_offset_map_agrees_with_the_fast_path(text: str) -> None:
     assert all(0 <= i < len(text) for i in where)
     # Each normalised character is the fold of the original one it points at.
     assert all(normalize(text[i]) == c for i, c in zip(where, norm, strict=True))
+
+
+def test_the_native_tables_are_the_python_fold() -> None:
+    """streams/_native/moderation.c reads these instead of calling back into Python."""
+    codes = array.array("I", code_table())
+    assert list(codes) == [DROP if m is None else m for m in table()]
+    flags = char_flags()
+    assert len(flags) == TABLE_SIZE
+    for code in range(TABLE_SIZE):
+        ch = chr(code)
+        assert bool(flags[code] & F_WORD) == is_word_char(ch), hex(code)
+        assert bool(flags[code] & F_DIGIT) == ch.isdigit(), hex(code)
+        assert bool(flags[code] & F_ASCII_DIGIT) == ("0" <= ch <= "9"), hex(code)
+        assert bool(flags[code] & F_HINT) == (ch in "@０１２３４５６７８９＠"), hex(code)
