@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import os
 import platform
+import pstats
 import shutil
 import tempfile
 import time
@@ -45,6 +47,7 @@ from streams.moderation import Moderator
 from streams.routing import TenantRouting, router
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+RUNS = ("redis", "clickhouse", "all")
 POLICY = Policy(Moderator(), router(lambda tenant: TenantRouting(ai_enabled=True)))
 
 
@@ -134,7 +137,9 @@ async def timed_replay(settings: Settings, targets: list[Target]) -> tuple[int, 
     return stats.applied, stats.seconds
 
 
-async def measure(settings: Settings, events: int) -> dict[str, float]:
+async def measure(
+    settings: Settings, events: int, only: tuple[str, ...] = RUNS, profile: bool = False
+) -> dict[str, float]:
     written, seconds = await write_log(settings, events)
     figures = {"events": float(written), "write_s": seconds}
     client = aioredis.Redis.from_url(settings.redis.dsn)
@@ -146,15 +151,26 @@ async def measure(settings: Settings, events: int) -> dict[str, float]:
             ("clickhouse", [clickhouse]),
             ("all", [RedisTarget(client), clickhouse]),
         ]
+        loads = []
         for name, targets in runs:
+            if name not in only:
+                continue
             await client.flushdb()
+            profiler = cProfile.Profile() if profile else None
+            if profiler:
+                profiler.enable()
             applied, took = await timed_replay(settings, targets)
+            if profiler:
+                profiler.disable()
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+            loads.append(os.getloadavg()[0])
             figures[f"{name}_events_per_s"] = applied / took if took else 0.0
             print(
                 f"  replay into {name:<10}: {applied} events in {took:6.1f} s "
                 f"= {applied / took:,.0f} events/s",
                 flush=True,
             )
+        figures["load_during"] = max(loads, default=0.0)
     finally:
         await clickhouse.close()
         await client.aclose()
@@ -176,29 +192,50 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
+    parser.add_argument("--runs", default=",".join(RUNS), help="which replays, e.g. redis")
+    parser.add_argument("--profile", action="store_true", help="cProfile each replay")
     args = parser.parse_args()
+    only = tuple(args.runs.split(","))
+    if args.record and only != RUNS:
+        parser.error("--record needs every run")
     state = Path(tempfile.mkdtemp(prefix="kefu-bench-replay-"))
     settings = private_settings(state)
     try:
         stack_up_all(settings)
         print(f"writing {args.events:,} events to kefu.events …", flush=True)
-        figures = asyncio.run(asyncio.wait_for(measure(settings, args.events), args.timeout))
+        figures = asyncio.run(
+            asyncio.wait_for(measure(settings, args.events, only, args.profile), args.timeout)
+        )
     finally:
         stack_down_all(settings)
         shutil.rmtree(state, ignore_errors=True)
     load = os.getloadavg()[0]
     print(
         f"wrote {figures['events']:,.0f} events in {figures['write_s']:.1f} s; load avg {load:.1f}"
+        f" (during the replays: {figures['load_during']:.1f})"
     )
     if args.record:
         row = (
             f"| 2026-11-21 | {machine()} | `.venv/bin/python bench/replay.py --events {args.events}"
             f" --record` | {figures['events']:,.0f} | {figures['redis_events_per_s']:,.0f} | "
             f"{figures['clickhouse_events_per_s']:,.0f} | {figures['all_events_per_s']:,.0f} | "
-            f"{load:.1f} |\n"
+            f"{figures['load_during']:.1f} |\n"
         )
         text = RESULTS.read_text("utf-8")
         header = "## Replay\n"
+        if header in text:
+            # After the section's last table row: other sections follow it.
+            lines = text.split("\n")
+            start = lines.index("## Replay")
+            end = next(
+                (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                len(lines),
+            )
+            last = max(i for i in range(start, end) if lines[i].startswith("|"))
+            lines.insert(last + 1, row.rstrip("\n"))
+            RESULTS.write_text("\n".join(lines), "utf-8")
+            print(f"recorded in {RESULTS}")
+            return
         if header not in text:
             text += (
                 "\n## Replay\n\nRecorded by `bench/replay.py --record`: rebuild the read models "

@@ -13,6 +13,7 @@ against the field names routing publishes; they run as soon as those events exis
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,8 +47,12 @@ PRIORITY_RANK = {"urgent": 0, "vip": 1, "high": 2, "normal": 3, "low": 4}
 #       n_index, (field, key prefix, score field) triples...
 # An index keeps ``prefix .. value`` (a zset) holding the conversation while the hash
 # field has that value; the old value's zset loses it when the value changes.
-_APPLY = """
-local h = KEYS[1]
+# One event's writes, as a function: the one-event script and the batch script run
+# exactly this, so a batch issues the same Redis commands, in the same order, as one
+# script call per event (DUMPs stay byte-identical: a hash's table order depends on
+# every operation on it, reads included).
+_APPLY_EVENT = """
+local function apply_event(h, messages, conversations, unread_key, ARGV)
 local seq = tonumber(ARGV[1])
 if seq <= tonumber(redis.call('HGET', h, 'seq') or '0') then return 0 end
 local member = ARGV[2]
@@ -66,9 +71,14 @@ if member == '' then
   end
   return 1
 end
+-- Reads of h that follow each other with no write to h between them go in one HMGET:
+-- the same field lookups in the same order as one HGET each, in fewer calls.
 local old = {}
-for j = 0, n_idx - 1 do
-  old[j] = redis.call('HGET', h, ARGV[idx_at + 3 * j]) or ''
+if n_idx > 0 then
+  local fields = {}
+  for j = 0, n_idx - 1 do fields[j + 1] = ARGV[idx_at + 3 * j] end
+  local got = redis.call('HMGET', h, unpack(fields))
+  for j = 0, n_idx - 1 do old[j] = got[j + 1] or '' end
 end
 redis.call('HSET', h, 'seq', ARGV[1], 'updated_at', at, 'conversation_id', member)
 redis.call('HSETNX', h, 'created_at', at)
@@ -86,31 +96,105 @@ for j = 0, n_ext - 1 do
   local k = ext_at + 3 * j
   redis.call('HSET', ARGV[k], ARGV[k + 1], ARGV[k + 2])
 end
+-- The index fields' new values follow from old and this event's writes, so which score
+-- fields the loop below reads is known before reading: one HMGET of the same fields in
+-- the same order (the zsets it touches in between are other keys). Unless a field is
+-- one the event writes otherwise: then one HGET at a time, as ever.
+local news = {}
+local known = true
 for j = 0, n_idx - 1 do
-  local k = idx_at + 3 * j
-  local new = redis.call('HGET', h, ARGV[k]) or ''
-  if old[j] ~= '' and old[j] ~= new then
-    redis.call('ZREM', ARGV[k + 1] .. old[j], member)
+  local f = ARGV[idx_at + 3 * j]
+  if f == 'seq' or f == 'updated_at' or f == 'conversation_id' or f == 'created_at'
+      or f == 'first_response_ms' then
+    known = false
   end
-  if new ~= '' then
-    local score = redis.call('HGET', h, ARGV[k + 2])
-    if not score or score == '' then score = at end
-    redis.call('ZADD', ARGV[k + 1] .. new, score, member)
+  for x = incr_at, incr_at + n_incr - 1 do
+    if ARGV[x] == f then known = false end
   end
+  local v = old[j]
+  for x = 0, n_set - 1 do
+    if ARGV[set_at + 2 * x] == f then v = ARGV[set_at + 2 * x + 1] end
+  end
+  news[j] = v
 end
-local unread = tonumber(redis.call('HGET', h, 'unread') or '0')
-if unread > 0 then
-  redis.call('ZADD', KEYS[4], unread, member)
+for x = 0, n_ext - 1 do
+  if ARGV[ext_at + 3 * x] == h then known = false end
+end
+local unread
+if known then
+  local fields = {}
+  for j = 0, n_idx - 1 do
+    local k = idx_at + 3 * j
+    fields[#fields + 1] = ARGV[k]
+    if news[j] ~= '' then fields[#fields + 1] = ARGV[k + 2] end
+  end
+  fields[#fields + 1] = 'unread'
+  local got = redis.call('HMGET', h, unpack(fields))
+  local p = 1
+  for j = 0, n_idx - 1 do
+    local k = idx_at + 3 * j
+    local new = got[p] or ''
+    p = p + 1
+    if old[j] ~= '' and old[j] ~= new then
+      redis.call('ZREM', ARGV[k + 1] .. old[j], member)
+    end
+    if news[j] ~= '' then
+      local score = got[p]
+      p = p + 1
+      if new ~= '' then
+        if not score or score == '' then score = at end
+        redis.call('ZADD', ARGV[k + 1] .. new, score, member)
+      end
+    end
+  end
+  unread = tonumber(got[p] or '0')
 else
-  redis.call('ZREM', KEYS[4], member)
+  for j = 0, n_idx - 1 do
+    local k = idx_at + 3 * j
+    local new = redis.call('HGET', h, ARGV[k]) or ''
+    if old[j] ~= '' and old[j] ~= new then
+      redis.call('ZREM', ARGV[k + 1] .. old[j], member)
+    end
+    if new ~= '' then
+      local score = redis.call('HGET', h, ARGV[k + 2])
+      if not score or score == '' then score = at end
+      redis.call('ZADD', ARGV[k + 1] .. new, score, member)
+    end
+  end
+  unread = tonumber(redis.call('HGET', h, 'unread') or '0')
+end
+if unread > 0 then
+  redis.call('ZADD', unread_key, unread, member)
+else
+  redis.call('ZREM', unread_key, member)
 end
 if ARGV[4] ~= '' then
-  redis.call('RPUSH', KEYS[2], ARGV[4])
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
+  redis.call('RPUSH', messages, ARGV[4])
+  redis.call('LTRIM', messages, -tonumber(ARGV[5]), -1)
 end
-redis.call('ZADD', KEYS[3], at, member)
+redis.call('ZADD', conversations, at, member)
 return 1
+end
 """
+_APPLY = _APPLY_EVENT + "return apply_event(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV)\n"
+
+# Many events in one call: ARGV[1] is a JSON array of [key 1..4, [args as strings]]
+# per event (what ``script_call`` gives), applied in order; returns how many applied.
+# The keys travel in the payload, not KEYS: fine on a standalone Redis, which this model
+# needs anyway (one call spans a tenant's conversations).
+_APPLY_MANY = (
+    _APPLY_EVENT
+    + """
+local applied = 0
+for _, e in ipairs(cjson.decode(ARGV[1])) do
+  applied = applied + apply_event(e[1], e[2], e[3], e[4], e[5])
+end
+return applied
+"""
+)
+
+# Public for sinks that queue it in a transaction of their own (redis_rebuild).
+APPLY_SCRIPT = _APPLY
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +420,60 @@ def _csat(event: Event) -> Change:
 # --- the sink ------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
+def _tenant_parts(tenant: str) -> tuple[str, str, tuple[str, ...]]:
+    """A tenant's conversations and unread keys and its flattened index specs: the same
+    for every event of the tenant, so made once."""
+    specs = index_specs(tenant)
+    flat = (str(len(specs)), *(part for spec in specs for part in spec))
+    return conversations_key(tenant), unread_key(tenant), flat
+
+
+def event_entry(event: Event | QueueEvent) -> list[Any]:
+    """One event of an ``_APPLY_MANY`` payload: its four keys, then its arguments as
+    strings (what redis-py would send for ``script_call``'s)."""
+    change = changes(event)
+    tenant = event.tenant_id
+    conversation = event.conversation_id if isinstance(event, Event) else ""
+    guard = (
+        conversation_key(tenant, conversation)
+        if conversation
+        else queue_seq_key(tenant, str(getattr(event, "queue", "")))
+    )
+    conversations, unread, specs = _tenant_parts(tenant)
+    args = [
+        str(event.seq),
+        conversation,
+        str(event.occurred_at),
+        json.dumps(change.message, ensure_ascii=False) if change.message else "",
+        _RECENT,
+        str(len(change.set)),
+    ]
+    for name, value in change.set.items():
+        args.append(name)
+        args.append(_arg(value))
+    args.append(str(len(change.incr)))
+    args.extend(change.incr)
+    args.append(str(len(change.ext)))
+    for triple in change.ext:
+        args.extend(map(_arg, triple))
+    args.extend(specs)
+    return [guard, messages_key(tenant, conversation), conversations, unread, args]
+
+
+_RECENT = str(RECENT_MESSAGES)
+
+
+def _arg(value: Any) -> str:
+    # As redis-py encodes an argument: str as is, int and float by repr (bytes unused).
+    return value if isinstance(value, str) else repr(value)
+
+
+def batch_payload(events: Sequence[Event | QueueEvent]) -> str:
+    """``_APPLY_MANY``'s ARGV[1] for ``events``, in order."""
+    return json.dumps([event_entry(e) for e in events], ensure_ascii=False)
+
+
 def script_call(event: Event | QueueEvent) -> tuple[list[str], list[Any]]:
     """The keys and arguments of the script for one event. An event of a queue rather
     than a conversation (routing's ``QueueEvent``s) is guarded by its queue's seq."""
@@ -375,20 +513,44 @@ def script_call(event: Event | QueueEvent) -> tuple[list[str], list[Any]]:
     return keys, args
 
 
+# Events per ``_APPLY_MANY`` call: Redis runs a script to its end, so a call blocks
+# other clients for about this many events' work (~10 µs each).
+BATCH_EVENTS = 500
+
+
 class RedisConversations:
     """The Redis read model: an ``EventSink`` for the projection agent and replay."""
 
     name = "redis"
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, batch_events: int = BATCH_EVENTS) -> None:
         self._redis = client
         self._apply = client.register_script(_APPLY)
+        self._apply_many = client.register_script(_APPLY_MANY)
+        self._batch = batch_events
 
     async def apply(self, events: Sequence[Event | QueueEvent]) -> None:
+        """Every event, in order, one script call per ``batch_events`` of them."""
+        if len(events) == 1:
+            keys, args = script_call(events[0])
+            await self._apply(keys=keys, args=args)
+            return
+        await self.apply_payloads(self.payloads(events))
+
+    def payloads(self, events: Sequence[Event | QueueEvent]) -> list[str]:
+        """The batch script's payloads for ``events`` (CPU only: no I/O)."""
+        return [
+            batch_payload(events[start : start + self._batch])
+            for start in range(0, len(events), self._batch)
+        ]
+
+    async def apply_payloads(self, payloads: Sequence[str]) -> None:
+        """Run the batch script over ``payloads``, in order, in one round trip."""
+        if not payloads:
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
-            for event in events:
-                keys, args = script_call(event)
-                await self._apply(keys=keys, args=args, client=pipe)
+            for payload in payloads:
+                await self._apply_many(keys=[], args=[payload], client=pipe)
             await pipe.execute()
 
     async def conversation(self, tenant_id: str, conversation_id: str) -> dict[str, str]:

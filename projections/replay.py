@@ -6,15 +6,24 @@ keeps the events that pass the filter, and applies them with the projections' ow
 code: ``RedisConversations.apply`` and ``row_for`` + an insert. Both are idempotent,
 so replaying over a live model changes nothing; ``reset`` first drops what the filter
 covers, so the model is rebuilt from the log alone.
+
+The stages overlap: a task reads and decodes batches into a bounded queue while the
+targets write the previous ones, and each target keeps one write in flight (Redis:
+one batch-script call per 500 events; ClickHouse: inserts of ``batch`` rows) while it
+prepares the next, so Kafka, the decoder and both stores work at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import clickhouse_connect
 import httpx
@@ -50,8 +59,9 @@ class ReplayFilter:
         return self.until_ms is None or event.occurred_at < self.until_ms
 
 
-@dataclass(frozen=True, slots=True)
-class LogRecord:
+class LogRecord(NamedTuple):
+    """One per event replayed: a NamedTuple, at half the cost of a frozen dataclass."""
+
     event: Event | QueueEvent
     raw: bytes
     partition: int
@@ -76,9 +86,14 @@ class LogReader:
     with no consumer group (commits nothing)."""
 
     def __init__(
-        self, bootstrap: str, topics: str | Sequence[str], fetch_max_bytes: int = 64 << 20
+        self,
+        bootstrap: str,
+        topics: str | Sequence[str],
+        fetch_max_bytes: int = 64 << 20,
+        kafka_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._bootstrap = bootstrap
+        self._kafka_options = dict(kafka_options or {})
         self._topics = [topics] if isinstance(topics, str) else list(topics)
         self._fetch_max_bytes = fetch_max_bytes
         self.total = 0  # records in range, known once ``batches`` starts
@@ -93,6 +108,7 @@ class LogReader:
             auto_offset_reset="earliest",
             fetch_max_bytes=self._fetch_max_bytes,
             max_partition_fetch_bytes=16 << 20,
+            **self._kafka_options,
         )
         await consumer.start()
         try:
@@ -166,7 +182,31 @@ class Target(Protocol):
 
     async def reset(self, flt: ReplayFilter) -> None: ...
 
-    async def apply(self, records: Sequence[LogRecord]) -> None: ...
+    async def apply(self, records: Sequence[LogRecord]) -> None:
+        """Take a batch, in log order; the write may still be in flight on return."""
+
+    async def flush(self) -> None:
+        """Every batch taken is stored."""
+
+
+class _OneInFlight:
+    """One write at a time, in order, while the caller prepares the next."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, write: Awaitable[None]) -> None:
+        await self.drain()
+        self._task = asyncio.ensure_future(write)
+
+    async def drain(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            await task  # its failure surfaces here
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 class RedisTarget:
@@ -175,6 +215,7 @@ class RedisTarget:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._model = RedisConversations(client)
+        self._writes = _OneInFlight()
 
     async def reset(self, flt: ReplayFilter) -> None:
         if flt.since_ms is not None or flt.until_ms is not None:
@@ -207,7 +248,11 @@ class RedisTarget:
         return found
 
     async def apply(self, records: Sequence[LogRecord]) -> None:
-        await self._model.apply([r.event for r in records])
+        payloads = self._model.payloads([r.event for r in records])
+        await self._writes.submit(self._model.apply_payloads(payloads))
+
+    async def flush(self) -> None:
+        await self._writes.drain()
 
 
 class ClickHouseTarget:
@@ -216,14 +261,17 @@ class ClickHouseTarget:
 
     name = "clickhouse"
 
-    def __init__(self, url: str, database: str, query_port: int, batch: int = 20_000) -> None:
+    def __init__(self, url: str, database: str, query_port: int, batch: int = 100_000) -> None:
         self._embedded = url.startswith("chdb://")
         self._base = f"http://127.0.0.1:{query_port}"
         self._url = url
         self._database = database
         self._batch = batch
         self._client: Any = None
-        self._http = httpx.AsyncClient(base_url=self._base, timeout=120)
+        self._http = httpx.AsyncClient(base_url=self._base, timeout=300)
+        # Rows wait here until a full insert: each insert is a part ClickHouse merges.
+        self._rows: list[list[Any]] = []
+        self._writes = _OneInFlight()
 
     def _server(self) -> Any:
         if self._client is None:
@@ -246,17 +294,36 @@ class ClickHouseTarget:
             )
 
     async def apply(self, records: Sequence[LogRecord]) -> None:
-        rows = [row_for(r.event, r.partition, r.offset, r.raw) for r in records]
-        for start in range(0, len(rows), self._batch):
-            chunk = rows[start : start + self._batch]
-            if self._embedded:
-                _check(await self._http.post("/events", json={"rows": chunk}))
-            else:
-                from projections.clickhouse_events import COLUMNS
+        self._rows.extend(row_for(r.event, r.partition, r.offset, r.raw) for r in records)
+        if len(self._rows) >= self._batch:
+            await self._send()
 
-                self._server().insert(f"{self._database}.events", chunk, column_names=COLUMNS)
+    async def flush(self) -> None:
+        if self._rows:
+            await self._send()
+        await self._writes.drain()
+
+    async def _send(self) -> None:
+        rows, self._rows = self._rows, []
+        if self._embedded:
+            # Encoded here, before the write is queued: the event loop sends while the
+            # owner inserts the previous batch.
+            body = json.dumps({"rows": rows}, ensure_ascii=False).encode()
+            await self._writes.submit(self._post(body))
+        else:
+            await self._writes.submit(asyncio.to_thread(self._insert, rows))
+
+    async def _post(self, body: bytes) -> None:
+        headers = {"content-type": "application/json"}
+        _check(await self._http.post("/events", content=body, headers=headers))
+
+    def _insert(self, rows: list[list[Any]]) -> None:
+        from projections.clickhouse_events import COLUMNS
+
+        self._server().insert(f"{self._database}.events", rows, column_names=COLUMNS)
 
     async def close(self) -> None:
+        self._writes.cancel()
         await self._http.aclose()
         if self._client is not None:
             self._client.close()
@@ -273,6 +340,7 @@ async def replay(
     flt: ReplayFilter,
     reset: bool = False,
     progress: Progress | None = None,
+    read_ahead: int = 4,
 ) -> ReplayStats:
     """Apply the log's events that pass ``flt`` to every target, in log order per
     partition (so per conversation)."""
@@ -281,12 +349,44 @@ async def replay(
     if reset:
         for target in targets:
             await target.reset(flt)
-    async for batch in reader.batches(flt, stats, progress):
-        for target in targets:
-            await target.apply(batch)
-        stats.applied += len(batch)
+    # A few batches read ahead: Kafka and the decoder run while the targets write.
+    queue: asyncio.Queue[list[LogRecord] | None] = asyncio.Queue(maxsize=read_ahead)
+
+    async def read() -> None:
+        try:
+            async for batch in reader.batches(flt, stats, progress):
+                await queue.put(batch)
+        finally:
+            await queue.put(None)
+
+    reading = asyncio.create_task(read())
+    try:
+        with _fewer_collections():
+            while (batch := await queue.get()) is not None:
+                await asyncio.gather(*(target.apply(batch) for target in targets))
+                stats.applied += len(batch)
+            await reading  # a reader failure surfaces here
+            await asyncio.gather(*(target.flush() for target in targets))
+    finally:
+        if not reading.done():
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+@contextlib.contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """A replay holds batches of tens of thousands of decoded events: with the default
+    thresholds the cyclic collector walks them again and again (~20 % of the CPU).
+    Collect every 100,000 allocations instead, for the replay only."""
+    old = gc.get_threshold()
+    gc.set_threshold(100_000, 50, 1000)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
 
 
 def replay_topics(names: TopicNames) -> list[str]:
