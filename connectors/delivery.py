@@ -20,6 +20,7 @@ from typing import Protocol
 import httpx
 import redis.asyncio as aioredis
 
+from connectors.metrics import delivering
 from schemas.keys import outbox_channel
 from schemas.outcomes import DeliveryOutcome as Outcome
 from schemas.records import ConversationQueued, ReplyProduced
@@ -81,6 +82,12 @@ class ChannelDeliverer:
         self._senders = dict(senders or {})
 
     async def deliver(self, reply: ReplyProduced) -> Outcome:
+        with delivering(reply.tenant_id, reply.channel) as outcome:
+            result = await self._deliver(reply)
+            outcome(result.status)
+        return result
+
+    async def _deliver(self, reply: ReplyProduced) -> Outcome:
         sender = self._senders.get(reply.channel)
         if sender is not None:
             return await sender.send(reply)

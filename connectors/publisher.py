@@ -5,39 +5,59 @@ an edge answers "accepted" only for what is durable."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from aiokafka import AIOKafkaProducer
 
+from connectors.metrics import publishing
 from schemas.codec import CODEC
 from schemas.records import Command, RoutingCommand
 
 
 class CommandPublisher:
-    def __init__(self, bootstrap: str, topic: str, routing_topic: str = "") -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        routing_topic: str = "",
+        kafka_options: Mapping[str, Any] | None = None,  # SASL/TLS (docs/security.md)
+    ) -> None:
         self._topic = topic
         self._routing_topic = routing_topic
+        self.started = False  # the gateway's /readyz
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",
             enable_idempotence=True,
             linger_ms=2,
             client_id="kefu-gateway",
+            **(kafka_options or {}),
         )
 
     async def start(self) -> None:
         await self._producer.start()
+        self.started = True
 
     async def stop(self) -> None:
+        self.started = False
         await self._producer.stop()
 
     async def publish_routing(self, command: RoutingCommand) -> None:
         """Routing commands are keyed by queue: one router decides per queue."""
-        await self._producer.send_and_wait(
-            self._routing_topic, key=command.queue.encode(), value=CODEC.encode(command)
-        )
+        with publishing(command, self._routing_topic) as headers:
+            await self._producer.send_and_wait(
+                self._routing_topic,
+                key=command.queue.encode(),
+                value=CODEC.encode(command),
+                headers=headers,
+            )
 
     async def publish(self, command: Command) -> None:
-        await self._producer.send_and_wait(
-            self._topic,
-            key=command.conversation_id.encode(),
-            value=CODEC.encode(command),
-        )
+        with publishing(command, self._topic) as headers:
+            await self._producer.send_and_wait(
+                self._topic,
+                key=command.conversation_id.encode(),
+                value=CODEC.encode(command),
+                headers=headers,
+            )

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from connectors.delivery import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TENANT_HEADER, sign
+from connectors.metrics import ops_routes
 
 
 def webhook_sink(secrets: Mapping[str, bytes]) -> Starlette:
@@ -45,5 +46,6 @@ def webhook_sink(secrets: Mapping[str, bytes]) -> Starlette:
         routes=[
             Route("/webhook", webhook, methods=["POST"]),
             Route("/received", listing, methods=["GET"]),
+            *ops_routes(),  # /metrics, /healthz, /readyz
         ]
     )

@@ -9,8 +9,12 @@ import logging
 import signal
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
+from connectors.metrics import ops_routes
 from kefu.settings import Settings
+from kefu.telemetry import ops_app, register_counter, serve_ops
 from projections.clickhouse_events import ClickHouseProjector, ClickHouseStore, ProjectorConfig
 from projections.clickhouse_query import query_app
 from schemas.topics import TopicNames
@@ -31,14 +35,28 @@ async def serve(settings: Settings) -> None:
             batch_size=settings.clickhouse.batch_size,
             batch_seconds=settings.clickhouse.batch_seconds,
             extra_topics=(names.queue_events,),
+            kafka_options=settings.kafka.client_options(),
         ),
         store,
     )
+    register_counter(
+        "kefu_projector_rows_stored", "Events stored in ClickHouse", lambda: projector.stored
+    )
+
+    async def ready() -> tuple[bool, dict[str, object]]:
+        await store.query("SELECT 1")  # the engine (chdb or server) answers
+        return True, {"database": store.database}
+
     server: uvicorn.Server | None = None
     tasks = [asyncio.create_task(projector.run(), name="projector")]
+    # /metrics, /healthz, /readyz: on the query endpoint with chdb, else on their own port.
+    o = settings.observability
+    ops = None
+    if not settings.embedded_clickhouse:
+        ops = await serve_ops(ops_app(ready), o.ops_host, o.projector_port, "projector")
     if settings.embedded_clickhouse:
         config = uvicorn.Config(
-            query_app(store),
+            Starlette(routes=[*ops_routes(ready), Mount("/", query_app(store))]),
             host="127.0.0.1",
             port=settings.clickhouse.query_port,
             log_level="warning",
@@ -56,8 +74,9 @@ async def serve(settings: Settings) -> None:
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     projector.stop()
-    if server is not None:
-        server.should_exit = True
+    for running in (server, ops):
+        if running is not None:
+            running.should_exit = True
     for task in tasks:
         if task in done and task.exception():
             log.error("%s failed: %r", task.get_name(), task.exception())

@@ -37,6 +37,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from schemas.records import ReplyRequested
+from streams import metrics
 from streams.breaker import CircuitBreaker, RateLimiter, backoff
 from streams.intents import (
     CLARIFY,
@@ -500,6 +501,7 @@ class AIResponder:
             m.name: CircuitBreaker(m.name, config.breaker_failures, config.breaker_reset, clock)
             for m in config.models
         }
+        metrics.watch_breakers(self.breakers.values())
 
     async def answer(self, request: ReplyRequested) -> Answer:
         text = request.text
@@ -531,6 +533,7 @@ class AIResponder:
             hit = await self.cache.lookup(
                 request.tenant_id, decision.intent, lang, vector, vectorize
             )
+            metrics.cache_lookup(request.tenant_id, hit is not None)
             if hit is not None:
                 return Answer(
                     hit.answer,
@@ -608,11 +611,13 @@ class AIResponder:
                 if remaining <= 0:
                     return None
                 if not breaker.allow():
+                    metrics.LLM_CALLS.labels(spec.name, "refused").inc()
                     break  # open: straight to the next model, no waiting
                 try:
-                    result = await self._call(
-                        endpoint, request, lang, intent, knowledge, tuning, streaming, remaining
-                    )
+                    with metrics.llm_call(spec.name):
+                        result = await self._call(
+                            endpoint, request, lang, intent, knowledge, tuning, streaming, remaining
+                        )
                 except asyncio.CancelledError:
                     breaker.release()
                     raise

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from schemas.codec import DecodeError
 from schemas.records import Event, QueueEvent
+from streams import telemetry
 from streams.app import KefuApp
 from streams.inbox import decode, send_dead_letter
 
@@ -43,6 +45,7 @@ def install(
 
     async def projection(stream: Any) -> None:
         async for batch_events in stream.take_events(batch, within=within):
+            started = time.perf_counter()
             decoded: list[Projected] = []
             for event in batch_events:
                 try:
@@ -51,6 +54,7 @@ def install(
                     await send_dead_letter(kefu.deadletter, event.message, exc.reason, consumer)
             if decoded:
                 await _apply_until_done(sink, decoded)
+                telemetry.projected(consumer, batch_events, started)
 
     return kefu.app.agent(topic, name=f"kefu.{consumer}")(projection)
 
