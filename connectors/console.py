@@ -48,6 +48,8 @@ from connectors.agent_commands import (
     presence_command,
     reply_command,
 )
+from connectors.auth import websocket_origin_ok
+from connectors.rate_limit import RateLimiter
 from schemas.keys import (
     agents_key,
     assignee_key,
@@ -217,8 +219,15 @@ async def console_socket(websocket: WebSocket) -> None:
         return
     directory: AgentDirectory = getattr(websocket.app.state, "agents", None) or {}
     account = authenticate(directory, login.tenant, login.agent, login.token)
+    limiter: RateLimiter | None = getattr(websocket.app.state, "limiter", None)
     if account is None:
+        if limiter is not None:  # guessing tokens costs the caller's IP bucket
+            ip = websocket.client.host if websocket.client else "unknown"
+            await limiter.check(None, f"ip:{ip}")
         await websocket.close(code=4401, reason="unknown tenant, agent or token")
+        return
+    if not websocket_origin_ok(websocket.app, websocket.headers, login.tenant):
+        await websocket.close(code=4403, reason="origin not allowed")
         return
     session = ConsoleSession(websocket, login.tenant, login.agent, account)
     await session.run()
@@ -322,6 +331,13 @@ class ConsoleSession:
         with contextlib.suppress(WebSocketDisconnect):
             while True:
                 raw = await self.websocket.receive_text()
+                limiter: RateLimiter | None = getattr(self.websocket.app.state, "limiter", None)
+                limited = (
+                    await limiter.check(self.tenant, f"agent:{self.agent}") if limiter else None
+                )
+                if limited is not None:
+                    await self.send({"type": "error", **limited.body()})
+                    continue
                 try:
                     frame = parse_frame(raw)
                 except ValueError as exc:

@@ -26,7 +26,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
@@ -305,11 +305,14 @@ class ListenerConfig:
     max_message_bytes: int = 10 * 1024 * 1024
     max_text_chars: int = 8000
     host: str = "127.0.0.1"
+    kafka_options: Mapping[str, Any] = field(default_factory=dict)  # SASL/TLS
 
 
 async def serve(config: ListenerConfig, stop: asyncio.Event | None = None) -> None:
     """Listen until ``stop`` is set (or forever)."""
-    publisher = CommandPublisher(config.bootstrap, config.commands_topic)
+    publisher = CommandPublisher(
+        config.bootstrap, config.commands_topic, kafka_options=config.kafka_options
+    )
     await publisher.start()
     redis = aioredis.Redis.from_url(config.redis_url)
     handler = EmailHandler(publisher, ThreadStore(redis), config.mailboxes, config.max_text_chars)

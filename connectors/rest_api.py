@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from connectors.auth import presented_key, require
 from connectors.identity import command_id_for, conversation_id_for
 from schemas.keys import conversation_key, messages_key
 from schemas.records import ReceiveMessage
@@ -42,20 +43,15 @@ class Accepted(BaseModel):
     command_id: str
 
 
-def tenant_of(
+async def tenant_of(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> str:
-    presented = x_api_key or ""
-    if authorization and authorization.lower().startswith("bearer "):
-        presented = authorization[7:].strip()
-    if not presented:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key")
-    tenant = request.app.state.services.tenants.by_api_key(presented)
-    if tenant is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key")
-    return str(tenant)
+    """The tenant of an API key (never an admin key or agent token), rate-limited per
+    tenant and per key (429); connectors/auth.py."""
+    principal = await require(request, "api", presented_key(authorization, x_api_key))
+    return principal.tenant
 
 
 Tenant = Annotated[str, Depends(tenant_of)]

@@ -132,7 +132,11 @@ async def _replay(settings: Settings, projection: str, flt: Any, reset: bool) ->
     )
     from schemas.topics import TopicNames
 
-    reader = LogReader(settings.kafka.servers, replay_topics(TopicNames(settings.topic_prefix)))
+    reader = LogReader(
+        settings.kafka.servers,
+        replay_topics(TopicNames(settings.topic_prefix)),
+        kafka_options=settings.kafka.client_options(),
+    )
     targets: list[Target] = []
     client = None
     clickhouse = None
@@ -176,7 +180,11 @@ async def _from_log(settings: Settings, conversation: str) -> list[Any]:
     from projections.replay import LogReader, ReplayFilter, ReplayStats
     from schemas.topics import TopicNames
 
-    reader = LogReader(settings.kafka.servers, TopicNames(settings.topic_prefix).events)
+    reader = LogReader(
+        settings.kafka.servers,
+        TopicNames(settings.topic_prefix).events,
+        kafka_options=settings.kafka.client_options(),
+    )
     out = []
     async for batch in reader.batches(ReplayFilter(conversation=conversation), ReplayStats()):
         out += [Entry(r.event.seq, r.raw, r.partition, r.offset) for r in batch]

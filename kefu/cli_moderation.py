@@ -46,7 +46,9 @@ def _publish(
     from streams.wordlists import list_key, next_version, publish, read_control
 
     bootstrap, topic = _names(settings)
-    current = asyncio.run(read_control(bootstrap, topic))
+    current = asyncio.run(
+        read_control(bootstrap, topic, kafka_options=settings.kafka.client_options())
+    )
     record = WordListChanged(
         tenant_id=tenant,
         category=category,
@@ -57,7 +59,8 @@ def _publish(
         changed_by=by,
     )
     try:
-        asyncio.run(publish(bootstrap, topic, list_key(tenant, category), record))
+        options = settings.kafka.client_options()
+        asyncio.run(publish(bootstrap, topic, list_key(tenant, category), record, options))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     return record.version
@@ -69,7 +72,9 @@ def _in_force(settings: Settings, tenant: str, category: str) -> tuple[str, list
     from streams.wordlists import read_control
 
     bootstrap, topic = _names(settings)
-    current = asyncio.run(read_control(bootstrap, topic))
+    current = asyncio.run(
+        read_control(bootstrap, topic, kafka_options=settings.kafka.client_options())
+    )
     base = WordList.default() if settings.moderation.default_lists else WordList({}, {}, 0)
     moderator = Moderator(base)
     moderator.apply(current.changes())
@@ -147,8 +152,10 @@ def delete_list(tenant: str, category: str) -> None:
     """Remove a tenant's own list (a tombstone): the shared one applies again."""
     from streams.wordlists import list_key, publish
 
-    bootstrap, topic = _names(_settings())
-    asyncio.run(publish(bootstrap, topic, list_key(tenant, category), None))
+    settings = _settings()
+    bootstrap, topic = _names(settings)
+    options = settings.kafka.client_options()
+    asyncio.run(publish(bootstrap, topic, list_key(tenant, category), None, options))
     click.echo(f"{tenant}/{category}: removed")
 
 
@@ -164,7 +171,11 @@ def lists(tenant: str, show_words: bool) -> None:
     bootstrap, topic = _names(settings)
     base = WordList.default() if settings.moderation.default_lists else WordList({}, {}, 0)
     moderator = Moderator(base)
-    moderator.apply(asyncio.run(read_control(bootstrap, topic)).changes())
+    moderator.apply(
+        asyncio.run(
+            read_control(bootstrap, topic, kafka_options=settings.kafka.client_options())
+        ).changes()
+    )
     for owner, categories in moderator.lists().items():
         if tenant and owner not in (tenant, "*"):
             continue
@@ -189,7 +200,11 @@ def check(text: str, tenant: str, offline: bool) -> None:
     if not offline:
         bootstrap, topic = _names(settings)
         try:
-            moderator.apply(asyncio.run(read_control(bootstrap, topic, wait_s=10.0)).changes())
+            moderator.apply(
+                asyncio.run(
+                    read_control(bootstrap, topic, 10.0, settings.kafka.client_options())
+                ).changes()
+            )
         except Exception as exc:  # no broker: say so rather than judge with stale lists
             raise click.ClickException(f"cannot read the word lists ({exc!r}); --offline?") from exc
     verdict = moderator.check(text, tenant)

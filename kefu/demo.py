@@ -74,7 +74,9 @@ def _demo_settings(settings: Settings) -> Settings:
 
 async def _log_size(settings: Settings) -> int:
     topic = TopicNames(settings.topic_prefix).events
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.servers)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.servers, **settings.kafka.client_options()
+    )
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic) or set()

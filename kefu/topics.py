@@ -35,7 +35,9 @@ def wanted(settings: Settings) -> list[NewTopic]:
 
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create the missing topics; return the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.servers)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka.servers, **settings.kafka.client_options()
+    )
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -1,0 +1,420 @@
+"""No tenant reaches another's data: tenant B (iso-b) tries to read and write tenant A's
+(iso-a) conversation through every route of the gateway (taken from the app, so a new
+route without a case here fails), both WebSockets and the dashboard queries; then the
+log, Redis and ClickHouse are checked: nothing of A shown to B, nothing published by B
+onto A's conversation, every key and row carries its tenant.
+
+WeChat and Telegram callbacks carry the tenant in the path and authenticate by that
+tenant's own secret: the same checks run with wx (A) and wxh (B), which have them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import websockets
+
+from connectors.gateway import GatewayConfig, create_app
+from connectors.identity import conversation_id_for
+from connectors.wechat import signature
+from kefu.settings import Settings
+from projections.clickhouse_query import AnalyticsClient
+from schemas.keys import agents_key, conversation_key, messages_key
+from tests.conftest import wait_for
+from tests.test_fuzz_endpoints import TopicWatch
+
+A, B = "iso-a", "iso-b"
+A_KEY, B_KEY = {"X-Api-Key": "iso-a-test-key"}, {"X-Api-Key": "iso-b-test-key"}
+B_ADMIN = {"X-Admin-Key": "iso-b-admin-key"}
+A_ADMIN = {"X-Admin-Key": "iso-a-admin-key"}
+# Pages, documents and operations endpoints: no tenant data behind them.
+PUBLIC = {
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+    ("GET", "/docs/oauth2-redirect"),
+    ("GET", "/redoc"),
+    ("GET", "/chat"),
+    ("GET", "/widget.js"),
+    ("GET", "/console"),
+    ("GET", "/dashboard"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+}
+
+
+def all_routes() -> set[tuple[str, str]]:
+    """Every (method, path) the gateway serves, WebSockets as ("WS", path)."""
+    app = create_app(GatewayConfig(bootstrap="", commands_topic="", redis_url="", api_keys={}))
+    found: set[tuple[str, str]] = set()
+
+    def walk(routes: list[Any]) -> None:
+        for route in routes:
+            inner = getattr(route, "original_router", None)
+            if inner is not None:
+                walk(list(inner.routes))
+            elif getattr(route, "methods", None):
+                found.update((m, route.path) for m in route.methods if m != "HEAD")
+            elif hasattr(route, "path"):
+                found.add(("WS", route.path))
+
+    walk(list(app.routes))
+    return found
+
+
+@dataclass
+class Setup:
+    http: httpx.Client
+    conversation: str  # A's REST conversation
+    customer: str
+    web_customer: str
+    web_conversation: str
+    messages: int  # A's REST conversation's messages in the read model before B acts
+
+
+def gateway(settings: Settings) -> httpx.Client:
+    g = settings.gateway
+    return httpx.Client(base_url=f"http://{g.host}:{g.port}", timeout=30)
+
+
+def ws_base(settings: Settings) -> str:
+    g = settings.gateway
+    return f"ws://{g.host}:{g.port}"
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis.dsn, decode_responses=True)
+
+
+def message_count(settings: Settings, tenant: str, conversation: str) -> int:
+    return len(redis_client(settings).lrange(messages_key(tenant, conversation), 0, -1))
+
+
+@pytest.fixture(scope="module")
+def setup(pipeline: Settings) -> Iterator[Setup]:
+    customer = f"iso-{uuid.uuid4().hex[:8]}"
+    with gateway(pipeline) as http:
+        accepted = http.post(
+            "/v1/messages",
+            json={"customer_id": customer, "text": "A's private question", "message_id": "a1"},
+            headers=A_KEY,
+        )
+        assert accepted.status_code == 202, accepted.text
+        conversation = accepted.json()["conversation_id"]
+        web_customer = f"{customer}-web"
+
+        async def web() -> None:
+            url = f"{ws_base(pipeline)}/v1/chat/ws?tenant={A}&customer={web_customer}"
+            async with websockets.connect(url) as socket:
+                await socket.recv()
+                await socket.send(json.dumps({"type": "message", "id": "w1", "text": "A web"}))
+                while json.loads(await asyncio.wait_for(socket.recv(), 30))["type"] != "ack":
+                    pass
+
+        asyncio.run(web())
+        web_conversation = conversation_id_for(A, "web", web_customer)
+        wait_for(lambda: message_count(pipeline, A, conversation) >= 1, 60, "A's conversation")
+        wait_for(lambda: message_count(pipeline, A, web_conversation) >= 1, 60, "A's web chat")
+        yield Setup(
+            http,
+            conversation,
+            customer,
+            web_customer,
+            web_conversation,
+            message_count(pipeline, A, conversation),
+        )
+
+
+# ------------------------------------------------------------ one case per route
+
+
+def case_messages(s: Setup, settings: Settings) -> None:
+    # B cannot address A's conversation: the id derives from B's own tenant.
+    got = s.http.post(
+        "/v1/messages",
+        json={"customer_id": s.customer, "text": "B writes", "message_id": "a1"},
+        headers=B_KEY,
+    )
+    assert got.status_code == 202 and got.json()["conversation_id"] != s.conversation
+    extra = {"customer_id": s.customer, "text": "x", "conversation_id": s.conversation}
+    assert s.http.post("/v1/messages", json=extra, headers=B_KEY).status_code == 422
+
+
+def case_get_conversation(s: Setup, settings: Settings) -> None:
+    for conversation in (s.conversation, s.web_conversation):
+        for headers in (B_KEY, {"X-Api-Key": "iso-b-second-key"}):
+            got = s.http.get(f"/v1/conversations/{conversation}", headers=headers)
+            assert got.status_code == 404 and "private" not in got.text, got.text
+    # A sees it (the case is meaningful).
+    assert s.http.get(f"/v1/conversations/{s.conversation}", headers=A_KEY).status_code == 200
+
+
+def _action(path: str, body: dict[str, Any]) -> Any:
+    def case(s: Setup, settings: Settings) -> None:
+        for conversation in (s.conversation, s.web_conversation):
+            url = path.replace("{conversation_id}", conversation)
+            for headers in (B_KEY, B_ADMIN, {"Authorization": "Bearer bob-token"}):
+                got = s.http.post(url, json=body, headers=headers)
+                assert got.status_code in (401, 404), (url, got.status_code, got.text)
+
+    return case
+
+
+def case_presence(s: Setup, settings: Settings) -> None:
+    # B may set presence only in B: "ann" of B is another agent than A's ann.
+    before = redis_client(settings).hget(agents_key(A), "ann")
+    got = s.http.put("/v1/agents/ann/presence", json={"presence": "online"}, headers=B_KEY)
+    assert got.status_code == 202, got.text
+    wait_for(lambda: redis_client(settings).hget(agents_key(B), "ann"), 60, "B's own ann")
+    assert redis_client(settings).hget(agents_key(A), "ann") == before
+
+
+def case_admin_presence(s: Setup, settings: Settings) -> None:
+    before = redis_client(settings).hget(agents_key(A), "ann")
+    got = s.http.put("/v1/admin/agents/ann/presence", json={"presence": "away"}, headers=B_ADMIN)
+    assert got.status_code == 202, got.text
+    wait_for(
+        lambda: '"away"' in (redis_client(settings).hget(agents_key(B), "ann") or ""),
+        60,
+        "B's own ann away",
+    )
+    assert redis_client(settings).hget(agents_key(A), "ann") == before
+
+
+def case_admin_agents(s: Setup, settings: Settings) -> None:
+    got = s.http.get("/v1/admin/agents", headers=B_ADMIN)
+    assert got.status_code == 200 and got.json()["tenant"] == B
+    redis_client(settings).hset(agents_key(A), "a-only-agent", json.dumps({"presence": "away"}))
+    assert "a-only-agent" not in s.http.get("/v1/admin/agents", headers=B_ADMIN).text
+
+
+def case_admin_keys(s: Setup, settings: Settings) -> None:
+    issued = s.http.post("/v1/admin/keys", json={"label": "a"}, headers=A_ADMIN).json()
+    listed = s.http.get("/v1/admin/keys", headers=B_ADMIN)
+    assert listed.status_code == 200 and issued["id"] not in listed.text
+    # B's new key is B's: A's conversation stays out of reach.
+    b_key = s.http.post("/v1/admin/keys", json={}, headers=B_ADMIN).json()["key"]
+    got = s.http.get(f"/v1/conversations/{s.conversation}", headers={"X-Api-Key": b_key})
+    assert got.status_code == 404
+    # A's key cannot be revoked by B, and still works.
+    gone = s.http.delete(f"/v1/admin/keys/{issued['id']}", headers=B_ADMIN)
+    assert gone.status_code == 404
+    a_key = {"X-Api-Key": issued["key"]}
+    assert s.http.get(f"/v1/conversations/{s.conversation}", headers=a_key).status_code == 200
+
+
+def case_dashboard_catalogue(s: Setup, settings: Settings) -> None:
+    got = s.http.get("/v1/dashboard/reports", headers=B_KEY)
+    assert got.status_code == 200 and got.json()["tenant"] == B
+
+
+def case_dashboard_report(s: Setup, settings: Settings) -> None:
+    names = [
+        r["name"] for r in s.http.get("/v1/dashboard/reports", headers=B_KEY).json()["reports"]
+    ]
+    assert names
+    since = int(time.time() * 1000) - 3_600_000
+    for name in names:
+        url = f"/v1/dashboard/reports/{name}?since={since}"
+        mine = s.http.get(url, headers=B_KEY)
+        assert mine.status_code == 200, mine.text
+        # A tenant parameter is ignored: the key decides.
+        sneaky = s.http.get(f"{url}&tenant={A}", headers=B_KEY)
+        assert sneaky.status_code == 200
+        for response in (mine, sneaky):
+            text = json.dumps(response.json()["rows"])
+            assert s.conversation not in text and s.customer not in text and A not in text
+
+
+def _wechat(mini: bool, method: str) -> Any:
+    prefix = "/v1/wechat-mp" if mini else "/v1/wechat"
+
+    def case(s: Setup, settings: Settings) -> None:
+        # Signed with B's (wxh's) token, sent to A's (wx's) callback.
+        timestamp, nonce = str(int(time.time())), "n1"
+        params = {
+            "signature": signature("wxh-token", timestamp, nonce),
+            "timestamp": timestamp,
+            "nonce": nonce,
+            "echostr": "e",
+        }
+        body = "<xml><ToUserName>x</ToUserName><FromUserName>u</FromUserName>" + (
+            "<CreateTime>1</CreateTime><MsgType>text</MsgType><Content>B</Content>"
+            "<MsgId>1</MsgId></xml>"
+        )
+        got = s.http.request(
+            method,
+            f"{prefix}/wx/callback",
+            params=params,
+            content=body if method == "POST" else None,
+        )
+        assert got.status_code in (401, 403), got.text
+
+    return case
+
+
+def case_telegram(s: Setup, settings: Settings) -> None:
+    update = {"update_id": 1, "message": {"message_id": 1, "chat": {"id": 1}, "text": "B"}}
+    got = s.http.post(
+        "/v1/telegram/wx/webhook",
+        json=update,
+        headers={"X-Telegram-Bot-Api-Secret-Token": "tg-secret-h"},  # wxh's secret
+    )
+    assert got.status_code == 403, got.text
+
+
+def case_chat_socket(s: Setup, settings: Settings) -> None:
+    async def run() -> None:
+        # B's socket for A's customer id: B's own conversation, no history of A's.
+        url = f"{ws_base(settings)}/v1/chat/ws?tenant={B}&customer={s.web_customer}"
+        async with websockets.connect(url) as socket:
+            history = json.loads(await socket.recv())
+            assert history["conversation_id"] != s.web_conversation
+            assert history["messages"] == []
+            await socket.send(json.dumps({"type": "message", "id": "b1", "text": "B web"}))
+            while json.loads(await asyncio.wait_for(socket.recv(), 30))["type"] != "ack":
+                pass
+
+    asyncio.run(run())
+
+
+def case_console_socket(s: Setup, settings: Settings) -> None:
+    async def run() -> None:
+        url = f"{ws_base(settings)}/v1/console/ws"
+        # Bob's token does not log in to A.
+        async with websockets.connect(url) as socket:
+            await socket.send(
+                json.dumps({"type": "login", "tenant": A, "agent": "bob", "token": "bob-token"})
+            )
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(socket.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+        async with websockets.connect(url) as socket:
+            await socket.send(
+                json.dumps({"type": "login", "tenant": B, "agent": "bob", "token": "bob-token"})
+            )
+            frames: list[dict[str, Any]] = []
+
+            async def expect(kind: str) -> dict[str, Any]:
+                while True:
+                    frame: dict[str, Any] = json.loads(await asyncio.wait_for(socket.recv(), 15))
+                    frames.append(frame)
+                    if frame["type"] == kind:
+                        return frame
+
+            await expect("welcome")
+            for conversation in (s.conversation, s.web_conversation):
+                await socket.send(json.dumps({"type": "open", "conversation_id": conversation}))
+                error = await expect("error")
+                assert error["reason"] == "no such conversation"
+                for frame in (
+                    {"type": "reply", "conversation_id": conversation, "text": "B", "id": "r"},
+                    {"type": "close", "conversation_id": conversation},
+                    {"type": "handback", "conversation_id": conversation},
+                    {"type": "transfer", "conversation_id": conversation, "team": "x"},
+                    {"type": "typing", "conversation_id": conversation},
+                ):
+                    await socket.send(json.dumps(frame))
+                    assert "not assigned" in (await expect("error"))["reason"]
+            assert not any(f["type"] == "conversation" for f in frames)
+            assert s.conversation not in json.dumps([f for f in frames if f["type"] == "snapshot"])
+
+    asyncio.run(run())
+
+
+CASES: dict[tuple[str, str], Any] = {
+    ("POST", "/v1/messages"): case_messages,
+    ("GET", "/v1/conversations/{conversation_id}"): case_get_conversation,
+    ("PUT", "/v1/agents/{agent_id}/presence"): case_presence,
+    ("POST", "/v1/conversations/{conversation_id}/handoff"): _action(
+        "/v1/conversations/{conversation_id}/handoff", {"to": "human", "requested_by": "b"}
+    ),
+    ("POST", "/v1/conversations/{conversation_id}/close"): _action(
+        "/v1/conversations/{conversation_id}/close", {"closed_by": "b"}
+    ),
+    ("POST", "/v1/conversations/{conversation_id}/replies"): _action(
+        "/v1/conversations/{conversation_id}/replies", {"agent_id": "bob", "text": "B"}
+    ),
+    ("POST", "/v1/conversations/{conversation_id}/rating"): _action(
+        "/v1/conversations/{conversation_id}/rating", {"rating": 1}
+    ),
+    ("GET", "/v1/admin/keys"): case_admin_keys,
+    ("POST", "/v1/admin/keys"): case_admin_keys,
+    ("DELETE", "/v1/admin/keys/{key_id}"): case_admin_keys,
+    ("GET", "/v1/admin/agents"): case_admin_agents,
+    ("PUT", "/v1/admin/agents/{agent_id}/presence"): case_admin_presence,
+    ("GET", "/v1/dashboard/reports"): case_dashboard_catalogue,
+    ("GET", "/v1/dashboard/reports/{name}"): case_dashboard_report,
+    ("GET", "/v1/wechat/{tenant}/callback"): _wechat(False, "GET"),
+    ("POST", "/v1/wechat/{tenant}/callback"): _wechat(False, "POST"),
+    ("GET", "/v1/wechat-mp/{tenant}/callback"): _wechat(True, "GET"),
+    ("POST", "/v1/wechat-mp/{tenant}/callback"): _wechat(True, "POST"),
+    ("POST", "/v1/telegram/{tenant}/webhook"): case_telegram,
+    ("WS", "/v1/chat/ws"): case_chat_socket,
+    ("WS", "/v1/console/ws"): case_console_socket,
+}
+
+
+def test_every_route_has_an_isolation_case() -> None:
+    missing = sorted(all_routes() - set(CASES) - PUBLIC)
+    assert missing == [], f"add a tenant-isolation case for {missing}"
+
+
+def test_tenant_b_cannot_read_or_write_tenant_a(pipeline: Settings, setup: Setup) -> None:
+    watch = TopicWatch(pipeline)
+    try:
+        start = watch.mark()
+        done = set()
+        for route in sorted(all_routes() - PUBLIC):
+            case = CASES[route]
+            if case in done:
+                continue
+            case(setup, pipeline)
+            done.add(case)
+        published = watch.published_since(start)
+    finally:
+        watch.close()
+    # Nothing anyone published in the meantime touches A's conversations but A.
+    mine = {setup.conversation, setup.web_conversation}
+    onto_a = [r for r in published if getattr(r, "conversation_id", None) in mine]
+    assert onto_a == [], [type(r).__name__ for r in onto_a]
+    # A's read model did not move.
+    assert message_count(pipeline, A, setup.conversation) == setup.messages
+    state = redis_client(pipeline).hgetall(conversation_key(A, setup.conversation))
+    assert state.get("status") != "closed"
+
+
+def test_redis_keys_and_clickhouse_rows_carry_their_tenant(
+    pipeline: Settings, setup: Setup
+) -> None:
+    client = redis_client(pipeline)
+    for tenant in (A, B):
+        keys = [k for k in client.scan_iter(match=f"*{tenant}*", count=1000)]
+        assert keys
+        for key in keys:
+            namespace, owner, *_ = key.split(":")
+            assert namespace.startswith("kefu") and owner == tenant, key
+    b_keys = [k for k in client.scan_iter(match=f"*:{B}:*", count=1000)]
+    for conversation in (setup.conversation, setup.web_conversation):
+        assert not [k for k in b_keys if conversation in k]
+    analytics = AnalyticsClient(pipeline.clickhouse_url, pipeline.clickhouse.query_port)
+
+    def rows() -> list[list[Any]] | None:
+        found = analytics.query(
+            "SELECT DISTINCT tenant_id FROM kefu.events "
+            f"WHERE conversation_id IN ('{setup.conversation}', '{setup.web_conversation}')"
+        ).rows
+        return found or None
+
+    assert wait_for(rows, 60, "A's events in ClickHouse") == [[A]]
+    # Kafka: A's conversation's records are keyed by its conversation id.
+    assert conversation_id_for(A, "api", setup.customer) == setup.conversation
