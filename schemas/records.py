@@ -66,9 +66,14 @@ class Event(Record):
     occurred_at: int
 
 
-def event_id_for(command_id: str, index: int) -> str:
-    """The id of the ``index``-th event caused by a command: the same on every retry."""
-    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{command_id}/{index}"))
+def event_id_for(command_id: str, index: int, conversation_id: str = "") -> str:
+    """The id of the ``index``-th event caused by a command: the same on every retry.
+
+    Scoped by the conversation: command ids come from channel message ids, which two
+    customers may share (a REST client's "m1"), and a reply's event id is the
+    idempotency key its channel dedupes on, tenant-wide."""
+    scope = f"{conversation_id}/" if conversation_id else ""
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{scope}{command_id}/{index}"))
 
 
 # --- commands --------------------------------------------------------------------

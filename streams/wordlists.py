@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +27,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from mode import Service
 
 from schemas.codec import CODEC, DecodeError
-from schemas.records import WordListChanged
+from schemas.records import WordListChanged, dead_letter
 from schemas.time import now_ms
 from streams.app import KefuApp
+from streams.inbox import MAX_RECORD_BYTES
 from streams.moderation import (
     CategoryList,
     ListChange,
@@ -98,9 +99,12 @@ class WordListFollower(Service):
         topic: str,
         *,
         load_timeout: float = 60.0,
+        kafka_options: Mapping[str, Any] | None = None,
+        deadletter_topic: str = "",
         **kwargs: Any,
     ) -> None:
         self.moderator = moderator
+        self.kafka_options = dict(kafka_options or {})
         self.bootstrap = bootstrap
         self.topic = topic
         self.load_timeout = load_timeout
@@ -108,6 +112,12 @@ class WordListFollower(Service):
         self.applied = 0  # control records applied since start
         self.applied_at = 0  # epoch ms of the last change applied
         self.skipped = 0  # records that were not a valid list change
+        # Followed live, a record that is not a list change goes to the dead-letter
+        # topic (from every worker that sees it); on start-up the history is only
+        # skipped, as it was dead-lettered when it arrived.
+        self.deadletter_topic = deadletter_topic
+        self._rejected: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
+        self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         super().__init__(**kwargs)
 
@@ -119,6 +129,7 @@ class WordListFollower(Service):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             client_id="kefu-wordlists",
+            **self.kafka_options,
         )
         await consumer.start()
         self._consumer = consumer
@@ -128,6 +139,7 @@ class WordListFollower(Service):
         end = await consumer.end_offsets(partitions)
         left = max(self.load_timeout - (time.monotonic() - started), 1.0)
         await asyncio.wait_for(self._catch_up(consumer, end), left)
+        self._rejected.clear()
         self.loaded = True
         log.info(
             "word lists loaded: %d records from %s in %.2f s, shared version %d",
@@ -163,6 +175,7 @@ class WordListFollower(Service):
                 changes = [c for records in batch.values() for c in self._changes(records)]
                 if changes:
                     await self._apply(changes)
+                await self._dead_letter()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a broker hiccup must not stop the worker; try again
@@ -175,9 +188,14 @@ class WordListFollower(Service):
         out: list[ListChange] = []
         for record in records:
             try:
+                size = len(record.value or b"")
+                if size > MAX_RECORD_BYTES:
+                    limit = MAX_RECORD_BYTES
+                    raise DecodeError(f"record of {size} bytes is over the {limit}-byte limit")
                 out.append(change_of(record.key, record.value))
             except (DecodeError, ValueError) as exc:
                 self.skipped += 1
+                self._rejected.append((record, str(exc)))
                 log.warning(
                     "skipped control record %s[%d]@%d: %s",
                     record.topic,
@@ -196,11 +214,39 @@ class WordListFollower(Service):
         self.applied_at = now_ms()
         log.info("applied %d word-list changes", len(changes))
 
+    async def _dead_letter(self) -> None:
+        if not self.deadletter_topic:
+            self._rejected.clear()
+        while self._rejected:
+            record, reason = self._rejected[0]
+            if self._producer is None:  # only ever needed for poison: started lazily
+                self._producer = AIOKafkaProducer(
+                    bootstrap_servers=self.bootstrap, acks="all", **self.kafka_options
+                )
+                await self._producer.start()
+            letter = dead_letter(
+                source_topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                reason=reason,
+                consumer="wordlists",
+                failed_at=now_ms(),
+                payload=(record.value or b"")[:MAX_RECORD_BYTES],
+                key=record.key,
+            )
+            await self._producer.send_and_wait(
+                self.deadletter_topic, CODEC.encode(letter), key=record.key
+            )
+            self._rejected.pop(0)
+
     async def on_shutdown(self) -> None:
         # After the follow task is cancelled, so no fetch is in flight on a stopped client.
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
 
     def status(self) -> dict[str, Any]:
         lists = self.moderator.lists()
@@ -227,6 +273,8 @@ def install(kefu: KefuApp, moderator: Moderator, *, load_timeout: float = 60.0) 
         kefu.config.broker,
         kefu.config.topics.control,
         load_timeout=load_timeout,
+        kafka_options=kefu.config.kafka_options,
+        deadletter_topic=kefu.config.topics.deadletter,
     )
     # Added before the app starts, so it comes before the dependencies Faust adds on
     # start (producer, consumer, agents): they wait for the lists to be loaded.
@@ -261,10 +309,18 @@ async def _behind(consumer: AIOKafkaConsumer, end: dict[TopicPartition, int]) ->
 # ---------------------------------------------------------------- admin (the CLI)
 
 
-async def read_control(bootstrap: str, topic: str, wait_s: float = 30.0) -> ControlLog:
+async def read_control(
+    bootstrap: str,
+    topic: str,
+    wait_s: float = 30.0,
+    kafka_options: Mapping[str, Any] | None = None,
+) -> ControlLog:
     """The control topic as it stands: the latest record per key (None: tombstone)."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        **(kafka_options or {}),
     )
     await consumer.start()
     try:
@@ -306,14 +362,18 @@ def next_version(current: ControlLog) -> int:
 
 
 async def publish(
-    bootstrap: str, topic: str, key: bytes, record: WordListChanged | None
+    bootstrap: str,
+    topic: str,
+    key: bytes,
+    record: WordListChanged | None,
+    kafka_options: Mapping[str, Any] | None = None,
 ) -> tuple[int, int]:
     """Send one control record (None: a tombstone); return (partition, offset)."""
     if record is not None:
         validate(
             CategoryList(record.tenant_id, record.category, record.action, tuple(record.words), 0)
         )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **(kafka_options or {}))
     await producer.start()
     try:
         value = CODEC.encode(record) if record is not None else None

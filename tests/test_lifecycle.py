@@ -55,7 +55,7 @@ def test_first_message_is_received_moderated_routed_and_asks_for_a_reply() -> No
         ReplyRequested,
     ]
     assert [e.seq for e in events] == [1, 2, 3, 4]
-    assert events[0].event_id == event_id_for("msg-1", 0)
+    assert events[0].event_id == event_id_for("msg-1", 0, "conv-1")
     assert {e.conversation_id for e in events} == {"conv-1"}
 
 
