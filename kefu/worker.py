@@ -10,12 +10,17 @@ from typing import Any
 
 import faust
 import redis.asyncio as aioredis
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from connectors.delivery import ChannelDeliverer, WebhookTarget
+from connectors.metrics import metrics_text
 from kefu.ai import build_responder
 from kefu.channels import channel_senders
 from kefu.settings import Settings
+from kefu.telemetry import setup_tracing
+from projections.redis_rebuild import RebuildingRedisModel, log_rebuild
 from projections.redis_state import RedisConversations
+from projections.replay import replay_topics
 from schemas.topics import TopicNames
 from streams import (
     conversation,
@@ -29,8 +34,10 @@ from streams import (
 from streams import router as queue_router
 from streams.app import KefuApp, StreamsConfig, build_app
 from streams.lifecycle import Policy
+from streams.metrics import watch_app
 from streams.moderation import Moderator, SpamLimits, WordList
 from streams.routing import TenantRouting, router
+from streams.telemetry import traced_app
 
 
 def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
@@ -44,8 +51,17 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
             web_port=web_port or settings.worker.web_port,
             web_host=settings.worker.web_host,
             concurrency=settings.worker.concurrency,
+            fetch_max_wait_ms=settings.worker.fetch_max_wait_ms,
+            batch_within_s=settings.worker.batch_ms / 1000,
+            producer_linger_s=settings.worker.linger_ms / 1000,
+            kafka_options=settings.kafka.client_options(),
+            session_timeout=settings.reliability.session_timeout_s,
+            heartbeat_interval=settings.reliability.heartbeat_interval_s,
+            rebalance_timeout=settings.reliability.rebalance_timeout_s,
+            processing_guarantee=settings.reliability.processing_guarantee,
         )
     )
+    kefu = traced_app(kefu)  # sends carry trace context and the origin time (telemetry)
     tenants = settings.tenants
 
     def tenant_routing(tenant_id: str) -> TenantRouting:
@@ -78,8 +94,18 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     responder.install(kefu, build_responder(settings, redis, policy.moderator))
     delivery.install(kefu, ChannelDeliverer(redis, webhooks, senders=channel_senders(settings)))
     read_model = RedisConversations(redis)
-    projection.install(kefu, read_model)
-    projection.install(kefu, read_model, queues=True)
+    sink: RedisConversations | RebuildingRedisModel = read_model
+    if settings.reliability.redis_rebuild:  # Redis flushed or replaced: back from the log
+        names = TopicNames(settings.topic_prefix)
+        rebuild = log_rebuild(
+            settings.kafka.servers,
+            replay_topics(names),
+            read_model,
+            settings.kafka.client_options(),
+        )
+        sink = RebuildingRedisModel(redis, read_model, rebuild)
+    projection.install(kefu, sink)
+    projection.install(kefu, sink, queues=True)
     _install_health(kefu)
     return kefu
 
@@ -124,8 +150,25 @@ def _install_health(kefu: KefuApp) -> None:
         body = {"status": "ok" if ready else "starting", "assigned_partitions": assigned}
         return web.json(body, status=200 if ready else 503)
 
+    # /healthz above is the readiness check kefu.services and compose already use;
+    # /readyz says the same under the conventional name, /livez only "the loop runs".
+    app.page("/readyz")(healthz)
+
+    @app.page("/livez")
+    async def livez(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok"})
+
+    @app.page("/metrics")
+    async def prometheus(web: Any, request: Any) -> Any:
+        # aiohttp takes the charset separately: drop it from Prometheus' content type.
+        content_type = CONTENT_TYPE_LATEST.split("; charset=")[0]
+        return web.bytes(metrics_text(), content_type=content_type)
+
+    watch_app(app)
+
 
 def run_worker(settings: Settings, web_port: int | None = None) -> None:
+    setup_tracing(settings, "worker")
     kefu = build_worker(settings, web_port)
     worker = faust.Worker(kefu.app, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()

@@ -84,6 +84,12 @@ class AvroCodec:
         schemaless_writer(out, self._current[name].parsed, record.to_avro())
         return out.getvalue()
 
+    def peek(self, data: bytes) -> type[Record] | None:
+        """The record type in ``data`` from its schema fingerprint alone, without
+        decoding the body (None when unknown): lets a consumer skip what it ignores."""
+        writer = self._by_fingerprint.get(data[2:HEADER_SIZE])
+        return None if writer is None else RECORD_TYPES.get(writer.name)
+
     def decode(self, data: bytes) -> Record:
         if len(data) < HEADER_SIZE or data[:2] != MAGIC:
             raise DecodeError("not Avro single-object encoding (bad magic or too short)")

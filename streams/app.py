@@ -7,11 +7,13 @@ tripping Faust's decode-error path. Sends use the registered ``kefu-avro`` codec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas import faust_codec
 from schemas.topics import TopicNames
@@ -28,6 +30,22 @@ class StreamsConfig:
     web_host: str = "127.0.0.1"
     web_enabled: bool = True
     concurrency: int = 16
+    # aiokafka security options (SASL/TLS), as kefu's settings give them; empty = PLAINTEXT.
+    kafka_options: Mapping[str, Any] = field(default_factory=dict)
+    # Faust hard-codes 1500 ms. aiokafka keeps one fetch in flight per broker and
+    # sends the next only when every partition's buffer is drained, so a long wait on
+    # quiet partitions stalls busy ones: a short wait keeps the pipeline flowing.
+    fetch_max_wait_ms: int = 100
+    # How long an agent gathers a batch (``streams.inbox.batches``) before handling it.
+    batch_within_s: float = 0.005
+    # A few ms of linger turns a burst of sends into one produce request per partition.
+    producer_linger_s: float = 0.002
+    # Group membership (docs/faults.md): a SIGKILLed worker's partitions move on after
+    # session_timeout; Faust's defaults (60 s) would stall them for a minute.
+    session_timeout: float = 30.0
+    heartbeat_interval: float = 3.0
+    rebalance_timeout: float = 30.0
+    processing_guarantee: str = "at_least_once"  # or "exactly_once" (measured)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +65,47 @@ class KefuApp:
     queues: Any  # faust.Table: queue -> state JSON
 
 
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    fetch_max_wait_ms = 100
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # Read by AIOKafkaConsumer.start() when it builds its fetcher.
+        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
+        return consumer
+
+
+def _transport_with_fetch_wait(fetch_max_wait_ms: int) -> type[faust_aiokafka.Transport]:
+    thread = type("ConsumerThread", (_ConsumerThread,), {"fetch_max_wait_ms": fetch_max_wait_ms})
+
+    class KefuConsumer(faust_aiokafka.Consumer):
+        def _new_consumer_thread(self) -> Any:
+            return thread(self, loop=self.loop, beacon=self.beacon)
+
+    class Transport(faust_aiokafka.Transport):
+        Consumer = KefuConsumer
+
+    return Transport
+
+
+class _App(faust.App):
+    transport_class: type[faust_aiokafka.Transport] = faust_aiokafka.Transport
+
+    def _new_transport(self) -> Any:
+        return self.transport_class(self.conf.broker_consumer, self)
+
+
 def build_app(config: StreamsConfig) -> KefuApp:
     faust_codec.register()
-    app = faust.App(
+    app_class = type(
+        "KefuFaustApp",
+        (_App,),
+        {"transport_class": _transport_with_fetch_wait(config.fetch_max_wait_ms)},
+    )
+    app = app_class(
         config.app_id,
         broker=f"kafka://{config.broker}",
+        broker_credentials=broker_credentials(config.kafka_options),
         store="memory://",
         datadir=str(config.datadir),
         topic_partitions=config.partitions,
@@ -61,9 +115,14 @@ def build_app(config: StreamsConfig) -> KefuApp:
         web_host=config.web_host,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_linger=config.producer_linger_s,
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         table_cleanup_interval=3600.0,
+        broker_session_timeout=config.session_timeout,
+        broker_heartbeat_interval=config.heartbeat_interval,
+        broker_rebalance_timeout=config.rebalance_timeout,
+        processing_guarantee=config.processing_guarantee,
     )
     names = config.topics
     return KefuApp(
@@ -91,3 +150,19 @@ def _raw_topic(app: faust.App, name: str) -> Any:
     return app.topic(
         name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
+
+
+def broker_credentials(options: Mapping[str, Any]) -> Any:
+    """Faust's credentials for aiokafka security options: Faust turns them back into
+    the same ``security_protocol``/``sasl_*``/``ssl_context`` for its clients."""
+    protocol = str(options.get("security_protocol", "PLAINTEXT")).upper()
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=options.get("sasl_plain_username"),
+            password=options.get("sasl_plain_password"),
+            ssl_context=options.get("ssl_context") if protocol == "SASL_SSL" else None,
+            mechanism=options.get("sasl_mechanism"),
+        )
+    if protocol == "SSL":
+        return faust.SSLCredentials(options["ssl_context"])
+    return None

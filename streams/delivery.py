@@ -1,7 +1,9 @@
 """The delivery agent: hands each produced reply to its channel, then records the
 outcome as a ``RecordDelivery`` command (the conversation agent appends
-``MessageDelivered``). Channel I/O is injected (``Deliverer``), so this module stays
-free of channel code; ``connectors.delivery`` provides it."""
+``MessageDelivered``). Batches skip other events unread; within a batch, one
+conversation's replies go out in log order and different conversations at once.
+Channel I/O is injected (``Deliverer``), so this module stays free of channel code;
+``connectors.delivery`` provides it."""
 
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ from typing import Any, Protocol
 from schemas.outcomes import DeliveryOutcome as Outcome
 from schemas.records import ConversationQueued, Event, RecordDelivery, ReplyProduced
 from schemas.time import now_ms
+from streams import telemetry
 from streams.app import KefuApp
-from streams.inbox import position, records, send_dead_letter
+from streams.inbox import batches, each_conversation, position, send_dead_letter
 
 log = logging.getLogger(__name__)
 _DELIVERY_NAMESPACE = uuid.UUID("a4d7c0f2-91b3-4e6a-b2d8-0c5f7e1a9b63")
+STAGE = "delivery"
 
 
 class Deliverer(Protocol):
@@ -31,34 +35,47 @@ def delivery_command_id(reply_event_id: str) -> str:
 
 
 def install(kefu: KefuApp, deliverer: Deliverer) -> Any:
-    async def delivery(stream: Any) -> None:
-        async for event, record in records(stream, Event, kefu.deadletter, "delivery"):
+    async def handle(event: Any, record: Event) -> None:
+        hop = telemetry.begin(STAGE, event.message, record)
+        try:
             if isinstance(record, ConversationQueued):
                 await deliverer.notify(record)
-                continue
-            if not isinstance(record, ReplyProduced):
-                continue
-            try:
-                outcome = await deliverer.deliver(record)
-            except Exception as exc:
-                log.exception("delivery failed at %s", position(event.message))
-                await send_dead_letter(kefu.deadletter, event.message, repr(exc), "delivery")
-                continue
-            await kefu.commands_out.send(
-                key=record.conversation_id,
-                value=RecordDelivery(
-                    command_id=delivery_command_id(record.event_id),
-                    conversation_id=record.conversation_id,
-                    tenant_id=record.tenant_id,
-                    issued_at=now_ms(),
-                    reply_event_id=record.event_id,
-                    channel=record.channel,
-                    status=outcome.status,
-                    attempts=outcome.attempts,
-                    detail=outcome.detail,
-                ),
-            )
+            elif isinstance(record, ReplyProduced):
+                await _deliver(kefu, deliverer, event, record)
+        finally:
+            telemetry.end(hop)
 
-    return kefu.app.agent(
-        kefu.events_in, name="kefu.delivery", concurrency=kefu.config.concurrency
-    )(delivery)
+    async def delivery(stream: Any) -> None:
+        wanted = (ReplyProduced, ConversationQueued)
+        async for batch in batches(
+            stream, Event, kefu.deadletter, STAGE, only=wanted, within=kefu.config.batch_within_s
+        ):
+            await each_conversation(batch, handle, kefu.config.concurrency)
+
+    # One actor: a second would take the next batch and could overtake a conversation's
+    # earlier reply. Channels bound their calls (timeouts, retries), so a slow one holds
+    # a batch for a bounded time.
+    return kefu.app.agent(kefu.events_in, name="kefu.delivery")(delivery)
+
+
+async def _deliver(kefu: KefuApp, deliverer: Deliverer, event: Any, record: ReplyProduced) -> None:
+    try:
+        outcome = await deliverer.deliver(record)
+    except Exception as exc:
+        log.exception("delivery failed at %s", position(event.message))
+        await send_dead_letter(kefu.deadletter, event.message, repr(exc), STAGE)
+        return
+    await kefu.commands_out.send(
+        key=record.conversation_id,
+        value=RecordDelivery(
+            command_id=delivery_command_id(record.event_id),
+            conversation_id=record.conversation_id,
+            tenant_id=record.tenant_id,
+            issued_at=now_ms(),
+            reply_event_id=record.event_id,
+            channel=record.channel,
+            status=outcome.status,
+            attempts=outcome.attempts,
+            detail=outcome.detail,
+        ),
+    )

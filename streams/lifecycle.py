@@ -79,7 +79,10 @@ class Conversation:
     recent: tuple[SenderEntry, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Shallow on purpose: every field is a str, an int or a tuple of them, which
+        # JSON writes as is; ``dataclasses.asdict`` deep-copies and was the agent's
+        # single largest cost per command.
+        return {name: getattr(self, name) for name in _CONVERSATION_FIELDS}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Conversation:
@@ -89,6 +92,9 @@ class Conversation:
         data["undelivered"] = tuple(data.get("undelivered", ()))
         data["recent"] = tuple(tuple(entry) for entry in data.get("recent", ()))
         return cls(**data)
+
+
+_CONVERSATION_FIELDS = tuple(f.name for f in dataclasses.fields(Conversation))
 
 
 def fold(events: Iterable[Event], state: Conversation | None = None) -> Conversation:
@@ -333,7 +339,7 @@ class _Draft:
     def add(self, cls: type[Event], **fields: Any) -> Event:
         index = len(self.events)
         event = cls(
-            event_id=event_id_for(self.command.command_id, index),
+            event_id=event_id_for(self.command.command_id, index, self.command.conversation_id),
             conversation_id=self.command.conversation_id,
             tenant_id=self.command.tenant_id,
             seq=self.state.seq + index + 1,

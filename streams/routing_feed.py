@@ -17,10 +17,12 @@ from schemas.records import (
     RequestAssignment,
     RoutingCommand,
 )
+from streams import telemetry
 from streams.app import KefuApp
-from streams.inbox import records
+from streams.inbox import batches
 
 _NAMESPACE = uuid.UUID("8c4b2a9e-6d3f-4e1a-b7c5-2e9f0d8a1b36")
+STAGE = "routing-feed"
 
 
 def _id(event: Event, what: str) -> str:
@@ -85,9 +87,18 @@ def routing_commands(event: Event) -> list[RoutingCommand]:
 
 
 def install(kefu: KefuApp) -> Any:
+    wanted = (ConversationRouted, ConversationHandedOff, ConversationClosed)
+
     async def routing_feed(stream: Any) -> None:
-        async for _event, record in records(stream, Event, kefu.deadletter, "routing-feed"):
-            for command in routing_commands(record):
-                await kefu.routing_out.send(key=command.queue, value=command)
+        async for batch in batches(
+            stream, Event, kefu.deadletter, STAGE, only=wanted, within=kefu.config.batch_within_s
+        ):
+            for event, record in batch:
+                hop = telemetry.begin(STAGE, event.message, record)
+                try:
+                    for command in routing_commands(record):
+                        await kefu.routing_out.send(key=command.queue, value=command)
+                finally:
+                    telemetry.end(hop)
 
     return kefu.app.agent(kefu.events_in, name="kefu.routing-feed")(routing_feed)

@@ -66,19 +66,48 @@ def due(state: Conversation, deadlines: Deadlines, now: int) -> list[Command]:
     return out
 
 
+def next_due(state: Conversation, deadlines: Deadlines) -> int | None:
+    """When ``due`` will next have something for this state (None: never, as it
+    stands): the timer re-reads a conversation only when that time comes or its state
+    changes, instead of decoding every conversation every tick."""
+    if state.status != "open":
+        return None
+    times = []
+    if state.unanswered_since and state.breached_since != state.unanswered_since:
+        first = state.replies == 0
+        limit = deadlines.first_response_ms if first else deadlines.next_response_ms
+        times.append(state.unanswered_since + limit)
+    if state.last_activity_at:
+        times.append(state.last_activity_at + deadlines.idle_close_ms)
+    return min(times) if times else None
+
+
 def install(
     kefu: KefuApp, deadlines_for: Callable[[str, str], Deadlines], interval: float = 1.0
 ) -> Any:
     """``deadlines_for(tenant, priority)``: per-tenant, per-priority limits."""
     table = kefu.conversations
+    # conversation id -> (the stored state object it was computed from, next due time)
+    known: dict[str, tuple[Any, int | None]] = {}
 
     async def check_deadlines() -> None:
         now = now_ms()
+        seen: dict[str, tuple[Any, int | None]] = {}
         for conversation_id, stored in list(table.items()):
             if not stored:
+                continue
+            entry = known.get(conversation_id)
+            if entry is None or entry[0] is not stored:
+                state = Conversation.from_json(stored)
+                deadlines = deadlines_for(state.tenant_id, state.priority)
+                entry = (stored, next_due(state, deadlines))
+            seen[conversation_id] = entry
+            if entry[1] is None or entry[1] > now:
                 continue
             state = Conversation.from_json(stored)
             for command in due(state, deadlines_for(state.tenant_id, state.priority), now):
                 await kefu.commands_out.send(key=conversation_id, value=command)
+        known.clear()
+        known.update(seen)
 
     return kefu.app.timer(interval, name="kefu.deadlines")(check_deadlines)

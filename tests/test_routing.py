@@ -169,8 +169,10 @@ def test_three_agents_ten_conversations_priority_then_age(pipeline: Settings) ->
     state = queue_when(
         pipeline,
         queue,
-        lambda s: s.agents[leaving].presence == "offline"
-        and held <= {w.conversation_id for w in s.waiting},
+        lambda s: (
+            s.agents[leaving].presence == "offline"
+            and held <= {w.conversation_id for w in s.waiting}
+        ),
         "bo offline and their conversations back in line",
     )
     assert not state.agents[leaving].conversations
