@@ -15,8 +15,18 @@ never touches a running demo):
    ``ReplyRequested``. Throughput is N over the time from the first publish to the
    last reply seen; latency is, per message, publish to its ``ReplyProduced`` seen.
 
+3. **Time series** (``bench/timeseries.py``): per second, messages published, replies
+   seen, their latency p50/p99, and each process's RSS and CPU%; with ``--json`` the
+   result goes there and an SVG plot of it next to it (``bench/plot.py``).
+4. **Soak** (``--duration S --rate R``): publish at R msg/s for S seconds; each
+   worker's RSS after ``--warmup`` seconds against its RSS at the end, flat if it grew
+   10 % or less.
+5. **Scale-out** (``--workers N``): records each worker processed and the partitions
+   it held (``bench/scaleout.py``, from the workers' /metrics), with CPU seconds.
+
 Run: ``.venv/bin/python bench/pipeline.py [--messages 2000 --conversations 200
---workers 1 --rate 0 --record --json out.json]``. It stops by itself (``--timeout``).
+--workers 1 --rate 0 --record --json out.json]``, or a soak: ``--rate 2000 --duration
+600``. It stops by itself (``--timeout``).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -37,20 +48,40 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Sequence
+from dataclasses import asdict, dataclass
 from datetime import date
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pydantic import SecretStr
 
-from connectors.identity import command_id_for, conversation_id_for
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.plot import plot_result
+from bench.scaleout import WorkerFigures, figures_lines, scrape_all, worker_figures
+from bench.timeseries import (
+    ProcSampler,
+    SecondRow,
+    SoakResult,
+    build_series,
+    cpu_seconds,
+    series_table,
+    soak,
+)
+from bench.traffic import (
+    TENANT,
+    Message,
+    Observer,
+    Tracking,
+    publish_to_kafka,
+    publish_via_gateway,
+    workload,
+)
 from kefu.cli import stack_down_all, stack_up_all
 from kefu.local import private_settings
 from kefu.processes import LOOPBACK
@@ -60,27 +91,21 @@ from kefu.settings import (
     TenantSettings,
 )
 from kefu.stack import Stack
-from schemas.codec import CODEC, DecodeError
-from schemas.records import (
-    MessageModerated,
-    MessageReceived,
-    ReceiveMessage,
-    ReplyProduced,
-    ReplyRequested,
-    event_id_for,
-)
-from schemas.time import now_ms
-from schemas.topics import TopicNames
-from streams.responders import HUMAN_INTENT
+from schemas.codec import CODEC
 
-TENANT = "bench"
-CHANNEL = "api"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # After the last reply, keep watching this long for duplicate replies (a redelivered
 # command or request would show up within a commit interval or two).
 DEFAULT_GRACE = 3.0
 # All messages published and no new reply for this long: the pipeline is stuck.
 STALL_SECONDS = 30.0
+# Per-message samples go into the JSON only up to this many messages.
+SAMPLES_CAP = 20_000
+# The Kafka baseline copies at most this many records unless --baseline-records says.
+BASELINE_CAP = 100_000
+# A long run prints its progress this often.
+PROGRESS_EVERY_S = 10.0
+DEFAULT_WARMUP_S = 60.0
 
 
 # ------------------------------------------------------------------------ machine
@@ -155,61 +180,6 @@ def bench_settings(state_dir: Path, workers: int) -> Settings:
             "log_level": "WARNING",
         }
     )
-
-
-# ------------------------------------------------------------------------ workload
-
-
-def faq_questions() -> list[str]:
-    """Questions the AI answers. Asking for a person hands the conversation to a human
-    queue (routing), after which the AI no longer replies: not this benchmark's path."""
-    text = (resources.files("streams") / "knowledge" / "faq.json").read_text("utf-8")
-    return [
-        q for item in json.loads(text) if item["intent"] != HUMAN_INTENT for q in item["questions"]
-    ]
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    index: int
-    customer_id: str
-    conversation_id: str
-    message_id: str
-    command_id: str
-    text: str
-
-    def command(self) -> ReceiveMessage:
-        return ReceiveMessage(
-            command_id=self.command_id,
-            conversation_id=self.conversation_id,
-            tenant_id=TENANT,
-            issued_at=now_ms(),
-            channel=CHANNEL,
-            customer_id=self.customer_id,
-            text=self.text,
-            channel_message_id=self.message_id,
-        )
-
-
-def workload(messages: int, conversations: int, run: str) -> list[Message]:
-    """Message ``i`` goes to conversation ``i % M``: every conversation gets its turns
-    spread over the run, as customers writing at the same time would."""
-    texts = faq_questions()
-    out = []
-    for i in range(messages):
-        customer = f"bench-{run}-c{i % conversations}"
-        message_id = f"{customer}-m{i // conversations}"
-        out.append(
-            Message(
-                index=i,
-                customer_id=customer,
-                conversation_id=conversation_id_for(TENANT, CHANNEL, customer),
-                message_id=message_id,
-                command_id=command_id_for(TENANT, CHANNEL, message_id),
-                text=texts[i % len(texts)],
-            )
-        )
-    return out
 
 
 # ------------------------------------------------------------------------ statistics
@@ -419,16 +389,6 @@ def confluent_baseline(
 # ------------------------------------------------------------------------ pipeline
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def stack_pids(settings: Settings, workers: int) -> dict[str, int]:
     """The pids of this run's processes, by name (the bench itself included)."""
     stack = Stack(settings)
@@ -445,6 +405,11 @@ def stack_pids(settings: Settings, workers: int) -> dict[str, int]:
         if pid is not None:
             pids[daemon.name] = pid
     return pids
+
+
+def worker_ports(settings: Settings, workers: int) -> dict[str, int]:
+    """Each worker's web port (``/metrics``), as ``Services.worker`` assigns them."""
+    return {f"worker-{i}": settings.worker.web_port + i for i in range(workers)}
 
 
 def _machine_busy_seconds() -> float:
@@ -464,7 +429,7 @@ class CpuMeter:
     what everything else on the machine used meanwhile (a shared machine skews runs)."""
 
     def __init__(self, pids: dict[str, int]) -> None:
-        self._pids = pids
+        self.pids = pids
         self._start: dict[str, float] = {}
         self._busy = 0.0
         self.used: dict[str, float] = {}
@@ -472,179 +437,18 @@ class CpuMeter:
 
     def start(self) -> None:
         self._busy = _machine_busy_seconds()
-        for name, pid in self._pids.items():
-            cpu = _cpu_seconds(pid)
+        for name, pid in self.pids.items():
+            cpu = cpu_seconds(pid)
             if cpu is not None:
                 self._start[name] = cpu
 
     def stop(self) -> None:
         busy = _machine_busy_seconds() - self._busy
         for name, begin in self._start.items():
-            cpu = _cpu_seconds(self._pids[name])
+            cpu = cpu_seconds(self.pids[name])
             if cpu is not None:
                 self.used[name] = cpu - begin
         self.others = max(0.0, busy - sum(self.used.values()))
-
-
-@dataclass
-class Observation:
-    """What the observer saw on the events topic, in monotonic seconds."""
-
-    received_at: dict[int, float] = field(default_factory=dict)  # MessageReceived
-    requested_at: dict[int, float] = field(default_factory=dict)  # ReplyRequested
-    replied_at: dict[int, float] = field(default_factory=dict)  # first ReplyProduced
-    reply_lag_ms: list[float] = field(default_factory=list)  # seen - record timestamp
-    request_of: dict[str, int] = field(default_factory=dict)  # ReplyRequested id -> msg
-    duplicates: int = 0
-    unmatched: int = 0  # replies to requests we never saw
-    blocked: int = 0  # inbound messages moderation blocked (they get no reply)
-    undecodable: int = 0
-    events: int = 0
-
-
-class Observer:
-    """Tails the events topic from its end (no consumer group, every partition)."""
-
-    def __init__(self, settings: Settings, messages: Sequence[Message]) -> None:
-        self._settings = settings
-        self._topic = TopicNames(settings.topic_prefix).events
-        # MessageReceived's id is the first event id derived from the command id.
-        self._by_received_id = {event_id_for(m.command_id, 0): m.index for m in messages}
-        self.seen = Observation()
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka.servers,
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=50,
-        )
-        self._stopping = False
-        self.progress = asyncio.Event()
-
-    async def start(self) -> None:
-        await self._consumer.start()
-        tps = [TopicPartition(self._topic, p) for p in range(self._settings.kafka.partitions)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:  # resolve the positions now, before anything is published
-            await self._consumer.position(tp)
-
-    async def run(self) -> None:
-        while not self._stopping:
-            batch = await self._consumer.getmany(timeout_ms=100)
-            now = time.monotonic()
-            wall_ms = time.time() * 1000
-            for records in batch.values():
-                for record in records:
-                    self._handle(record.value, now, wall_ms - record.timestamp)
-
-    def _handle(self, value: bytes, now: float, lag_ms: float) -> None:
-        seen = self.seen
-        seen.events += 1
-        try:
-            event = CODEC.decode(value)
-        except DecodeError:
-            seen.undecodable += 1
-            return
-        if isinstance(event, MessageReceived):
-            index = self._by_received_id.get(event.event_id)
-            if index is not None:
-                seen.received_at.setdefault(index, now)
-        elif isinstance(event, MessageModerated):
-            index = self._by_received_id.get(event.message_event_id)
-            if index is not None and event.direction == "in" and event.verdict == "block":
-                seen.blocked += 1
-                self.progress.set()
-        elif isinstance(event, ReplyRequested):
-            index = self._by_received_id.get(event.message_event_id)
-            if index is not None:
-                seen.request_of[event.event_id] = index
-                seen.requested_at.setdefault(index, now)
-        elif isinstance(event, ReplyProduced):
-            index = seen.request_of.get(event.in_reply_to)
-            if index is None:
-                seen.unmatched += 1
-            elif index in seen.replied_at:
-                seen.duplicates += 1
-            else:
-                seen.replied_at[index] = now
-                seen.reply_lag_ms.append(lag_ms)
-                self.progress.set()
-
-    async def stop(self) -> None:
-        self._stopping = True
-        await self._consumer.stop()
-
-
-async def _pace(rate: float, index: int, start: float) -> None:
-    if rate > 0:
-        delay = start + index / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-
-async def publish_to_kafka(
-    settings: Settings, messages: Sequence[Message], rate: float, sent_at: dict[int, float]
-) -> None:
-    """Like ``connectors.publisher``: keyed by conversation, acks=all, idempotent."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka.servers,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=2,
-        client_id="kefu-bench",
-    )
-    topic = TopicNames(settings.topic_prefix).commands
-    await producer.start()
-    try:
-        futures: list[Awaitable[Any]] = []
-        start = time.monotonic()
-        for message in messages:
-            await _pace(rate, message.index, start)
-            value = CODEC.encode(message.command())
-            sent_at[message.index] = time.monotonic()
-            futures.append(
-                await producer.send(topic, key=message.conversation_id.encode(), value=value)
-            )
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-
-
-async def publish_via_gateway(
-    settings: Settings, messages: Sequence[Message], rate: float, sent_at: dict[int, float]
-) -> None:
-    """``POST /v1/messages``, at most 64 requests in flight."""
-    g = settings.gateway
-    key = settings.tenants[TENANT].api_key.get_secret_value()
-    gate = asyncio.Semaphore(64)
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(
-        base_url=f"http://{g.host}:{g.port}",
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=30,
-        limits=limits,
-    ) as http:
-
-        async def post(message: Message) -> None:
-            try:
-                body = {
-                    "customer_id": message.customer_id,
-                    "text": message.text,
-                    "message_id": message.message_id,
-                }
-                sent_at[message.index] = time.monotonic()
-                response = await http.post("/v1/messages", json=body)
-                response.raise_for_status()
-            finally:
-                gate.release()
-
-        tasks = []
-        start = time.monotonic()
-        for message in messages:
-            await _pace(rate, message.index, start)
-            await gate.acquire()
-            tasks.append(asyncio.create_task(post(message)))
-        await asyncio.gather(*tasks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -653,6 +457,7 @@ class PipelineResult:
     conversations: int
     workers: int
     rate: float
+    duration_s: float  # --duration (0: a fixed --messages count)
     via: str
     publish_s: float  # first to last publish acknowledged
     elapsed_s: float  # first publish to last reply seen
@@ -671,40 +476,61 @@ class PipelineResult:
     replies_per_second: list[int]  # replies seen in each second after the first publish
     cpu_s: dict[str, float]  # CPU seconds per process, first publish to last reply
     others_cpu_s: float  # CPU seconds every other process on the machine used meanwhile
-    # Per message, ms after the first publish: published, ReplyRequested seen, reply seen.
+    load_avg: list[float]  # 1, 5, 15 min, at the end: others share the machine
+    # Per second from the start of publishing: published, replies, latency, RSS, CPU%.
+    timeseries: list[SecondRow]
+    soak: SoakResult | None  # worker RSS after the warm-up vs at the end (--duration)
+    per_worker: list[WorkerFigures]  # records each worker processed, its partitions
+    # Per message, ms after the first publish: published, ReplyRequested seen, reply
+    # seen. Only up to SAMPLES_CAP messages (a soak would make the JSON huge).
     samples: list[tuple[float | None, float | None, float | None]]
 
 
-def _ms_after(origin: float, at: float | None) -> float | None:
-    return None if at is None else round((at - origin) * 1000, 1)
+def _ms_after(origin: float, at: float) -> float | None:
+    return None if math.isnan(at) else round((at - origin) * 1000, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    conversations: int
+    workers: int
+    rate: float
+    duration: float
+    warmup: float
+    via_gateway: bool
+    grace: float
+    deadline: float
 
 
 async def run_pipeline(
-    settings: Settings,
-    messages: Sequence[Message],
-    *,
-    conversations: int,
-    workers: int,
-    rate: float,
-    via_gateway: bool,
-    grace: float,
-    deadline: float,
-    cpu: CpuMeter,
+    settings: Settings, messages: Sequence[Message], options: RunOptions, cpu: CpuMeter
 ) -> PipelineResult:
-    observer = Observer(settings, messages)
+    tracking = Tracking(len(messages))
+    observer = Observer(settings, tracking)
     await observer.start()
+    ports = worker_ports(settings, options.workers)
+    metrics_before = await asyncio.to_thread(scrape_all, ports)
+    sampler = ProcSampler(cpu.pids)
     cpu.start()
+    origin = time.monotonic()
     watching = asyncio.create_task(observer.run())
-    sent_at: dict[int, float] = {}
-    publish: Callable[..., Coroutine[Any, Any, None]] = (
-        publish_via_gateway if via_gateway else publish_to_kafka
-    )
+    publish = publish_via_gateway if options.via_gateway else publish_to_kafka
+
+    def on_publish(message: Message) -> None:
+        if tracking.sent == 0:  # the series count from the first publish, as elapsed does
+            tracking.begin(time.monotonic())
+            sampler.start(tracking.buckets.origin)
+        observer.expect(message)
+        tracking.on_sent(message.index)
+
     timed_out = False
+    deadline = options.deadline
     try:
-        publishing = asyncio.create_task(publish(settings, messages, rate, sent_at))
+        publishing = asyncio.create_task(publish(settings, messages, options.rate, on_publish))
         seen = observer.seen
         last_progress = time.monotonic()
-        while len(seen.replied_at) + seen.blocked < len(messages):
+        next_report = origin + PROGRESS_EVERY_S
+        while seen.replies + seen.blocked < len(messages):
             if watching.done():
                 watching.result()  # the observer died: raise its error
             if publishing.done():
@@ -715,51 +541,71 @@ async def run_pipeline(
                 break
             if publishing.done() and now - last_progress > STALL_SECONDS:
                 break  # nothing moves: report what is missing rather than wait out
+            if now >= next_report:
+                next_report += PROGRESS_EVERY_S
+                print(
+                    f"  {now - origin:5.0f} s: published {tracking.sent}, replied "
+                    f"{seen.replies}, in flight {tracking.sent - seen.replies - seen.blocked}",
+                    flush=True,
+                )
             observer.progress.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(observer.progress.wait(), 0.5)
             if observer.progress.is_set():
                 last_progress = time.monotonic()
         cpu.stop()
+        sampler.stop()
         if not publishing.done():
             publishing.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await publishing
+        metrics_after = await asyncio.to_thread(scrape_all, ports)
         # Duplicates arrive late if at all: keep watching a little after the last reply.
-        await asyncio.sleep(max(0.0, min(grace, deadline - time.monotonic())))
+        await asyncio.sleep(max(0.0, min(options.grace, deadline - time.monotonic())))
     finally:
+        sampler.stop()
         await observer.stop()
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await watching
 
     seen = observer.seen
-    first = min(sent_at.values(), default=0.0)
-    last_sent = max(sent_at.values(), default=0.0)
-    last = max(seen.replied_at.values(), default=first)
-    latency = [(seen.replied_at[i] - sent_at[i]) * 1000 for i in seen.replied_at if i in sent_at]
-    ingest = [(seen.requested_at[i] - sent_at[i]) * 1000 for i in seen.requested_at if i in sent_at]
-    answer = [
-        (seen.replied_at[i] - seen.requested_at[i]) * 1000
-        for i in seen.replied_at
-        if i in seen.requested_at
-    ]
+    t = tracking
+    n = len(messages)
+    sent = [at for at in t.sent_at if not math.isnan(at)]
+    first = min(sent, default=origin)
+    last_sent = max(sent, default=first)
+    latency, ingest, answer = [], [], []
+    last = first
+    for i in range(n):
+        s, q, r = t.sent_at[i], t.requested_at[i], t.replied_at[i]
+        if not math.isnan(r):
+            last = max(last, r)
+            latency.append((r - s) * 1000)
+            if not math.isnan(q):
+                answer.append((r - q) * 1000)
+        if not math.isnan(q):
+            ingest.append((q - s) * 1000)
     elapsed = last - first
-    replies = len(seen.replied_at)
+    replies = seen.replies
     timeline = [0] * (int(elapsed) + 1)
-    for at in seen.replied_at.values():
-        timeline[int(at - first)] += 1
+    for at in t.replied_at:
+        if not math.isnan(at):
+            timeline[int(at - first)] += 1
+    series = build_series(t.buckets, sampler.samples)
+    workers = [f"worker-{i}" for i in range(options.workers)]
     return PipelineResult(
-        messages=len(messages),
-        conversations=conversations,
-        workers=workers,
-        rate=rate,
-        via="gateway" if via_gateway else "kafka",
+        messages=n,
+        conversations=options.conversations,
+        workers=options.workers,
+        rate=options.rate,
+        duration_s=options.duration,
+        via="gateway" if options.via_gateway else "kafka",
         publish_s=last_sent - first,
         elapsed_s=elapsed,
         msgs_per_s=replies / elapsed if elapsed > 0 else 0.0,
         replies=replies,
-        missing=len(messages) - replies - seen.blocked,
+        missing=n - replies - seen.blocked,
         duplicates=seen.duplicates,
         unmatched=seen.unmatched,
         blocked=seen.blocked,
@@ -772,14 +618,22 @@ async def run_pipeline(
         replies_per_second=timeline,
         cpu_s={name: round(used, 2) for name, used in cpu.used.items()},
         others_cpu_s=round(cpu.others, 2),
+        load_avg=[round(v, 2) for v in os.getloadavg()],
+        timeseries=series,
+        soak=soak(series, workers, int(options.warmup)) if options.duration > 0 else None,
+        per_worker=worker_figures(
+            metrics_before, metrics_after, {w: cpu.used[w] for w in workers if w in cpu.used}
+        ),
         samples=[
             (
-                _ms_after(first, sent_at.get(m.index)),
-                _ms_after(first, seen.requested_at.get(m.index)),
-                _ms_after(first, seen.replied_at.get(m.index)),
+                _ms_after(first, t.sent_at[i]),
+                _ms_after(first, t.requested_at[i]),
+                _ms_after(first, t.replied_at[i]),
             )
-            for m in messages
-        ],
+            for i in range(n)
+        ]
+        if n <= SAMPLES_CAP
+        else [],
     )
 
 
@@ -825,6 +679,7 @@ def summary(result: BenchResult) -> str:
         f"  workload      {p.messages} messages over {p.conversations} conversations, "
         f"{p.workers} worker(s), rate "
         + (f"{p.rate:g} msg/s" if p.rate > 0 else "unlimited")
+        + (f" for {p.duration_s:g} s" if p.duration_s > 0 else "")
         + f", published via {p.via}",
         "",
         f"  elapsed       {p.elapsed_s:.2f} s (first publish to last reply; publishing "
@@ -850,7 +705,12 @@ def summary(result: BenchResult) -> str:
         + ("   TIMED OUT" if p.timed_out else ""),
         f"  events seen   {p.events_seen} on the events topic; stack startup "
         f"{result.startup_s:.1f} s",
-        "  replies/s     " + " ".join(str(n) for n in p.replies_per_second),
+        f"  load average  {p.load_avg[0]:.2f} {p.load_avg[1]:.2f} {p.load_avg[2]:.2f} "
+        f"(1/5/15 min, at the end; {m.cpus} = every core busy)",
+    ]
+    if len(p.replies_per_second) <= 60:
+        lines.append("  replies/s     " + " ".join(str(n) for n in p.replies_per_second))
+    lines += [
         f"  CPU seconds   first publish to last reply ({p.elapsed_s:.1f} s wall, "
         f"{m.cpus} CPUs = {p.elapsed_s * m.cpus:.1f} CPU-s available):",
     ]
@@ -861,6 +721,20 @@ def summary(result: BenchResult) -> str:
         f"    {'other procs':<14}{p.others_cpu_s:7.2f}  (everything else on the machine: "
         f"{result.others_share * 100:.0f}% of its capacity)"
     )
+    lines += figures_lines(p.per_worker, p.replies, p.elapsed_s, p.msgs_per_s)
+    if p.timeseries:
+        workers = [f.name for f in p.per_worker] or ["worker-0"]
+        every = max(1, math.ceil(len(p.timeseries) / 40))
+        lines.append(f"  per second    (every {every} s; RSS at the end of the second)")
+        lines.append(series_table(p.timeseries, workers, every))
+    if p.soak is not None:
+        verdict = "FLAT" if p.soak.flat else "NOT FLAT"
+        lines.append(
+            f"  soak          worker RSS {verdict} (after the warm-up vs the last seconds)"
+        )
+        lines += p.soak.lines()
+    elif p.duration_s > 0:
+        lines.append("  soak          too short to compare RSS after the warm-up with the end")
     lines.append("")
     return "\n".join(lines)
 
@@ -872,8 +746,9 @@ Recorded by `bench/pipeline.py --record`; one row per run, newest last. Reproduc
 
     .venv/bin/python bench/pipeline.py --record
 
-(options: `--messages`, `--conversations`, `--workers`, `--rate`, `--via-gateway`,
-`--json PATH`, `--keep-logs DIR`, `--timeout`). Every run starts its own embedded
+(options: `--messages`, `--conversations`, `--workers`, `--rate`, `--duration`,
+`--warmup`, `--via-gateway`, `--json PATH` (also writes PATH.svg), `--keep-logs DIR`,
+`--timeout`), or the standard set with `kefu bench`. Every run starts its own embedded
 stack (Kafka, Redis, ClickHouse projector, the workers, gateway, webhook sink) on free
 ports in a temporary state dir, so it never touches a running demo, and removes it
 afterwards.
@@ -977,7 +852,23 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--rate", type=float, default=0.0, help="messages/s to publish at; 0 = as fast as possible"
     )
     parser.add_argument(
-        "--timeout", type=float, default=300.0, help="seconds; the run stops by itself after"
+        "--duration",
+        type=float,
+        default=0.0,
+        help="seconds to publish for at --rate (a soak): --messages becomes rate × duration",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=DEFAULT_WARMUP_S,
+        help="with --duration: worker RSS 'at start' is read this many seconds in "
+        "(at most half the duration)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds; the run stops by itself after (default 300, or duration + 300)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the result here as JSON")
     parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
@@ -988,7 +879,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--baseline-records",
         type=int,
         default=0,
-        help="records for the Kafka baseline; 0 = as many as --messages",
+        help=f"records for the Kafka baseline; 0 = as many as --messages, at most {BASELINE_CAP}",
     )
     parser.add_argument(
         "--keep-logs",
@@ -1001,6 +892,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--grace", type=float, default=DEFAULT_GRACE, help="seconds to watch for duplicates"
     )
     args = parser.parse_args(argv)
+    if args.duration < 0:
+        parser.error("--duration must be positive")
+    if args.duration > 0:
+        if args.rate <= 0:
+            parser.error("--duration needs --rate (messages per second to publish at)")
+        args.messages = max(1, math.ceil(args.rate * args.duration))
+        args.conversations = min(args.conversations, args.messages)
+        args.warmup = max(0.0, min(args.warmup, args.duration / 2))
+    if args.timeout is None:
+        args.timeout = 300.0 + args.duration
     if args.messages < 1 or args.conversations < 1 or args.workers < 1:
         parser.error("--messages, --conversations and --workers must be at least 1")
     if args.conversations > args.messages:
@@ -1034,11 +935,10 @@ def _measure(
     run = uuid.uuid4().hex[:8]
     messages = workload(args.messages, args.conversations, run)
     # Baseline records: the same commands, encoded as the pipeline's are.
+    baseline_records = args.baseline_records or min(args.messages, BASELINE_CAP)
     records = [
         (m.conversation_id.encode(), CODEC.encode(m.command()))
-        for m in workload(
-            args.baseline_records or args.messages, args.conversations, f"{run}-baseline"
-        )
+        for m in workload(baseline_records, args.conversations, f"{run}-baseline")
     ]
     print("baseline: aiokafka consume → produce ...", flush=True)
     baseline = asyncio.run(aiokafka_baseline(settings, records, deadline))
@@ -1049,21 +949,22 @@ def _measure(
     services = Services(settings, workers=args.workers)
     services.start(services.app_services())
     startup = time.monotonic() - started
-    print(f"  ready after {startup:.1f} s; publishing {len(messages)} messages ...", flush=True)
-    cpu = CpuMeter(stack_pids(settings, args.workers))
-    pipeline = asyncio.run(
-        run_pipeline(
-            settings,
-            messages,
-            conversations=args.conversations,
-            workers=args.workers,
-            rate=args.rate,
-            via_gateway=args.via_gateway,
-            grace=args.grace,
-            deadline=deadline,
-            cpu=cpu,
-        )
+    pace = f" at {args.rate:g} msg/s" if args.rate > 0 else ""
+    print(
+        f"  ready after {startup:.1f} s; publishing {len(messages)} messages{pace} ...", flush=True
     )
+    cpu = CpuMeter(stack_pids(settings, args.workers))
+    options = RunOptions(
+        conversations=args.conversations,
+        workers=args.workers,
+        rate=args.rate,
+        duration=args.duration,
+        warmup=args.warmup,
+        via_gateway=args.via_gateway,
+        grace=args.grace,
+        deadline=deadline,
+    )
+    pipeline = asyncio.run(run_pipeline(settings, messages, options, cpu))
     return pipeline, baseline, confluent, startup
 
 
@@ -1119,12 +1020,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(summary(result))
     if args.json is not None:
-        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n", "utf-8")
+        data = result.to_json()
+        args.json.write_text(json.dumps(data, indent=2) + "\n", "utf-8")
         print(f"wrote {args.json}")
+        print(f"wrote {plot_result(data, args.json.with_suffix('.svg'))}")
     if args.record:
         record(result)
         print(f"recorded in {RESULTS}")
     ok = pipeline.duplicates == 0 and pipeline.missing == 0 and not pipeline.timed_out
+    ok = ok and (pipeline.soak is None or pipeline.soak.flat)
     return 0 if ok else 1
 
 
