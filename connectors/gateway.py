@@ -7,7 +7,9 @@ or the Redis outbox (WebSockets).
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import gc
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,10 +18,13 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from connectors import console, dashboard, rest_api, routing_api, webchat
+from connectors import admin_api, console, dashboard, rest_api, routing_api, webchat
+from connectors.auth import AuthConfig, KeyRing
 from connectors.body_limit import BodyLimit
+from connectors.metrics import metrics_endpoint, ready_response
 from connectors.outbox_hub import OutboxHub
 from connectors.publisher import CommandPublisher
+from connectors.rate_limit import Limits, RateLimited, RateLimiter, rate_limited_response
 from connectors.telegram import TelegramEdge
 from connectors.telegram import router as telegram_router
 from connectors.wechat import WeChatEdge
@@ -31,7 +36,7 @@ class GatewayConfig:
     bootstrap: str
     commands_topic: str
     redis_url: str
-    api_keys: Mapping[str, str]  # tenant -> API key
+    api_keys: Mapping[str, str]  # tenant -> plaintext API key (tests); hashed on load
     ai_tenants: frozenset[str] = frozenset()
     # The analytics reports behind /dashboard (kefu injects them; None: 503).
     dashboard: dashboard.DashboardData | None = None
@@ -42,43 +47,69 @@ class GatewayConfig:
     telegram: TelegramEdge = field(default_factory=TelegramEdge)
     # Who may log in to /console: tenant -> agent id -> account (token hash, team, ...).
     agents: console.AgentDirectory = field(default_factory=dict)
+    # Key hashes per role, WebSocket origins, rate limits (connectors/auth.py, rate_limit.py).
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    rate_limits: Limits = field(default_factory=Limits)
+    tenant_rate_limits: Mapping[str, Limits] = field(default_factory=dict)
+    # Kafka security options of the command publisher (SASL/TLS; empty = PLAINTEXT).
+    kafka_options: Mapping[str, object] = field(default_factory=dict)
+    redis_connections: int = 100  # the process's Redis pool; more requests wait
+    # Seconds between gc.freeze() calls (0 = off) and between full collections of
+    # what was frozen: see _long_lived_objects.
+    gc_freeze_s: float = 0.0
+    gc_full_s: float = 3600.0
 
 
-class Tenants:
-    def __init__(self, api_keys: Mapping[str, str]) -> None:
-        self._keys = [(tenant, key.encode()) for tenant, key in api_keys.items() if key]
-        self.ids = frozenset(api_keys)
-
-    def by_api_key(self, presented: str) -> str | None:
-        """Constant-time over every tenant, so timing does not reveal which key is close."""
-        found = None
-        candidate = presented.encode()
-        for tenant, key in self._keys:
-            if hmac.compare_digest(candidate, key):
-                found = tenant
-        return found
+async def _long_lived_objects(config: GatewayConfig) -> None:
+    """Keep held sockets out of the cyclic GC's scans. With 20,000 sockets a full
+    collection walks millions of live objects and stalls the loop for seconds (measured
+    2.2 s: bench/RESULTS.md "Web chat sockets"). What has lived ``gc_freeze_s`` is
+    frozen (never scanned; still freed by reference counting when a socket closes);
+    every ``gc_full_s`` it is thawed and collected once, so cycles cannot pile up."""
+    last_full = time.monotonic()
+    while True:
+        await asyncio.sleep(config.gc_freeze_s)
+        if time.monotonic() - last_full >= config.gc_full_s:
+            gc.unfreeze()
+            gc.collect()
+            last_full = time.monotonic()
+        gc.freeze()
 
 
 @dataclass(slots=True)
 class Services:
     publisher: CommandPublisher
     redis: aioredis.Redis
-    tenants: Tenants
+    tenants: KeyRing  # tenant ids and their keys (connectors/auth.py)
     outbox: OutboxHub
 
 
 def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        publisher = CommandPublisher(config.bootstrap, config.commands_topic, config.routing_topic)
+        publisher = CommandPublisher(
+            config.bootstrap, config.commands_topic, config.routing_topic, config.kafka_options
+        )
         await publisher.start()
-        client = aioredis.Redis.from_url(config.redis_url)
+        # A burst of sockets opening (limiter, history) waits for a pooled connection
+        # instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            config.redis_url, max_connections=config.redis_connections, timeout=20
+        )
+        client = aioredis.Redis.from_pool(pool)
         outbox = OutboxHub(client)
         await outbox.start()
-        app.state.services = Services(publisher, client, Tenants(config.api_keys), outbox)
+        ring = KeyRing(config.auth.with_plain_api_keys(config.api_keys), client)
+        app.state.services = Services(publisher, client, ring, outbox)
+        app.state.limiter = RateLimiter(client, config.rate_limits, config.tenant_rate_limits)
+        collector = None
+        if config.gc_freeze_s > 0:
+            collector = asyncio.create_task(_long_lived_objects(config))
         try:
             yield
         finally:
+            if collector is not None:
+                collector.cancel()
             await outbox.stop()
             await publisher.stop()
             await client.aclose()
@@ -90,8 +121,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(webchat.ChatSocketShortcut)
+    app.add_exception_handler(RateLimited, rate_limited_response)
     app.include_router(rest_api.router)
     app.include_router(routing_api.router)
+    app.include_router(admin_api.router)
     app.include_router(webchat.router)
     app.include_router(dashboard.router)
     app.include_router(wechat_router)
@@ -111,4 +145,17 @@ def create_app(config: GatewayConfig) -> FastAPI:
             return JSONResponse({"status": "degraded", "redis": repr(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    async def ready() -> tuple[bool, dict[str, object]]:
+        services: Services | None = getattr(app.state, "services", None)
+        if services is None or not services.publisher.started:
+            return False, {"kafka": "producer not started"}
+        await services.redis.ping()
+        return True, {}
+
+    # Operations: unauthenticated and out of the OpenAPI document (connectors/metrics.py).
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        return await ready_response(ready)
+
+    app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)
     return app

@@ -11,8 +11,6 @@ reply, ``{"type": "error", "reason": ...}`` for bad input (the socket stays open
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import uuid
 from importlib import resources
@@ -20,8 +18,11 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from connectors.auth import websocket_origin_ok
 from connectors.identity import command_id_for, conversation_id_for
+from connectors.rate_limit import RateLimiter
 from schemas.keys import messages_key, outbox_channel
 from schemas.records import ReceiveMessage
 from schemas.time import now_ms
@@ -29,6 +30,7 @@ from schemas.time import now_ms
 router = APIRouter(tags=["web chat"])
 CHANNEL = "web"
 MAX_TEXT = 8000
+SOCKET_PATH = "/v1/chat/ws"
 
 
 @router.get("/chat", response_class=HTMLResponse)
@@ -46,38 +48,75 @@ async def widget_script() -> Response:
     )
 
 
-@router.websocket("/v1/chat/ws")
-async def chat_socket(websocket: WebSocket, tenant: str, customer: str) -> None:
+class ChatSocketShortcut:
+    """ASGI middleware: the widget's socket goes straight to its handler, past routing
+    and FastAPI's per-request dependency machinery, which a socket would keep for its
+    whole life (about 9 KiB each; bench/RESULTS.md "Web chat sockets")."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == SOCKET_PATH:
+            await chat_socket(WebSocket(scope, receive, send))
+        else:
+            await self.app(scope, receive, send)
+
+
+@router.websocket(SOCKET_PATH)
+async def chat_socket_route(websocket: WebSocket) -> None:
+    # Lists the socket among the app's routes; the gateway serves it by the shortcut.
+    await chat_socket(websocket)
+
+
+async def chat_socket(websocket: WebSocket) -> None:
+    tenant = websocket.query_params.get("tenant", "")
+    customer = websocket.query_params.get("customer", "")
     services = websocket.app.state.services
     if tenant not in services.tenants.ids or not (0 < len(customer) <= 128):
         await websocket.close(code=4403, reason="unknown tenant or bad customer id")
         return
+    if not websocket_origin_ok(websocket.app, websocket.headers, tenant):
+        # Before accept: the browser's handshake gets 403.
+        await websocket.close(code=4403, reason="origin not allowed")
+        return
+    limiter: RateLimiter | None = getattr(websocket.app.state, "limiter", None)
+    client = f"ws:{uuid.uuid4().hex}"  # this socket's own bucket for its frames
+    ip = websocket.client.host if websocket.client else "unknown"
+    limited = await limiter.check(tenant, f"ip:{ip}") if limiter else None
     await websocket.accept()
+    if limited is not None:
+        await websocket.send_json({"type": "error", **limited.body()})
+        await websocket.close(code=4429, reason="rate limited")
+        return
     conversation_id = conversation_id_for(tenant, CHANNEL, customer)
     channel = outbox_channel(tenant, conversation_id)
-    frames = services.outbox.subscribe(channel)
-    history = await services.redis.lrange(messages_key(tenant, conversation_id), 0, -1)
-    await websocket.send_json(
-        {
-            "type": "history",
-            "conversation_id": conversation_id,
-            "messages": [json.loads(m) for m in history],
-        }
-    )
-    relay = asyncio.create_task(_relay(frames, websocket))
+    # The hub sends this socket's replies itself: one task per socket (this one), none
+    # for an idle relay (connectors/outbox_hub.py).
+    mailbox = services.outbox.subscribe(channel, websocket.send_text)
     try:
+        history = await services.redis.lrange(messages_key(tenant, conversation_id), 0, -1)
+        await websocket.send_json(
+            {
+                "type": "history",
+                "conversation_id": conversation_id,
+                "messages": [json.loads(m) for m in history],
+            }
+        )
+        mailbox.open()  # replies that came in meanwhile follow the history
         while True:
             frame = await websocket.receive_text()
+            limited = await limiter.check(tenant, client) if limiter else None
+            if limited is not None:
+                await websocket.send_json({"type": "error", **limited.body()})
+                continue
             reply = await _accept(frame, tenant, customer, conversation_id, services)
             if reply is not None:
                 await websocket.send_json(reply)
     except WebSocketDisconnect:
         pass
     finally:
-        relay.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await relay
-        services.outbox.unsubscribe(channel, frames)
+        await services.outbox.unsubscribe(channel, mailbox)
 
 
 async def _accept(
@@ -115,8 +154,3 @@ async def _accept(
         )
     )
     return {"type": "ack", "id": message_id, "conversation_id": conversation_id}
-
-
-async def _relay(frames: asyncio.Queue[str], websocket: WebSocket) -> None:
-    while True:
-        await websocket.send_text(await frames.get())

@@ -127,6 +127,7 @@ def gateway(instance: str, state: str) -> None:
 
     from connectors.gateway import GatewayConfig, create_app
     from kefu.chat_channels import telegram_edge, wechat_edge
+    from kefu.telemetry import setup_tracing
     from schemas.topics import TopicNames
 
     settings = _settings()
@@ -136,15 +137,38 @@ def gateway(instance: str, state: str) -> None:
         commands_topic=TopicNames(settings.topic_prefix).commands,
         routing_topic=TopicNames(settings.topic_prefix).routing,
         redis_url=settings.redis.dsn,
-        api_keys={t: s.api_key.get_secret_value() for t, s in settings.tenants.items()},
+        api_keys={},  # hashes only, in auth (kefu/cli_keys.py)
         dashboard=report_runner(settings),
         max_body_bytes=settings.gateway.max_body_bytes,
         wechat=wechat_edge(settings),
         telegram=telegram_edge(settings),
         agents=agent_directory(settings),
+        gc_freeze_s=settings.gateway.gc_freeze_s,
+        gc_full_s=settings.gateway.gc_full_s,
+        **gateway_security(settings),
     )
     g = settings.gateway
-    uvicorn.run(create_app(config), host=g.host, port=g.port, log_level="warning")
+    setup_tracing(settings, "gateway")
+    _raise_open_files_limit()  # a socket per chat tab: the soft limit is often 1024
+    uvicorn.run(
+        create_app(config),
+        host=g.host,
+        port=g.port,
+        log_level="warning",
+        ws=g.ws,
+        ws_per_message_deflate=g.ws_per_message_deflate,
+        ws_max_size=g.ws_max_size,
+        ws_ping_interval=g.ws_ping_interval or None,
+        ws_ping_timeout=g.ws_ping_timeout or None,
+        backlog=g.backlog,
+    )
+
+
+def _raise_open_files_limit() -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 @main.command()
@@ -229,6 +253,9 @@ def demo(keep_running: bool, workers: int) -> None:
 
 
 # Areas register their commands here, one line each (kefu/cli_<area>.py).
+from kefu.cli_bench import bench  # noqa: E402
+
+main.add_command(bench)
 from kefu.cli_ai import ai  # noqa: E402
 
 main.add_command(ai)
@@ -246,6 +273,9 @@ main.add_command(smtp)
 from kefu.cli_agents import agent_directory, agents  # noqa: E402
 
 main.add_command(agents)
+from kefu.cli_keys import gateway_security, keys  # noqa: E402
+
+main.add_command(keys)
 
 
 if __name__ == "__main__":

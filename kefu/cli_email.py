@@ -14,6 +14,7 @@ from connectors.email_out import EmailSender, RelayConfig
 from connectors.email_threads import ThreadStore
 from kefu.runtime import configure_logging
 from kefu.settings import Settings, load_settings
+from kefu.telemetry import ops_app, serve_ops, setup_tracing
 from schemas.topics import TopicNames
 
 
@@ -41,10 +42,12 @@ def listener_config(settings: Settings) -> ListenerConfig:
         commands_topic=TopicNames(settings.topic_prefix).commands,
         redis_url=settings.redis.dsn,
         mailboxes=mailboxes(settings),
+        host=e.host,
         port=e.port,
         hostname=e.hostname,
         max_message_bytes=e.max_message_bytes,
         max_text_chars=e.max_text_chars,
+        kafka_options=settings.kafka.client_options(),
     )
 
 
@@ -66,12 +69,22 @@ def email_sender(settings: Settings) -> EmailSender:
     return EmailSender(ThreadStore(aioredis.Redis.from_url(settings.redis.dsn)), config)
 
 
-async def _run(config: ListenerConfig) -> None:
+async def _run(config: ListenerConfig, ops: tuple[str, int] = ("", 0)) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    async def ready() -> tuple[bool, dict[str, object]]:
+        _, writer = await asyncio.open_connection(config.host, config.port)
+        writer.close()
+        return True, {}
+
+    # The listener speaks SMTP only: /metrics, /healthz, /readyz on a port of their own.
+    server = await serve_ops(ops_app(ready), ops[0], ops[1], "smtp")
     await serve(config, stop)
+    if server is not None:
+        server.should_exit = True
 
 
 @click.command("smtp")
@@ -81,4 +94,6 @@ def smtp(instance: str, state: str) -> None:
     """Run the SMTP listener for inbound email (127.0.0.1, ``email.port``)."""
     settings = load_settings()
     configure_logging(settings.log_level)
-    asyncio.run(_run(listener_config(settings)))
+    setup_tracing(settings, "smtp")
+    o = settings.observability
+    asyncio.run(_run(listener_config(settings), (o.ops_host, o.smtp_port)))

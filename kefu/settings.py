@@ -7,7 +7,9 @@ not collide with system services (6379, 9092, 8123 stay free for real servers).
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,11 +31,46 @@ class KafkaSettings(_Frozen):
     partitions: int = 4
     # Where the broker's jars are cached between runs (filled by Maven from the pom).
     jars_dir: Path = Path.home() / ".cache" / "kefu" / "kafka"
+    # An external cluster with TLS and/or SASL (docs/security.md): PLAINTEXT, SSL,
+    # SASL_PLAINTEXT or SASL_SSL; every Kafka client kefu creates gets these.
     security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+    sasl_username: str = ""
+    sasl_password: SecretStr = SecretStr("")
+    ssl_cafile: str = ""  # PEM; empty = the system's trust store
+    ssl_certfile: str = ""  # client certificate (mutual TLS), PEM
+    ssl_keyfile: str = ""
+    ssl_check_hostname: bool = True
 
     @property
     def servers(self) -> str:
         return self.bootstrap or f"{LOOPBACK}:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if "SSL" not in self.security_protocol.upper():
+            return None
+        context = ssl.create_default_context(cafile=self.ssl_cafile or None)
+        context.check_hostname = self.ssl_check_hostname
+        if self.ssl_certfile:
+            context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile or None)
+        return context
+
+    def client_options(self) -> dict[str, Any]:
+        """The security keyword arguments of every aiokafka client (producer,
+        consumer, admin); empty for PLAINTEXT, so the defaults stay untouched."""
+        protocol = self.security_protocol.upper()
+        if protocol == "PLAINTEXT":
+            return {}
+        options: dict[str, Any] = {"security_protocol": protocol}
+        if protocol.startswith("SASL"):
+            options |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": self.sasl_password.get_secret_value(),
+            }
+        if "SSL" in protocol:
+            options["ssl_context"] = self.ssl_context()
+        return options
 
 
 class RedisSettings(_Frozen):
@@ -63,6 +100,22 @@ class GatewaySettings(_Frozen):
     port: int = 18000
     # A request body over this many bytes gets 413 before any route reads it.
     max_body_bytes: int = 1024 * 1024
+    # WebSockets (bench/RESULTS.md "Web chat sockets"): the sans-I/O implementation
+    # runs no task of its own per socket; per-message deflate would keep zlib state per
+    # socket for frames of a few hundred bytes.
+    ws: Literal["websockets-sansio", "websockets", "wsproto", "auto"] = "websockets-sansio"
+    ws_per_message_deflate: bool = False
+    ws_max_size: int = 256 * 1024  # largest frame a client may send (text is ≤ 8000 chars)
+    # Keepalive pings find dead peers (0 = none); under common proxies' 60 s idle
+    # timeout, and each costs the gateway a timer and two frames per socket.
+    ws_ping_interval: float = 30.0
+    ws_ping_timeout: float = 30.0
+    # Accept queue; the kernel caps it at net.core.somaxconn.
+    backlog: int = 8192
+    # Held sockets leave the cyclic GC's scans after this long (0 = never), and are
+    # collected once every gc_full_s (connectors/gateway.py _long_lived_objects).
+    gc_freeze_s: float = 60.0
+    gc_full_s: float = 3600.0
 
 
 class WorkerSettings(_Frozen):
@@ -71,6 +124,12 @@ class WorkerSettings(_Frozen):
     web_port: int = 16066
     # The responder and delivery agents run this many requests at once per worker.
     concurrency: int = 16
+    # Hot-path tuning (bench/RESULTS.md "Pipeline" says what each costs): how long an
+    # idle fetch waits at the broker, how long an agent gathers a batch, how long the
+    # producer lingers to group sends.
+    fetch_max_wait_ms: int = 100
+    batch_ms: float = 5.0
+    linger_ms: float = 2.0
 
 
 class RoutingSettings(_Frozen):
@@ -118,6 +177,8 @@ class EmailSettings(_Frozen):
     """The email channel: an SMTP listener in (``kefu smtp``), an SMTP relay out."""
 
     # The listener binds loopback only; put a real MTA in front of it for the Internet.
+    # (A container sets host 0.0.0.0 and publishes the port on the host's loopback.)
+    host: str = LOOPBACK
     port: int = 12525
     hostname: str = "kefu.localhost"  # in the SMTP greeting and our Message-IDs
     # Mail to ``<inbound_local>+<tenant>@any-domain`` goes to that tenant (besides
@@ -171,8 +232,38 @@ class ChannelsSettings(_Frozen):
     timeout_s: float = 10.0
 
 
+class RateLimitSettings(_Frozen):
+    """Token buckets (connectors/rate_limit.py), shared by every gateway process through
+    Redis: ``per_second`` refill, ``burst`` capacity. 0 per_second = no limit."""
+
+    tenant_per_second: float = 2000.0  # all of a tenant's requests and socket frames
+    tenant_burst: float = 4000.0
+    client_per_second: float = 1000.0  # one API key, one IP (failed logins) or one socket
+    client_burst: float = 2000.0
+
+
+class SecuritySettings(_Frozen):
+    """Gateway security defaults (docs/security.md); tenants may override limits."""
+
+    rate_limits: RateLimitSettings = RateLimitSettings()
+    # WebSockets from a page on loopback (http://127.0.0.1:*, localhost) are allowed
+    # besides same-origin pages and each tenant's ``allowed_origins``.
+    allow_loopback_origins: bool = True
+
+
 class TenantSettings(_Frozen):
-    api_key: SecretStr
+    # The tenant's API key (key id "default"): a plaintext key is hashed when the
+    # gateway loads it; production config holds "sha256:<hex>" (``kefu keys hash``).
+    api_key: SecretStr = SecretStr("")
+    # More API keys, key id -> "sha256:<hex>" (or plaintext): several valid at once,
+    # so a key is rotated by adding the new one, then removing the old.
+    api_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    # Admin keys (key management, agent admin; never the customer API): id -> hash.
+    admin_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    # Page origins allowed to open the chat and console WebSockets, e.g.
+    # "https://shop.example" ("*" = any); same-origin (and loopback) always are.
+    allowed_origins: list[str] = Field(default_factory=list)
+    rate_limits: RateLimitSettings | None = None  # None = ``security.rate_limits``
     # REST replies are POSTed here, signed with HMAC-SHA256 over the body.
     webhook_url: str = ""
     webhook_secret: SecretStr = SecretStr("")
@@ -256,6 +347,41 @@ class AISettings(_Frozen):
     stream_channels: list[str] = Field(default_factory=lambda: ["web"])
 
 
+class ReliabilitySettings(_Frozen):
+    """Faults (docs/faults.md): how fast a dead worker's partitions move on, Faust's
+    processing guarantee, and rebuilding the Redis read model after it was lost."""
+
+    # A worker that stops heartbeating leaves the group after session_timeout_s; a
+    # rebalance waits at most rebalance_timeout_s for the members to rejoin.
+    session_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 3.0
+    rebalance_timeout_s: float = 30.0
+    # "at_least_once" (effectively-once by ids and seqs) or Faust's "exactly_once"
+    # (Kafka transactions); bench/faults.py measures both (bench/RESULTS.md).
+    processing_guarantee: str = "at_least_once"
+    # Redis lost its data (FLUSHALL, a new empty server): the projection rebuilds the
+    # read model from the log before it writes again (projections/redis_rebuild.py).
+    redis_rebuild: bool = True
+
+
+class ObservabilitySettings(_Frozen):
+    """Tracing and the operations endpoints (docs/observability.md)."""
+
+    # Spans: none | console | jsonl (one file per process in trace_dir) | otlp (OTLP over
+    # HTTP to otlp_endpoint, e.g. an OpenTelemetry Collector or Jaeger).
+    trace_exporter: Literal["none", "console", "jsonl", "otlp"] = "none"
+    trace_dir: Path | None = None  # default: <state_dir>/traces
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    sample_ratio: float = 1.0  # of new traces; children follow their parent's decision
+    export_delay_ms: int = 500  # the batch exporter's flush interval
+    # /metrics, /healthz, /readyz of the processes without an HTTP server of their own:
+    # the SMTP listener, and the projector when ClickHouse is a server (with chdb they
+    # are on its query endpoint). 0 = none. A container sets ops_host 0.0.0.0.
+    ops_host: str = LOOPBACK
+    projector_port: int = 18125
+    smtp_port: int = 18126
+
+
 def _default_tenants() -> dict[str, TenantSettings]:
     return {
         "demo": TenantSettings(
@@ -284,6 +410,9 @@ class Settings(BaseSettings):
     ai: AISettings = AISettings()
     email: EmailSettings = EmailSettings()
     channels: ChannelsSettings = ChannelsSettings()
+    security: SecuritySettings = SecuritySettings()
+    reliability: ReliabilitySettings = ReliabilitySettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
     log_level: str = "INFO"
 
     @property

@@ -20,6 +20,8 @@ from kefu.services import Services
 from kefu.settings import (
     AgentSettings,
     ChannelsSettings,
+    ObservabilitySettings,
+    RateLimitSettings,
     Settings,
     TelegramBotSettings,
     TenantSettings,
@@ -35,6 +37,34 @@ T = TypeVar("T")
 def console_agent(agent: str, team: str = "default", name: str = "") -> AgentSettings:
     digest = hashlib.sha256(f"{agent}-token".encode()).hexdigest()
     return AgentSettings(token_sha256=SecretStr(digest), team=team, capacity=2, name=name)
+
+
+def key_hash(key: str) -> SecretStr:
+    """A key as production settings hold it: ``sha256:<hex>`` (docs/security.md)."""
+    return SecretStr("sha256:" + hashlib.sha256(key.encode()).hexdigest())
+
+
+def security_tenants() -> dict[str, TenantSettings]:
+    """Tenants of the security tests: iso-a/iso-b (isolation, admin, origins), rl/rl2
+    (small rate limits: a tenant's two keys together exceed its bucket). Admin keys
+    "<tenant>-admin-key", agent tokens "<agent>-token"."""
+    small = RateLimitSettings(
+        tenant_per_second=2.0, tenant_burst=4.0, client_per_second=1.0, client_burst=3.0
+    )
+    return {
+        tenant: TenantSettings(
+            api_key=SecretStr(f"{tenant}-test-key"),
+            # A second API key, hashed as in production.
+            api_keys={"second": key_hash(f"{tenant}-second-key")},
+            admin_keys={"main": key_hash(f"{tenant}-admin-key")},
+            ai_enabled=False,
+            agents={agent: console_agent(agent)},
+            allowed_origins=[f"https://shop.{tenant}.example"],
+            webhook_secret=SecretStr(f"{tenant}-webhook-secret"),
+            rate_limits=small if tenant.startswith("rl") else None,
+        )
+        for tenant, agent in (("iso-a", "ann"), ("iso-b", "bob"), ("rl", "rita"), ("rl2", "rolf"))
+    }
 
 
 def isolated_settings(state_dir: Path) -> Settings:
@@ -147,7 +177,16 @@ def isolated_settings(state_dir: Path) -> Settings:
                     "dave": console_agent("dave", team="billing"),
                 },
             ),
+            **security_tenants(),
         },
+        # Spans to <state dir>/traces/*.jsonl (tests/test_tracing.py); the SMTP
+        # listener's /metrics on a free port (tests/test_metrics.py).
+        observability=ObservabilitySettings(
+            trace_exporter="jsonl",
+            export_delay_ms=100,
+            smtp_port=free_ports(1)[0],
+            projector_port=0,
+        ),
         log_level="INFO",
     )
 

@@ -28,8 +28,8 @@ from kefu.settings import KafkaSettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-SERVICES = {"kafka", "redis", "clickhouse", "topics", "projector", "worker", "gateway"}
-KEFU_SERVICES = {"topics", "projector", "worker", "gateway"}
+SERVICES = {"kafka", "redis", "clickhouse", "topics", "projector", "worker", "gateway", "smtp"}
+KEFU_SERVICES = {"topics", "projector", "worker", "gateway", "smtp"}
 LOOPBACK = "127.0.0.1"
 YAML_TO_JSON = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
 
@@ -175,7 +175,7 @@ def test_published_ports_bind_loopback_only(config: Config) -> None:
                 host_ip = parts[0] if len(parts) == 3 else ""
             assert host_ip == LOOPBACK, f"{name} publishes {port} beyond loopback"
             published.append(name)
-    assert "gateway" in published
+    assert {"gateway", "smtp"} <= set(published)
 
 
 def test_every_kefu_variable_is_a_setting(config: Config) -> None:
@@ -209,6 +209,8 @@ def test_kefu_service_environment_loads_into_settings(
     assert settings.tenants
     if name == "gateway":
         assert settings.gateway.host == "0.0.0.0"
+    if name == "smtp":  # reachable in the network; published on loopback (above)
+        assert settings.email.host == "0.0.0.0"
 
 
 def test_clickhouse_url_carries_the_servers_credentials(config: Config) -> None:
