@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,21 +37,46 @@ class NotReadyError(ProcessError, TimeoutError):
     """A readiness check did not pass in time (or the process died while waiting)."""
 
 
-def free_port() -> int:
-    """A TCP port on loopback that is free right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _ephemeral_floor() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Below the kernel's ephemeral range: a port the OS would hand out (bind to 0) can be
+# taken by any outgoing connection between the moment it is picked and the moment the
+# daemon binds it, which made "address already in use" a rare flake under load.
+_PORT_RANGE = range(20000, min(_ephemeral_floor(), 65536))
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (all held open at once, so none repeats)."""
+    """``count`` distinct ports on loopback that are free right now, picked at random
+    outside the ephemeral range (all held open at once, so none repeats)."""
+    if len(_PORT_RANGE) < count * 4:  # an odd ip_local_port_range: let the OS pick
+        with contextlib.ExitStack() as stack:
+            socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+            for sock in socks:
+                sock.bind((LOOPBACK, 0))
+            return [int(sock.getsockname()[1]) for sock in socks]
+    chosen: list[int] = []
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind((LOOPBACK, 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
+        for port in random.sample(_PORT_RANGE, min(len(_PORT_RANGE), count * 50)):
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+    raise ProcessError(f"no {count} free ports on {LOOPBACK}")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
+    return free_ports(1)[0]
 
 
 def free_run(length: int, avoid: Sequence[int] = ()) -> int:

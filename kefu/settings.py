@@ -125,10 +125,8 @@ class WorkerSettings(_Frozen):
     # The responder and delivery agents run this many requests at once per worker.
     concurrency: int = 16
     # Hot-path tuning (bench/RESULTS.md "Pipeline" says what each costs): how long an
-    # idle fetch waits at the broker, how long an agent gathers a batch, how long the
-    # producer lingers to group sends.
+    # idle fetch waits at the broker, how long the producer lingers to group sends.
     fetch_max_wait_ms: int = 100
-    batch_ms: float = 5.0
     linger_ms: float = 2.0
 
 

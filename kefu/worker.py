@@ -52,7 +52,6 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
             web_host=settings.worker.web_host,
             concurrency=settings.worker.concurrency,
             fetch_max_wait_ms=settings.worker.fetch_max_wait_ms,
-            batch_within_s=settings.worker.batch_ms / 1000,
             producer_linger_s=settings.worker.linger_ms / 1000,
             kafka_options=settings.kafka.client_options(),
             session_timeout=settings.reliability.session_timeout_s,

@@ -36,8 +36,6 @@ class StreamsConfig:
     # sends the next only when every partition's buffer is drained, so a long wait on
     # quiet partitions stalls busy ones: a short wait keeps the pipeline flowing.
     fetch_max_wait_ms: int = 100
-    # How long an agent gathers a batch (``streams.inbox.batches``) before handling it.
-    batch_within_s: float = 0.005
     # A few ms of linger turns a burst of sends into one produce request per partition.
     producer_linger_s: float = 0.002
     # Group membership (docs/faults.md): a SIGKILLed worker's partitions move on after

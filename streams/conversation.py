@@ -62,9 +62,7 @@ def install(kefu: KefuApp, policy: Policy) -> Any:
     states = _States(kefu.conversations)
 
     async def conversation(stream: Any) -> None:
-        async for batch in batches(
-            stream, Command, kefu.deadletter, STAGE, within=kefu.config.batch_within_s
-        ):
+        async for batch in batches(stream, Command, kefu.deadletter, STAGE):
             changed: dict[str, tuple[Conversation, int]] = {}
             for event, command in batch:
                 hop = telemetry.begin(STAGE, event.message, command)

@@ -47,9 +47,7 @@ def install(kefu: KefuApp, deliverer: Deliverer) -> Any:
 
     async def delivery(stream: Any) -> None:
         wanted = (ReplyProduced, ConversationQueued)
-        async for batch in batches(
-            stream, Event, kefu.deadletter, STAGE, only=wanted, within=kefu.config.batch_within_s
-        ):
+        async for batch in batches(stream, Event, kefu.deadletter, STAGE, only=wanted):
             await each_conversation(batch, handle, kefu.config.concurrency)
 
     # One actor: a second would take the next batch and could overtake a conversation's

@@ -41,14 +41,7 @@ def install(kefu: KefuApp, responder: Responder) -> Any:
             telemetry.end(hop)
 
     async def responder_agent(stream: Any) -> None:
-        requests = batches(
-            stream,
-            ReplyRequested,
-            kefu.deadletter,
-            STAGE,
-            only=(ReplyRequested,),
-            within=kefu.config.batch_within_s,
-        )
+        requests = batches(stream, ReplyRequested, kefu.deadletter, STAGE, only=(ReplyRequested,))
         async for batch in requests:
             await each_conversation(batch, answer, kefu.config.concurrency)
 

@@ -90,9 +90,7 @@ def install(kefu: KefuApp) -> Any:
     wanted = (ConversationRouted, ConversationHandedOff, ConversationClosed)
 
     async def routing_feed(stream: Any) -> None:
-        async for batch in batches(
-            stream, Event, kefu.deadletter, STAGE, only=wanted, within=kefu.config.batch_within_s
-        ):
+        async for batch in batches(stream, Event, kefu.deadletter, STAGE, only=wanted):
             for event, record in batch:
                 hop = telemetry.begin(STAGE, event.message, record)
                 try:

@@ -95,6 +95,8 @@ def fault_settings(
             models={"fault-model": AIModelSettings(**model)},
             breaker_failures=3,
             breaker_reset_seconds=1.0,
+            # Every test message must reach the broken model, not an earlier answer.
+            cache_enabled=False,
             backoff_seconds=0.01,
             first_token_budget_seconds=0.8,
             # Under load the per-tenant LLM budget would answer from the FAQ instead.
