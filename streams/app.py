@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -64,43 +64,34 @@ class KefuApp:
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    fetch_max_wait_ms = 100
-
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # Read by AIOKafkaConsumer.start() when it builds its fetcher.
-        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
+        consumer._fetch_max_wait_ms = cast("_App", self.app).fetch_max_wait_ms
         return consumer
 
 
-def _transport_with_fetch_wait(fetch_max_wait_ms: int) -> type[faust_aiokafka.Transport]:
-    thread = type("ConsumerThread", (_ConsumerThread,), {"fetch_max_wait_ms": fetch_max_wait_ms})
+class _Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> Any:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
-    class KefuConsumer(faust_aiokafka.Consumer):
-        def _new_consumer_thread(self) -> Any:
-            return thread(self, loop=self.loop, beacon=self.beacon)
 
-    class Transport(faust_aiokafka.Transport):
-        Consumer = KefuConsumer
-
-    return Transport
+class _Transport(faust_aiokafka.Transport):
+    Consumer = _Consumer
 
 
 class _App(faust.App):
-    transport_class: type[faust_aiokafka.Transport] = faust_aiokafka.Transport
+    """A Faust app whose Kafka consumer waits ``fetch_max_wait_ms`` at the broker."""
+
+    fetch_max_wait_ms: int
 
     def _new_transport(self) -> Any:
-        return self.transport_class(self.conf.broker_consumer, self)
+        return _Transport(self.conf.broker_consumer, self)
 
 
 def build_app(config: StreamsConfig) -> KefuApp:
     faust_codec.register()
-    app_class = type(
-        "KefuFaustApp",
-        (_App,),
-        {"transport_class": _transport_with_fetch_wait(config.fetch_max_wait_ms)},
-    )
-    app = app_class(
+    app = _App(
         config.app_id,
         broker=f"kafka://{config.broker}",
         broker_credentials=broker_credentials(config.kafka_options),
@@ -122,6 +113,7 @@ def build_app(config: StreamsConfig) -> KefuApp:
         broker_rebalance_timeout=config.rebalance_timeout,
         processing_guarantee=config.processing_guarantee,
     )
+    app.fetch_max_wait_ms = config.fetch_max_wait_ms  # read when the consumer starts
     names = config.topics
     return KefuApp(
         app=app,

@@ -60,33 +60,33 @@ class _States:
 
 def install(kefu: KefuApp, policy: Policy) -> Any:
     states = _States(kefu.conversations)
+    Changed = dict[str, tuple[Conversation, int]]  # id -> (state, its partition)
+
+    async def apply(event: Any, command: Command, changed: Changed) -> None:
+        conversation_id = command.conversation_id
+        try:
+            pending = changed.get(conversation_id)
+            state = pending[0] if pending else states.get(conversation_id)
+            events = decide(state, command, policy)
+            if not events:
+                log.debug("dropped applied command %s", position(event.message))
+                return
+            for appended in events:
+                state = evolve(state, appended)
+                await kefu.events_out.send(key=conversation_id, value=appended)
+            changed[conversation_id] = (state, event.message.partition)
+        except Rejected as exc:
+            await send_dead_letter(kefu.deadletter, event.message, str(exc), STAGE)
+        except Exception as exc:  # a bug for one record must not stop the partition
+            log.exception("conversation %s failed at %s", conversation_id, position(event.message))
+            await send_dead_letter(kefu.deadletter, event.message, repr(exc), STAGE)
 
     async def conversation(stream: Any) -> None:
         async for batch in batches(stream, Command, kefu.deadletter, STAGE):
-            changed: dict[str, tuple[Conversation, int]] = {}
+            changed: Changed = {}
             for event, command in batch:
-                hop = telemetry.begin(STAGE, event.message, command)
-                conversation_id = command.conversation_id
-                try:
-                    pending = changed.get(conversation_id)
-                    state = pending[0] if pending else states.get(conversation_id)
-                    events = decide(state, command, policy)
-                    if not events:
-                        log.debug("dropped applied command %s", position(event.message))
-                        continue
-                    for appended in events:
-                        state = evolve(state, appended)
-                        await kefu.events_out.send(key=conversation_id, value=appended)
-                    changed[conversation_id] = (state, event.message.partition)
-                except Rejected as exc:
-                    await send_dead_letter(kefu.deadletter, event.message, str(exc), STAGE)
-                except Exception as exc:  # a bug for one record must not stop the partition
-                    log.exception(
-                        "conversation %s failed at %s", conversation_id, position(event.message)
-                    )
-                    await send_dead_letter(kefu.deadletter, event.message, repr(exc), STAGE)
-                finally:
-                    telemetry.end(hop)
+                with telemetry.hop(STAGE, event.message, command):
+                    await apply(event, command, changed)
             for conversation_id, (state, partition) in changed.items():
                 states.put(conversation_id, state, partition)
 

@@ -36,14 +36,11 @@ def delivery_command_id(reply_event_id: str) -> str:
 
 def install(kefu: KefuApp, deliverer: Deliverer) -> Any:
     async def handle(event: Any, record: Event) -> None:
-        hop = telemetry.begin(STAGE, event.message, record)
-        try:
+        with telemetry.hop(STAGE, event.message, record):
             if isinstance(record, ConversationQueued):
                 await deliverer.notify(record)
             elif isinstance(record, ReplyProduced):
                 await _deliver(kefu, deliverer, event, record)
-        finally:
-            telemetry.end(hop)
 
     async def delivery(stream: Any) -> None:
         wanted = (ReplyProduced, ConversationQueued)

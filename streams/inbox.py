@@ -54,16 +54,18 @@ async def records(
 ) -> AsyncIterator[tuple[Any, R]]:
     """Yield ``(faust event, record)``; undecodable records go to the dead-letter topic."""
     async for event in stream.events():
-        try:
-            record = decode(event.value, expected)
-        except DecodeError as exc:
-            await send_dead_letter(deadletter_topic, event.message, exc.reason, consumer)
-            continue
-        hop = telemetry.begin(consumer, event.message, record)  # span + latency, on output
-        try:
-            yield event, record
-        finally:
-            telemetry.end(hop)
+        record = await _decoded(event, expected, deadletter_topic, consumer)
+        if record is not None:
+            with telemetry.hop(consumer, event.message, record):  # span + latency, on output
+                yield event, record
+
+
+async def _decoded(event: Any, expected: type[R], deadletter_topic: Any, consumer: str) -> R | None:
+    try:
+        return decode(event.value, expected)
+    except DecodeError as exc:
+        await send_dead_letter(deadletter_topic, event.message, exc.reason, consumer)
+        return None
 
 
 async def batches(
@@ -79,8 +81,9 @@ async def batches(
     """Yield lists of ``(faust event, record)``, in log order.
 
     One Faust hop per event costs several times what a batch from ``take_events``
-    does, and an agent's whole batch is acked only when it asks for the next one, so
-    its effects (sends, writes) still come before the commit. With ``only``, records of
+    does, and an agent's whole batch is acked when it asks for the next one, so its
+    effects (sends, writes) come before the commit (but Faust also acks a batch whose
+    agent is cancelled: docs/faults.md). With ``only``, records of
     other types are skipped by their schema fingerprint, never decoded. Undecodable
     records go to the dead-letter topic.
 
@@ -91,17 +94,13 @@ async def batches(
     async for events in stream.take_events(size, within=within):
         out: list[tuple[Any, R]] = []
         for event in events:
-            value = event.value
             if only is not None:
-                kind = CODEC.peek(value)
+                kind = CODEC.peek(event.value)
                 if kind is not None and not issubclass(kind, only):
                     continue
-            try:
-                record = decode(value, expected)
-            except DecodeError as exc:
-                await send_dead_letter(deadletter_topic, event.message, exc.reason, consumer)
-                continue
-            out.append((event, record))
+            record = await _decoded(event, expected, deadletter_topic, consumer)
+            if record is not None:
+                out.append((event, record))
         if out:
             yield out
 

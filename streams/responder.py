@@ -34,11 +34,8 @@ def reply_command_id(request_event_id: str) -> str:
 
 def install(kefu: KefuApp, responder: Responder) -> Any:
     async def answer(event: Any, record: ReplyRequested) -> None:
-        hop = telemetry.begin(STAGE, event.message, record)
-        try:
+        with telemetry.hop(STAGE, event.message, record):
             await _answer(kefu, responder, event, record)
-        finally:
-            telemetry.end(hop)
 
     async def responder_agent(stream: Any) -> None:
         requests = batches(stream, ReplyRequested, kefu.deadletter, STAGE, only=(ReplyRequested,))

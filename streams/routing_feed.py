@@ -92,11 +92,8 @@ def install(kefu: KefuApp) -> Any:
     async def routing_feed(stream: Any) -> None:
         async for batch in batches(stream, Event, kefu.deadletter, STAGE, only=wanted):
             for event, record in batch:
-                hop = telemetry.begin(STAGE, event.message, record)
-                try:
+                with telemetry.hop(STAGE, event.message, record):
                     for command in routing_commands(record):
                         await kefu.routing_out.send(key=command.queue, value=command)
-                finally:
-                    telemetry.end(hop)
 
     return kefu.app.agent(kefu.events_in, name="kefu.routing-feed")(routing_feed)

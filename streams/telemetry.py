@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,16 @@ def end(hop: Hop) -> None:
         if hop.error:
             hop.span.set_status(Status(StatusCode.ERROR, hop.error))
         hop.span.end()
+
+
+@contextmanager
+def hop(stage: str, message: Any, record: Any) -> Iterator[Hop]:
+    """``begin`` … ``end`` around the handling of one record of a batch."""
+    opened = begin(stage, message, record)
+    try:
+        yield opened
+    finally:
+        end(opened)
 
 
 def dead_lettered(consumer: str, reason: str) -> None:

@@ -97,15 +97,14 @@ def install(
             if not stored:
                 continue
             entry = known.get(conversation_id)
-            if entry is None or entry[0] is not stored:
-                state = Conversation.from_json(stored)
-                deadlines = deadlines_for(state.tenant_id, state.priority)
-                entry = (stored, next_due(state, deadlines))
-            seen[conversation_id] = entry
-            if entry[1] is None or entry[1] > now:
-                continue
+            if entry is not None and entry[0] is stored:
+                seen[conversation_id] = entry
+                if entry[1] is None or entry[1] > now:
+                    continue
             state = Conversation.from_json(stored)
-            for command in due(state, deadlines_for(state.tenant_id, state.priority), now):
+            deadlines = deadlines_for(state.tenant_id, state.priority)
+            seen[conversation_id] = (stored, next_due(state, deadlines))
+            for command in due(state, deadlines, now):
                 await kefu.commands_out.send(key=conversation_id, value=command)
         known.clear()
         known.update(seen)
