@@ -357,6 +357,11 @@ class ReliabilitySettings(_Frozen):
     # "at_least_once" (effectively-once by ids and seqs) or Faust's "exactly_once"
     # (Kafka transactions); bench/faults.py measures both (bench/RESULTS.md).
     processing_guarantee: str = "at_least_once"
+    # A record lost between the fetch and an agent (seen around rebalances) holds its
+    # partition's commits back; it is delivered again after redeliver_lost_after_s, or
+    # redeliver_stuck_after_s when an agent still holds it (streams/consumer.py).
+    redeliver_lost_after_s: float = 5.0
+    redeliver_stuck_after_s: float = 60.0
     # Redis lost its data (FLUSHALL, a new empty server): the projection rebuilds the
     # read model from the log before it writes again (projections/redis_rebuild.py).
     redis_rebuild: bool = True

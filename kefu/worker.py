@@ -58,6 +58,8 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
             heartbeat_interval=settings.reliability.heartbeat_interval_s,
             rebalance_timeout=settings.reliability.rebalance_timeout_s,
             processing_guarantee=settings.reliability.processing_guarantee,
+            redeliver_lost_after_s=settings.reliability.redeliver_lost_after_s,
+            redeliver_stuck_after_s=settings.reliability.redeliver_stuck_after_s,
         )
     )
     kefu = traced_app(kefu)  # sends carry trace context and the origin time (telemetry)

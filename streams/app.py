@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas import faust_codec
 from schemas.topics import TopicNames
+from streams.consumer import Consumer
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,10 @@ class StreamsConfig:
     heartbeat_interval: float = 3.0
     rebalance_timeout: float = 30.0
     processing_guarantee: str = "at_least_once"  # or "exactly_once" (measured)
+    # A record missing below acked ones holds the partition's commits back; after this
+    # long it is delivered again (streams.consumer): sooner when no agent holds it.
+    redeliver_lost_after_s: float = 5.0
+    redeliver_stuck_after_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,27 +68,17 @@ class KefuApp:
     queues: Any  # faust.Table: queue -> state JSON
 
 
-class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport: Any) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        # Read by AIOKafkaConsumer.start() when it builds its fetcher.
-        consumer._fetch_max_wait_ms = cast("_App", self.app).fetch_max_wait_ms
-        return consumer
-
-
-class _Consumer(faust_aiokafka.Consumer):
-    def _new_consumer_thread(self) -> Any:
-        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-
 class _Transport(faust_aiokafka.Transport):
-    Consumer = _Consumer
+    Consumer = Consumer
 
 
 class _App(faust.App):
-    """A Faust app whose Kafka consumer waits ``fetch_max_wait_ms`` at the broker."""
+    """A Faust app with our consumer (``streams.consumer``): strict commits, hole
+    repair, and a broker fetch wait of ``fetch_max_wait_ms``."""
 
     fetch_max_wait_ms: int
+    redeliver_lost_after_s: float
+    redeliver_stuck_after_s: float
 
     def _new_transport(self) -> Any:
         return _Transport(self.conf.broker_consumer, self)
@@ -113,7 +108,10 @@ def build_app(config: StreamsConfig) -> KefuApp:
         broker_rebalance_timeout=config.rebalance_timeout,
         processing_guarantee=config.processing_guarantee,
     )
-    app.fetch_max_wait_ms = config.fetch_max_wait_ms  # read when the consumer starts
+    # Read when the consumer is built and starts.
+    app.fetch_max_wait_ms = config.fetch_max_wait_ms
+    app.redeliver_lost_after_s = config.redeliver_lost_after_s
+    app.redeliver_stuck_after_s = config.redeliver_stuck_after_s
     names = config.topics
     return KefuApp(
         app=app,

@@ -1,0 +1,171 @@
+"""Faust's Kafka consumer with offset bookkeeping that never commits past a lost record.
+
+faust-streaming 0.15.3 commits the offset after the acked records of a partition, and
+around a rebalance three of its rules let that offset move past a record no agent
+processed (issue 9, docs/faults.md "A record skipped around a rebalance"):
+
+- ``_new_offset`` tolerates one missing offset at the head of the acked list
+  (``min(acked) - committed > 1``), so a record lost right at the committed position,
+  e.g. cleared from an agent's queue when flow resumes, is committed over once the
+  records after it are acked;
+- ``_add_gap`` counts offsets the fetch loop did not see as processed, and a seek or a
+  batch prefetched before the rebalance looks exactly like such a gap;
+- acks of records fetched in an earlier generation (the stream acks the records it
+  skips for that reason) land in the new generation's bookkeeping.
+
+Here the committed offset only moves over records acked in the current generation,
+from the committed position on with no hole. Our topics have no holes of their own
+(no transactional producers in ``at_least_once``, no compaction on consumed topics),
+so a hole means a lost delivery: if it stays, the partition is sought back to its
+committed offset and the records are delivered again, which every agent absorbs
+(commands are deduplicated by id, projections guarded by sequence numbers).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, MutableSequence, Sequence
+from typing import Any, cast
+
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, Message
+from faust.utils.functional import consecutive_numbers
+
+
+def take_committable(committed: int | None, acked: MutableSequence[int]) -> Sequence[int]:
+    """The acked offsets the committed offset can move over: the run from ``committed``
+    (Kafka's committed offset, the next record to read) without a hole, taken off
+    ``acked`` (sorted in place). Empty while the record at ``committed`` is missing."""
+    if not acked:
+        return ()
+    acked[:] = sorted(acked)
+    if committed is not None and acked[0] > committed:
+        return ()  # the record at `committed` was not processed (yet)
+    run = next(consecutive_numbers(acked))
+    del acked[: len(run)]
+    return run
+
+
+class HoleWatch:
+    """When a partition's committed offset has been held back by a missing record for
+    too long, it is due to be sought back: the record was lost, not slow.
+
+    A hole whose record no agent is working on (not in the consumer's unacked set) is
+    lost as soon as it is seen for ``lost_after`` seconds; one that an agent holds
+    (tracked but never acked, e.g. acked by some agents and dropped from another's
+    queue, or a slow LLM call) gets ``stuck_after``."""
+
+    def __init__(self, lost_after: float, stuck_after: float) -> None:
+        self.lost_after = lost_after
+        self.stuck_after = stuck_after
+        self._since: dict[TP, tuple[int, float]] = {}
+
+    def seen(self, tp: TP, offset: int) -> None:
+        known = self._since.get(tp)
+        if known is None or known[0] != offset:
+            self._since[tp] = (offset, time.monotonic())
+
+    def closed(self, tp: TP) -> None:
+        self._since.pop(tp, None)
+
+    def due(self, in_flight: set[tuple[TP, int]]) -> list[tuple[TP, int]]:
+        now = time.monotonic()
+        due = []
+        for tp, (offset, since) in list(self._since.items()):
+            limit = self.stuck_after if (tp, offset) in in_flight else self.lost_after
+            if now - since >= limit:
+                due.append((tp, offset))
+                del self._since[tp]
+        return due
+
+    def __bool__(self) -> bool:
+        return bool(self._since)
+
+    def forget(self, tps: Iterable[TP]) -> None:
+        for tp in tps:
+            self._since.pop(tp, None)
+
+
+class Consumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer with strict commits and hole repair (module docstring),
+    and the broker fetch wait from the app (``fetch_max_wait_ms``; Faust hard-codes
+    1,500 ms)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        app = cast(Any, self.app)
+        self._holes = HoleWatch(
+            lost_after=float(getattr(app, "redeliver_lost_after_s", 5.0)),
+            stuck_after=float(getattr(app, "redeliver_stuck_after_s", 60.0)),
+        )
+
+    def _new_consumer_thread(self) -> Any:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def ack(self, message: Message) -> bool:
+        if message.generation_id != self.app.consumer_generation_id:
+            # Fetched before the last rebalance: the partition was sought back to its
+            # committed offset since, and the record comes again in this generation.
+            message.acked = True
+            self._unacked_messages.discard(message)
+            return False
+        return bool(super().ack(message))
+
+    def _new_offset(self, tp: TP) -> int | None:
+        acked = self._acked[tp]
+        committed = self._committed_offset[tp]
+        run = take_committable(committed, acked)
+        if run:
+            self._acked_index[tp].difference_update(run)
+            self._holes.closed(tp)
+            return run[-1] + 1
+        if acked and committed is not None:
+            self._holes.seen(tp, committed)
+        else:
+            self._holes.closed(tp)
+        return None
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        """Offsets the fetch loop skipped are not processed records (module docstring)."""
+        if self.in_transaction:  # transaction markers do take offsets
+            await super()._add_gap(tp, offset_from, offset_to)
+
+    async def _commit_tps(self, tps: Iterable[TP], start_new_transaction: bool) -> bool:
+        committed = await super()._commit_tps(tps, start_new_transaction)
+        if not self._holes:
+            return bool(committed)
+        in_flight = {(m.tp, m.offset) for m in self._unacked_messages}
+        for tp, offset in self._holes.due(in_flight):
+            if tp in self.assignment() and self._committed_offset[tp] == offset:
+                self.log.warning(
+                    "Offset %r of %r was not processed while later ones were: "
+                    "seeking back to deliver it again",
+                    offset,
+                    tp,
+                )
+                self._acked[tp].clear()
+                self._acked_index[tp].clear()
+                await self.seek(tp, offset)
+        return bool(committed)
+
+    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        # Acks recorded between the revocation and this assignment belong to records of
+        # the old generation; this generation starts from the committed offsets.
+        for tp in assigned:
+            self._acked.pop(tp, None)
+            self._acked_index.pop(tp, None)
+            self._gap.pop(tp, None)
+        self._holes.forget(assigned)
+        await super().on_partitions_assigned(assigned, generation_id)
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self._holes.forget(revoked)
+        await super().on_partitions_revoked(revoked)
+
+
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # Read by AIOKafkaConsumer.start() when it builds its fetcher.
+        consumer._fetch_max_wait_ms = cast(Any, self.app).fetch_max_wait_ms
+        return consumer
