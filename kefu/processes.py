@@ -49,6 +49,9 @@ def _ephemeral_floor() -> int:
 # taken by any outgoing connection between the moment it is picked and the moment the
 # daemon binds it, which made "address already in use" a rare flake under load.
 _PORT_RANGE = range(20000, min(_ephemeral_floor(), 65536))
+# Ports this process handed out: they stay free until their daemon binds them, so a
+# later pick (another fixture's port) could otherwise return the same one.
+_HANDED_OUT: set[int] = set()
 
 
 def free_ports(count: int) -> list[int]:
@@ -63,6 +66,8 @@ def free_ports(count: int) -> list[int]:
     chosen: list[int] = []
     with contextlib.ExitStack() as stack:
         for port in random.sample(_PORT_RANGE, min(len(_PORT_RANGE), count * 50)):
+            if port in _HANDED_OUT:
+                continue
             sock = stack.enter_context(socket.socket())
             try:
                 sock.bind((LOOPBACK, port))
@@ -70,6 +75,7 @@ def free_ports(count: int) -> list[int]:
                 continue
             chosen.append(port)
             if len(chosen) == count:
+                _HANDED_OUT.update(chosen)
                 return chosen
     raise ProcessError(f"no {count} free ports on {LOOPBACK}")
 
@@ -85,7 +91,8 @@ def free_run(length: int, avoid: Sequence[int] = ()) -> int:
     for _ in range(100):
         first = free_port()
         run = range(first, first + length)
-        if first + length > 65536 or any(p in avoid for p in run):
+        taken = any(p in avoid for p in run) or any(p in _HANDED_OUT for p in run[1:])
+        if first + length > 65536 or taken:
             continue
         with contextlib.ExitStack() as stack:
             try:
@@ -93,6 +100,7 @@ def free_run(length: int, avoid: Sequence[int] = ()) -> int:
                     stack.enter_context(socket.socket()).bind((LOOPBACK, port))
             except OSError:
                 continue
+        _HANDED_OUT.update(run)
         return first
     raise ProcessError(f"no {length} consecutive free ports on {LOOPBACK}")
 
