@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaProducer
 
 from connectors.metrics import publishing
 from schemas.codec import CODEC
+from schemas.headers import with_tenant
 from schemas.records import Command, RoutingCommand
 
 
@@ -50,7 +51,7 @@ class CommandPublisher:
                 self._routing_topic,
                 key=command.queue.encode(),
                 value=CODEC.encode(command),
-                headers=headers,
+                headers=with_tenant(headers, command.tenant_id),
             )
 
     async def publish(self, command: Command) -> None:
@@ -59,5 +60,5 @@ class CommandPublisher:
                 self._topic,
                 key=command.conversation_id.encode(),
                 value=CODEC.encode(command),
-                headers=headers,
+                headers=with_tenant(headers, command.tenant_id),
             )

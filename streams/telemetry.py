@@ -27,6 +27,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from schemas import tracing
+from schemas.headers import with_tenant
 from schemas.time import now_ms
 from streams import metrics
 from streams.app import KefuApp
@@ -148,6 +149,11 @@ def outgoing(headers: Any) -> Any:
     return [*headers, *extra]
 
 
+def _headers(send_kwargs: dict[str, Any]) -> Any:
+    headers = outgoing(send_kwargs.get("headers"))
+    return with_tenant(headers, getattr(send_kwargs.get("value"), "tenant_id", None))
+
+
 class TracedTopic:
     """A Faust topic whose sends carry the hop's headers; everything else delegates."""
 
@@ -155,11 +161,11 @@ class TracedTopic:
         self._topic = topic
 
     async def send(self, **kwargs: Any) -> Any:
-        kwargs["headers"] = outgoing(kwargs.get("headers"))
+        kwargs["headers"] = _headers(kwargs)
         return await self._topic.send(**kwargs)
 
     def send_soon(self, **kwargs: Any) -> Any:
-        kwargs["headers"] = outgoing(kwargs.get("headers"))
+        kwargs["headers"] = _headers(kwargs)
         return self._topic.send_soon(**kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -3,12 +3,16 @@ offsets at the time of the call."""
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from kefu.settings import Settings
 
 
 async def read_topic(settings: Settings, topic: str) -> list[bytes]:
+    return [r.value for r in await read_records(settings, topic) if r.value is not None]
+
+
+async def read_records(settings: Settings, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.servers, enable_auto_commit=False)
     await consumer.start()
     try:
@@ -22,13 +26,13 @@ async def read_topic(settings: Settings, topic: str) -> list[bytes]:
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         ends = await consumer.end_offsets(parts)
-        values: list[bytes] = []
+        found: list[ConsumerRecord[bytes, bytes]] = []
         pending = {tp for tp in parts if ends[tp] > 0}
         while pending:
             batch = await consumer.getmany(*pending, timeout_ms=1000)
             for _tp, records in batch.items():
-                values.extend(r.value for r in records if r.value is not None)
+                found.extend(records)
             pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
-        return values
+        return found
     finally:
         await consumer.stop()

@@ -28,8 +28,12 @@ from connectors.identity import conversation_id_for
 from connectors.wechat import signature
 from kefu.settings import Settings
 from projections.clickhouse_query import AnalyticsClient
+from schemas.codec import CODEC
+from schemas.headers import tenant_of
 from schemas.keys import agents_key, conversation_key, messages_key
+from schemas.topics import TopicNames
 from tests.conftest import wait_for
+from tests.kafka_helpers import read_records
 from tests.test_fuzz_endpoints import TopicWatch
 
 A, B = "iso-a", "iso-b"
@@ -416,5 +420,29 @@ def test_redis_keys_and_clickhouse_rows_carry_their_tenant(
         return found or None
 
     assert wait_for(rows, 60, "A's events in ClickHouse") == [[A]]
+    _records_name_their_tenant(pipeline, {setup.conversation, setup.web_conversation})
     # Kafka: A's conversation's records are keyed by its conversation id.
     assert conversation_id_for(A, "api", setup.customer) == setup.conversation
+
+
+def _records_name_their_tenant(settings: Settings, conversations: set[str]) -> None:
+    """Every record on the log names its tenant in a header (schemas/headers.py): what
+    the gateway and SMTP listener publish and what the workers send."""
+    names = TopicNames(settings.topic_prefix)
+    seen: dict[str, int] = {}
+    for topic in (names.commands, names.events, names.routing, names.queue_events):
+        for record in asyncio.run(read_records(settings, topic)):
+            if record.value is None:
+                continue
+            try:
+                decoded = CODEC.decode(record.value)
+            except Exception:  # poison other tests put on the log
+                continue
+            tenant = getattr(decoded, "tenant_id", None)
+            if tenant is None:
+                continue
+            assert tenant_of(record.headers) == tenant, (topic, record.offset)
+            if getattr(decoded, "conversation_id", None) in conversations:
+                seen[topic] = seen.get(topic, 0) + 1
+    # A's two conversations: commands in, events out (the worker's sends).
+    assert seen.get(names.commands, 0) >= 2 and seen.get(names.events, 0) >= 2, seen
