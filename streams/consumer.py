@@ -148,6 +148,24 @@ class Consumer(faust_aiokafka.Consumer):
                 await self.seek(tp, offset)
         return bool(committed)
 
+    async def perform_seek(self) -> None:
+        """Seek to the committed offsets, and a partition without one to its beginning:
+        left alone, its position is whatever the fetcher holds (a new owner was seen
+        starting at the end of a partition whose dead owner had processed part of it
+        and committed nothing), and ``consumer_auto_offset_reset`` does not apply."""
+        await super().perform_seek()
+        fresh = [
+            tp
+            for tp in self.assignment()
+            if not self._committed_offset[tp] and not self._is_changelog_tp(tp)
+        ]
+        if fresh:
+            await self._thread.seek_to_beginning(*map(faust_aiokafka.ensure_aiokafka_TP, fresh))
+            for tp in fresh:
+                self._read_offset[tp] = None
+            names = ", ".join(sorted(f"{tp.topic}-{tp.partition}" for tp in fresh))
+            self.log.info("No committed offset: reading %s from the beginning", names)
+
     async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
         # Acks recorded between the revocation and this assignment belong to records of
         # the old generation; this generation starts from the committed offsets.
