@@ -163,8 +163,14 @@ def machine(settings: Settings) -> Machine:
 # ------------------------------------------------------------------------ settings
 
 
-def bench_settings(state_dir: Path, workers: int) -> Settings:
+def bench_settings(state_dir: Path, workers: int, event_loop: str = "uvloop") -> Settings:
     base = private_settings(state_dir, workers)
+    base = base.model_copy(
+        update={
+            "worker": base.worker.model_copy(update={"event_loop": event_loop}),
+            "gateway": base.gateway.model_copy(update={"event_loop": event_loop}),
+        }
+    )
     sink = base.dev.webhook_sink_port
     return base.model_copy(
         update={
@@ -891,6 +897,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--grace", type=float, default=DEFAULT_GRACE, help="seconds to watch for duplicates"
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the workers' and gateway's event loop",
+    )
     args = parser.parse_args(argv)
     if args.duration < 0:
         parser.error("--duration must be positive")
@@ -992,7 +1004,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline = begin + args.timeout
     watchdog = _watchdog(args.timeout + 120.0)
     state_dir = Path(tempfile.mkdtemp(prefix="kefu-bench-"))
-    settings = bench_settings(state_dir, args.workers)
+    settings = bench_settings(state_dir, args.workers, args.event_loop)
     try:
         print(f"kefu bench: private stack in {state_dir}", flush=True)
         stack_start = time.monotonic()

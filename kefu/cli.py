@@ -155,6 +155,7 @@ def gateway(instance: str, state: str) -> None:
         host=g.host,
         port=g.port,
         log_level="warning",
+        loop=g.event_loop,
         ws=g.ws,
         ws_per_message_deflate=g.ws_per_message_deflate,
         ws_max_size=g.ws_max_size,

@@ -98,6 +98,7 @@ class ClickHouseSettings(_Frozen):
 class GatewaySettings(_Frozen):
     host: str = LOOPBACK
     port: int = 18000
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"  # as uvicorn's --loop
     # A request body over this many bytes gets 413 before any route reads it.
     max_body_bytes: int = 1024 * 1024
     # WebSockets (bench/RESULTS.md "Web chat sockets"): the sans-I/O implementation
@@ -128,6 +129,9 @@ class WorkerSettings(_Frozen):
     # idle fetch waits at the broker, how long the producer lingers to group sends.
     fetch_max_wait_ms: int = 100
     linger_ms: float = 2.0
+    # uvloop (libuv) runs the worker's event loops (Faust's and its consumer thread's);
+    # "asyncio" is the standard library's loop.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
 
 class RoutingSettings(_Frozen):

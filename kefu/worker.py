@@ -169,6 +169,10 @@ def _install_health(kefu: KefuApp) -> None:
 
 
 def run_worker(settings: Settings, web_port: int | None = None) -> None:
+    if settings.worker.event_loop == "uvloop":
+        import mode.loop
+
+        mode.loop.use("uvloop")  # before the app exists: Faust takes the loop at creation
     setup_tracing(settings, "worker")
     kefu = build_worker(settings, web_port)
     worker = faust.Worker(kefu.app, loglevel=settings.log_level.lower(), quiet=True)
