@@ -365,7 +365,7 @@ class ReliabilitySettings(_Frozen):
     # partition's commits back; it is delivered again after redeliver_lost_after_s, or
     # redeliver_stuck_after_s when an agent still holds it (streams/consumer.py).
     redeliver_lost_after_s: float = 5.0
-    redeliver_stuck_after_s: float = 60.0
+    redeliver_stuck_after_s: float = 20.0
     # Redis lost its data (FLUSHALL, a new empty server): the projection rebuilds the
     # read model from the log before it writes again (projections/redis_rebuild.py).
     redis_rebuild: bool = True

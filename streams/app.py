@@ -48,7 +48,7 @@ class StreamsConfig:
     # A record missing below acked ones holds the partition's commits back; after this
     # long it is delivered again (streams.consumer): sooner when no agent holds it.
     redeliver_lost_after_s: float = 5.0
-    redeliver_stuck_after_s: float = 60.0
+    redeliver_stuck_after_s: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from schemas.codec import CODEC, DecodeError
 from schemas.records import Record, dead_letter
 from schemas.time import now_ms
 from streams import telemetry
+from streams.consumer import InOrder
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)
@@ -53,7 +54,10 @@ async def records(
     stream: Any, expected: type[R], deadletter_topic: Any, consumer: str
 ) -> AsyncIterator[tuple[Any, R]]:
     """Yield ``(faust event, record)``; undecodable records go to the dead-letter topic."""
+    gate = InOrder(stream.app.consumer)
     async for event in stream.events():
+        if not gate.admit(event.message):
+            continue
         record = await _decoded(event, expected, deadletter_topic, consumer)
         if record is not None:
             with telemetry.hop(consumer, event.message, record):  # span + latency, on output
@@ -77,6 +81,7 @@ async def batches(
     size: int = 500,
     within: float = 0.005,
     only: tuple[type[R], ...] | None = None,
+    in_order: bool = True,
 ) -> AsyncIterator[list[tuple[Any, R]]]:
     """Yield lists of ``(faust event, record)``, in log order.
 
@@ -91,9 +96,12 @@ async def batches(
     but Faust does not clear such a queue on a rebalance as it clears its own buffers,
     and a SIGKILL fault run lost a read-model update while it was in use, cause not
     pinned down: so it is not used.)"""
+    gate = InOrder(stream.app.consumer) if in_order else None
     async for events in stream.take_events(size, within=within):
         out: list[tuple[Any, R]] = []
         for event in events:
+            if gate is not None and not gate.admit(event.message):
+                continue
             if only is not None:
                 kind = CODEC.peek(event.value)
                 if kind is not None and not issubclass(kind, only):

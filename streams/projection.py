@@ -17,6 +17,7 @@ from schemas.codec import DecodeError
 from schemas.records import Event, QueueEvent
 from streams import telemetry
 from streams.app import KefuApp
+from streams.consumer import InOrder
 from streams.inbox import decode, send_dead_letter
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,13 @@ def install(
     topic = kefu.queue_events_in if queues else kefu.events_in
 
     async def projection(stream: Any) -> None:
+        gate = InOrder(stream.app.consumer)  # a seq-guarded model must not skip ahead
         async for batch_events in stream.take_events(batch, within=within):
             started = time.perf_counter()
             decoded: list[Projected] = []
             for event in batch_events:
+                if not gate.admit(event.message):
+                    continue
                 try:
                     decoded.append(decode(event.value, expected))
                 except DecodeError as exc:

@@ -38,7 +38,9 @@ def install(kefu: KefuApp, responder: Responder) -> Any:
             await _answer(kefu, responder, event, record)
 
     async def responder_agent(stream: Any) -> None:
-        requests = batches(stream, ReplyRequested, kefu.deadletter, STAGE, only=(ReplyRequested,))
+        requests = batches(
+            stream, ReplyRequested, kefu.deadletter, STAGE, only=(ReplyRequested,), in_order=False
+        )
         async for batch in requests:
             await each_conversation(batch, answer, kefu.config.concurrency)
 

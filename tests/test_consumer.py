@@ -13,7 +13,7 @@ from faust.types import TP, Message
 
 from schemas.topics import TopicNames
 from streams.app import StreamsConfig, build_app
-from streams.consumer import Consumer, HoleWatch, take_committable
+from streams.consumer import Consumer, HoleWatch, InOrder, take_committable
 
 COMMANDS = TP("kefu.commands", 3)
 
@@ -123,3 +123,37 @@ def test_acks_from_an_earlier_generation_do_not_count(consumer: Any) -> None:
 async def test_skipped_offsets_are_not_counted_as_processed(consumer: Any) -> None:
     await consumer._add_gap(COMMANDS, 91, 120)
     assert not consumer._gap[COMMANDS]
+
+
+class _Committed:
+    def __init__(self, offsets: dict[TP, int]) -> None:
+        self._committed_offset = offsets
+
+
+def test_a_gate_admits_each_record_once_in_order() -> None:
+    gate = InOrder(_Committed({COMMANDS: 90}))
+    offsets = [90, 91, 91, 92, 90, 93]
+    assert [gate.admit(_message(o, 7)) for o in offsets] == [True, True, False, True, False, True]
+
+
+def test_a_gate_refuses_records_past_a_hole_until_it_is_filled() -> None:
+    gate = InOrder(_Committed({COMMANDS: 90}))
+    assert gate.admit(_message(90, 7))
+    # 91 went missing: 92 and 93 wait for the seek back rather than overtaking it.
+    assert not gate.admit(_message(92, 7)) and not gate.admit(_message(93, 7))
+    assert gate.holes == 2
+    assert [gate.admit(_message(o, 7)) for o in (91, 92, 93)] == [True, True, True]
+
+
+def test_a_new_generation_starts_at_the_committed_offset() -> None:
+    committed = {COMMANDS: 90}
+    gate = InOrder(_Committed(committed))
+    assert [gate.admit(_message(o, 7)) for o in (90, 91, 92)] == [True, True, True]
+    committed[COMMANDS] = 91  # a rebalance: the partition is read again from 91
+    assert not gate.admit(_message(93, 8))  # 91 and 92 come first
+    assert [gate.admit(_message(o, 8)) for o in (91, 92, 93)] == [True, True, True]
+
+
+def test_without_a_committed_offset_the_first_record_starts_the_gate() -> None:
+    gate = InOrder(_Committed({}))
+    assert gate.admit(_message(0, 1)) and gate.admit(_message(1, 1))
