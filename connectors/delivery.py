@@ -3,7 +3,9 @@
 - ``web``: published on the conversation's Redis outbox channel; the gateway pushes it
   down the widget's WebSocket (history on reconnect comes from the Redis read model).
 - ``api``: POSTed to the tenant's webhook with an HMAC-SHA256 signature of the body and
-  the reply's event id as idempotency key, retried with exponential backoff.
+  the reply's event id as idempotency key, retried with exponential backoff. The client
+  is aiohttp's: a webhook POST cost ~1.3 ms more CPU with httpx, which made delivery
+  the pipeline's slowest agent (bench/RESULTS.md "Pipeline").
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-import httpx
+import aiohttp
 import redis.asyncio as aioredis
 
 from connectors.metrics import delivering
@@ -69,14 +71,13 @@ class ChannelDeliverer:
         self,
         redis: aioredis.Redis,
         webhooks: Mapping[str, WebhookTarget],
-        http: httpx.AsyncClient | None = None,
         attempts: int = 5,
         backoff: float = 0.2,
         senders: Mapping[str, ChannelSender] | None = None,
     ) -> None:
         self._redis = redis
         self._webhooks = webhooks
-        self._http = http or httpx.AsyncClient(timeout=5.0)
+        self._session: aiohttp.ClientSession | None = None  # made on first use, in the loop
         self._attempts = attempts
         self._backoff = backoff
         self._senders = dict(senders or {})
@@ -130,18 +131,29 @@ class ChannelDeliverer:
         detail = ""
         for attempt in range(1, self._attempts + 1):
             try:
-                response = await self._http.post(target.url, content=body, headers=headers)
-                if response.status_code < 300:
-                    return Outcome("delivered", attempt, f"HTTP {response.status_code}")
-                detail = f"HTTP {response.status_code}"
-                if 400 <= response.status_code < 500 and response.status_code != 429:
+                async with self._http().post(target.url, data=body, headers=headers) as response:
+                    status = response.status
+                    await response.read()
+                if status < 300:
+                    return Outcome("delivered", attempt, f"HTTP {status}")
+                detail = f"HTTP {status}"
+                if 400 <= status < 500 and status != 429:
                     break  # the receiver rejects it; retrying will not help
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 detail = type(exc).__name__
             if attempt < self._attempts:
                 await asyncio.sleep(self._backoff * 2 ** (attempt - 1))
         log.warning("webhook failed after %d attempts: %s", attempt, detail)
         return Outcome("failed", attempt, detail)
 
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=5.0),
+                connector=aiohttp.TCPConnector(limit=100),
+            )
+        return self._session
+
     async def close(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
