@@ -51,12 +51,13 @@ def decode(value: bytes, expected: type[R]) -> R:
 
 
 async def records(
-    stream: Any, expected: type[R], deadletter_topic: Any, consumer: str
+    stream: Any, expected: type[R], deadletter_topic: Any, consumer: str, in_order: bool = True
 ) -> AsyncIterator[tuple[Any, R]]:
-    """Yield ``(faust event, record)``; undecodable records go to the dead-letter topic."""
-    gate = InOrder(stream.app.consumer)
+    """Yield ``(faust event, record)`` in offset order (``streams.consumer.InOrder``);
+    undecodable records go to the dead-letter topic."""
+    gate = InOrder(stream.app.consumer) if in_order else None
     async for event in stream.events():
-        if not gate.admit(event.message):
+        if gate is not None and not gate.admit(event.message):
             continue
         record = await _decoded(event, expected, deadletter_topic, consumer)
         if record is not None:
