@@ -38,7 +38,7 @@ def take_committable(committed: int | None, acked: MutableSequence[int]) -> Sequ
     ``acked`` (sorted in place). Empty while the record at ``committed`` is missing."""
     if not acked:
         return ()
-    acked[:] = sorted(acked)
+    acked[:] = sorted(set(acked))
     if committed is not None and acked[0] > committed:
         return ()  # the record at `committed` was not processed (yet)
     run = next(consecutive_numbers(acked))
@@ -111,9 +111,11 @@ class InOrder:
             expected = offset if committed is None else committed
         else:
             expected = known[1]
-        if offset != expected:
-            if offset > expected:
-                self.holes += 1
+        if offset < expected:
+            return False
+        if offset > expected and not self._consumer.in_transaction:
+            # Inside Kafka transactions markers take offsets: a jump is not a hole.
+            self.holes += 1
             return False
         self._next[tp] = (message.generation_id, offset + 1)
         return True
@@ -147,6 +149,12 @@ class Consumer(faust_aiokafka.Consumer):
     def _new_offset(self, tp: TP) -> int | None:
         acked = self._acked[tp]
         committed = self._committed_offset[tp]
+        gaps = self._gap[tp]
+        if acked and gaps:  # transaction markers below the highest ack count as done
+            top = max(acked)
+            for gap in gaps.overlap(0, top + 1):
+                acked.extend(range(gap.begin, min(gap.end, top + 1)))
+            gaps.chop(0, top + 1)
         run = take_committable(committed, acked)
         if run:
             self._acked_index[tp].difference_update(run)

@@ -126,8 +126,9 @@ async def test_skipped_offsets_are_not_counted_as_processed(consumer: Any) -> No
 
 
 class _Committed:
-    def __init__(self, offsets: dict[TP, int]) -> None:
+    def __init__(self, offsets: dict[TP, int], in_transaction: bool = False) -> None:
         self._committed_offset = offsets
+        self.in_transaction = in_transaction
 
 
 def test_a_gate_admits_each_record_once_in_order() -> None:
@@ -157,3 +158,8 @@ def test_a_new_generation_starts_at_the_committed_offset() -> None:
 def test_without_a_committed_offset_the_first_record_starts_the_gate() -> None:
     gate = InOrder(_Committed({}))
     assert gate.admit(_message(0, 1)) and gate.admit(_message(1, 1))
+
+
+def test_inside_transactions_a_jump_is_a_marker_not_a_hole() -> None:
+    gate = InOrder(_Committed({COMMANDS: 90}, in_transaction=True))
+    assert [gate.admit(_message(o, 7)) for o in (90, 92, 92, 93)] == [True, True, False, True]
