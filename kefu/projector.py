@@ -14,7 +14,7 @@ from starlette.routing import Mount
 
 from connectors.metrics import ops_routes
 from kefu.settings import Settings
-from kefu.telemetry import ops_app, register_counter, serve_ops
+from kefu.telemetry import ops_app, register_counter, register_gauge, serve_ops
 from projections.clickhouse_events import ClickHouseProjector, ClickHouseStore, ProjectorConfig
 from projections.clickhouse_query import query_app
 from schemas.topics import TopicNames
@@ -41,6 +41,12 @@ async def serve(settings: Settings) -> None:
     )
     register_counter(
         "kefu_projector_rows_stored", "Events stored in ClickHouse", lambda: projector.stored
+    )
+    register_gauge(
+        "kefu_projector_lag",
+        "Records on the log not yet stored in ClickHouse (as of the last fetch)",
+        ("topic", "partition"),
+        projector.lag,
     )
 
     async def ready() -> tuple[bool, dict[str, object]]:

@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 from prometheus_client import REGISTRY
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 
@@ -140,6 +140,36 @@ class CallbackCounter(Collector):
 def register_counter(name: str, documentation: str, value: Callable[[], float]) -> None:
     with contextlib.suppress(ValueError):  # registered already (the same process twice)
         REGISTRY.register(CallbackCounter(name, documentation, value))
+
+
+class CallbackGauge(Collector):
+    """A gauge per label set, read from another object at scrape time (e.g. the
+    projector's lag per partition)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str],
+        values: Callable[[], Mapping[tuple[str, ...], float]],
+    ) -> None:
+        self._name, self._doc, self._labels, self._values = name, documentation, labels, values
+
+    def collect(self) -> Iterable[Any]:
+        family = GaugeMetricFamily(self._name, self._doc, labels=list(self._labels))
+        for labels, value in self._values().items():
+            family.add_metric(list(labels), value)
+        yield family
+
+
+def register_gauge(
+    name: str,
+    documentation: str,
+    labels: Sequence[str],
+    values: Callable[[], Mapping[tuple[str, ...], float]],
+) -> None:
+    with contextlib.suppress(ValueError):  # registered already (the same process twice)
+        REGISTRY.register(CallbackGauge(name, documentation, labels, values))
 
 
 def ops_app(ready: ReadyProbe | None = None) -> Starlette:

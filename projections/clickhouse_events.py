@@ -185,6 +185,24 @@ class ClickHouseProjector:
         self._store = store
         self._stopping = asyncio.Event()
         self.stored = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._done: dict[tuple[str, int], int] = {}  # next offset per partition, stored
+
+    def lag(self) -> dict[tuple[str, ...], float]:
+        """Records on the log not yet stored, per ``(topic, partition)`` this projector
+        holds: the broker's high watermark (as of the last fetch) less the offset after
+        the last stored record."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        found: dict[tuple[str, ...], float] = {}
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            done = self._done.get((tp.topic, tp.partition), highwater)
+            found[(tp.topic, str(tp.partition))] = float(max(highwater - done, 0))
+        return found
 
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(
@@ -202,6 +220,7 @@ class ClickHouseProjector:
         )
         await consumer.start()
         await producer.start()
+        self._consumer = consumer
         try:
             while not self._stopping.is_set():
                 records = await self._next_batch(consumer)
@@ -212,7 +231,11 @@ class ClickHouseProjector:
                     await self._insert_until_done(rows)
                 await consumer.commit()
                 self.stored += len(rows)
+                for record in records:
+                    key = (record.topic, record.partition)
+                    self._done[key] = max(self._done.get(key, 0), record.offset + 1)
         finally:
+            self._consumer = None
             await consumer.stop()
             await producer.stop()
 

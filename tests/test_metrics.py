@@ -288,3 +288,10 @@ def test_projector_counts_stored_rows(pipeline: Settings, traffic: str) -> None:
         lambda: total(families(f"{base}/metrics")["kefu_projector_rows_stored"], "_total") > 0,
         what="rows stored",
     )
+    # Lag per partition it holds; the events topic's partitions are all there.
+    lag = families(f"{base}/metrics")["kefu_projector_lag"]
+    partitions = {
+        s.labels["partition"] for s in lag.samples if s.labels["topic"].endswith("events")
+    }
+    assert len(partitions) == pipeline.kafka.partitions
+    assert all(s.value >= 0 for s in lag.samples)
