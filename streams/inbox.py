@@ -88,15 +88,14 @@ async def batches(
 
     One Faust hop per event costs several times what a batch from ``take_events``
     does, and an agent's whole batch is acked when it asks for the next one, so its
-    effects (sends, writes) come before the commit (but Faust also acks a batch whose
-    agent is cancelled: docs/faults.md). With ``only``, records of
-    other types are skipped by their schema fingerprint, never decoded. Undecodable
-    records go to the dead-letter topic.
+    effects (sends, writes) come before the commit. With ``in_order`` (one actor), each
+    partition's records pass once and in offset order (``streams.consumer.InOrder``:
+    docs/faults.md). With ``only``, records of other types are skipped by their schema
+    fingerprint, never decoded. Undecodable records go to the dead-letter topic.
 
     (A reader task feeding a queue avoided ``take_events``' polling of quiet topics,
-    but Faust does not clear such a queue on a rebalance as it clears its own buffers,
-    and a SIGKILL fault run lost a read-model update while it was in use, cause not
-    pinned down: so it is not used.)"""
+    but Faust does not clear such a queue on a rebalance as it clears its own buffers:
+    it is not used.)"""
     gate = InOrder(stream.app.consumer) if in_order else None
     async for events in stream.take_events(size, within=within):
         out: list[tuple[Any, R]] = []
