@@ -1,24 +1,24 @@
-"""Faust's Kafka consumer with offset bookkeeping that never commits past a lost record.
+"""Faust's Kafka consumer, made to neither skip nor commit past a record.
 
-faust-streaming 0.15.3 commits the offset after the acked records of a partition, and
-around a rebalance three of its rules let that offset move past a record no agent
-processed (issue 9, docs/faults.md "A record skipped around a rebalance"):
+faust-streaming 0.15.3 lost records around rebalances in three ways (issue 9,
+docs/faults.md "Records skipped around a rebalance"), each handled here:
 
-- ``_new_offset`` tolerates one missing offset at the head of the acked list
-  (``min(acked) - committed > 1``), so a record lost right at the committed position,
-  e.g. cleared from an agent's queue when flow resumes, is committed over once the
-  records after it are acked;
-- ``_add_gap`` counts offsets the fetch loop did not see as processed, and a seek or a
-  batch prefetched before the rebalance looks exactly like such a gap;
-- acks of records fetched in an earlier generation (the stream acks the records it
-  skips for that reason) land in the new generation's bookkeeping.
+- a partition without a committed offset keeps whatever position the fetcher had after
+  "seek to committed offsets" (a successor was seen starting at the end of the log):
+  ``Consumer.perform_seek`` seeks such partitions to their beginning;
+- the committed offset could move over a record no agent processed: ``_new_offset``
+  tolerated one missing offset at the head of the acks, ``_add_gap`` counted offsets
+  the fetch loop did not see as processed, and acks of records from an earlier
+  generation landed in the new generation's bookkeeping. Here the committed offset
+  only moves over an unbroken run acked in the current generation;
+- a record cleared from one agent's queue let later ones reach that agent first:
+  ``InOrder`` gates each single-actor agent, and ``HoleWatch`` makes the consumer seek a
+  partition back to its committed offset when a record stays missing, so it comes
+  again, in order. Every agent absorbs the repeats (command ids, event seqs).
 
-Here the committed offset only moves over records acked in the current generation,
-from the committed position on with no hole. Our topics have no holes of their own
-(no transactional producers in ``at_least_once``, no compaction on consumed topics),
-so a hole means a lost delivery: if it stays, the partition is sought back to its
-committed offset and the records are delivered again, which every agent absorbs
-(commands are deduplicated by id, projections guarded by sequence numbers).
+Our topics have no holes of their own (no transactional producers in
+``at_least_once``, no compaction on consumed topics); inside Kafka transactions the
+markers' offsets count as gaps, as in Faust.
 """
 
 from __future__ import annotations
