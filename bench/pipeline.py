@@ -163,14 +163,15 @@ def machine(settings: Settings) -> Machine:
 # ------------------------------------------------------------------------ settings
 
 
-def bench_settings(state_dir: Path, workers: int, event_loop: str = "uvloop") -> Settings:
+def bench_settings(state_dir: Path, workers: int, event_loop: str | None = None) -> Settings:
     base = private_settings(state_dir, workers)
-    base = base.model_copy(
-        update={
-            "worker": base.worker.model_copy(update={"event_loop": event_loop}),
-            "gateway": base.gateway.model_copy(update={"event_loop": event_loop}),
-        }
-    )
+    if event_loop is not None:  # else the settings' defaults
+        base = base.model_copy(
+            update={
+                "worker": base.worker.model_copy(update={"event_loop": event_loop}),
+                "gateway": base.gateway.model_copy(update={"event_loop": event_loop}),
+            }
+        )
     sink = base.dev.webhook_sink_port
     return base.model_copy(
         update={
@@ -900,8 +901,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--event-loop",
         choices=("uvloop", "asyncio"),
-        default="uvloop",
-        help="the workers' and gateway's event loop",
+        default=None,
+        help="the workers' and gateway's event loop (default: the settings' defaults)",
     )
     args = parser.parse_args(argv)
     if args.duration < 0:

@@ -129,9 +129,9 @@ class WorkerSettings(_Frozen):
     # idle fetch waits at the broker, how long the producer lingers to group sends.
     fetch_max_wait_ms: int = 100
     linger_ms: float = 2.0
-    # uvloop (libuv) runs the worker's event loops (Faust's and its consumer thread's);
-    # "asyncio" is the standard library's loop.
-    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    # The standard library's loop: with uvloop the worker's reply p99 at 60 msg/s was
+    # 528-630 ms against 165-287 ms (bench/RESULTS.md "Pipeline", third session).
+    event_loop: Literal["uvloop", "asyncio"] = "asyncio"
 
 
 class RoutingSettings(_Frozen):
