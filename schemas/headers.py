@@ -5,10 +5,9 @@ derived from the tenant but do not name it)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from schemas.tracing import HeadersIn
+from schemas.tracing import Headers, HeadersIn, merged, pairs
 
 TENANT_HEADER = "kefu-tenant"
 
@@ -17,22 +16,17 @@ def with_tenant(headers: Any, tenant_id: str | None) -> Any:
     """``headers`` (None, a list of pairs or a mapping, as aiokafka and Faust take them)
     plus the tenant header; unchanged without a tenant (a dead letter of an unreadable
     record)."""
-    if not tenant_id:
-        return headers
-    pair = (TENANT_HEADER, tenant_id.encode())
-    if headers is None:
-        return [pair]
-    if isinstance(headers, Mapping):
-        return {**headers, TENANT_HEADER: pair[1]}
-    return [*headers, pair]
+    return merged(headers, tenant_headers(tenant_id))
+
+
+def tenant_headers(tenant_id: str | None) -> Headers:
+    """The tenant header as pairs to add; none without a tenant."""
+    return [(TENANT_HEADER, tenant_id.encode())] if tenant_id else []
 
 
 def tenant_of(headers: HeadersIn) -> str | None:
     """The tenant a record's headers name, if any."""
-    if not headers:
-        return None
-    pairs = headers.items() if isinstance(headers, Mapping) else headers
-    for name, value in pairs:
+    for name, value in pairs(headers):
         if name == TENANT_HEADER:
             return bytes(value).decode()
     return None

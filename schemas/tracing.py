@@ -11,6 +11,7 @@ exporter is configured; until then nothing here creates or parses spans.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -44,7 +45,8 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME, tracer_provider=_provider)
 
 
-def _pairs(headers: HeadersIn) -> Iterable[tuple[str, bytes]]:
+def pairs(headers: HeadersIn) -> Iterable[tuple[str, bytes]]:
+    """A record's headers as ``(name, value)`` pairs, whichever form they came in."""
     if not headers:
         return ()
     if isinstance(headers, Mapping):
@@ -52,11 +54,23 @@ def _pairs(headers: HeadersIn) -> Iterable[tuple[str, bytes]]:
     return headers
 
 
+def merged(headers: Any, extra: Headers) -> Any:
+    """``headers`` (None, a list of pairs or a mapping, as aiokafka and Faust take them)
+    plus ``extra``, in the same form; ``headers`` itself when there is nothing to add."""
+    if not extra:
+        return headers
+    if headers is None:
+        return extra
+    if isinstance(headers, Mapping):
+        return {**headers, **dict(extra)}
+    return [*headers, *extra]
+
+
 def extract(headers: HeadersIn) -> Context:
     """The parent context carried by a record (empty when it carries none)."""
     carrier = {
         name: value.decode("latin-1")
-        for name, value in _pairs(headers)
+        for name, value in pairs(headers)
         if name in _TRACE_HEADERS and isinstance(value, bytes | bytearray)
     }
     return _PROPAGATOR.extract(carrier)
@@ -70,7 +84,7 @@ def inject(context: Context | None = None) -> Headers:
 
 
 def origin_ms(headers: HeadersIn) -> int | None:
-    for name, value in _pairs(headers):
+    for name, value in pairs(headers):
         if name == ORIGIN_HEADER:
             try:
                 return int(value)

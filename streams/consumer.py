@@ -128,11 +128,8 @@ class Consumer(faust_aiokafka.Consumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        app = cast(Any, self.app)
-        self._holes = HoleWatch(
-            lost_after=float(getattr(app, "redeliver_lost_after_s", 5.0)),
-            stuck_after=float(getattr(app, "redeliver_stuck_after_s", 20.0)),
-        )
+        app = cast(Any, self.app)  # streams.app._App: its settings, set before this runs
+        self._holes = HoleWatch(app.redeliver_lost_after_s, app.redeliver_stuck_after_s)
 
     def _new_consumer_thread(self) -> Any:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)

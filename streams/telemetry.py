@@ -27,7 +27,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from schemas import tracing
-from schemas.headers import with_tenant
+from schemas.headers import tenant_headers
 from schemas.time import now_ms
 from streams import metrics
 from streams.app import KefuApp
@@ -127,9 +127,9 @@ def _span(hop: Hop) -> trace.Span:
     return hop.span
 
 
-def outgoing(headers: Any) -> Any:
+def outgoing(headers: Any, tenant_id: str | None = None) -> Any:
     """The headers of a record sent now: the caller's plus the trace context of the
-    open hop (or of the current span) and the origin timestamp."""
+    open hop (or of the current span), the origin timestamp and the record's tenant."""
     hop = _HOP.get()
     extra: tracing.Headers = []
     if hop is not None:
@@ -140,18 +140,12 @@ def outgoing(headers: Any) -> Any:
             extra.append(tracing.origin_header(hop.origin))
     elif tracing.enabled():
         extra = tracing.inject()
-    if not extra:
-        return headers
-    if headers is None:
-        return extra
-    if isinstance(headers, dict):
-        return {**headers, **dict(extra)}
-    return [*headers, *extra]
+    return tracing.merged(headers, extra + tenant_headers(tenant_id))
 
 
 def _headers(send_kwargs: dict[str, Any]) -> Any:
-    headers = outgoing(send_kwargs.get("headers"))
-    return with_tenant(headers, getattr(send_kwargs.get("value"), "tenant_id", None))
+    tenant_id = getattr(send_kwargs.get("value"), "tenant_id", None)
+    return outgoing(send_kwargs.get("headers"), tenant_id)
 
 
 class TracedTopic:
