@@ -147,7 +147,10 @@ def _install_health(kefu: KefuApp) -> None:
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
         assigned = len(app.consumer.assignment()) if app.consumer else 0
-        ready = assigned > 0 and not app.rebalancing
+        # Recovering tables after a rebalance, the worker owns partitions but does not
+        # process them yet: not ready until that is over.
+        recovering = bool(getattr(app, "in_recovery", False))
+        ready = assigned > 0 and not app.rebalancing and not recovering
         body = {"status": "ok" if ready else "starting", "assigned_partitions": assigned}
         return web.json(body, status=200 if ready else 503)
 

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import httpx
 import redis
 import websockets
 
@@ -211,7 +212,18 @@ def test_idle_close_and_sla_breach(pipeline: Settings) -> None:
     assert len(events_of(pipeline, conversation, SlaBreached)) == 1
 
 
+def worker_health(pipeline: Settings, index: int = 0) -> dict[str, Any]:
+    port = pipeline.worker.web_port + index
+    try:
+        reply = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    except httpx.HTTPError:
+        return {"status": "down"}
+    health: dict[str, Any] = reply.json()
+    return health
+
+
 def test_two_workers_never_over_assign(pipeline: Settings) -> None:
+    alone = wait_for(lambda: (h := worker_health(pipeline))["status"] == "ok" and h)
     services = Services(pipeline, workers=2)
     second = services.worker(1)
     services.start([second])
@@ -246,6 +258,13 @@ def test_two_workers_never_over_assign(pipeline: Settings) -> None:
             ) from None
     finally:
         services.stop([second])
+        # The first worker takes every partition back (a rebalance, table recovery)
+        # before the next test counts on it answering within seconds.
+        wait_for(
+            lambda: worker_health(pipeline) == alone,
+            timeout=120,
+            what=f"worker-0 alone again: {alone}",
+        )
     # Replay the queue's history: no assignment ever went above capacity, and no
     # conversation was held by two agents at once.
     state = Queue()
