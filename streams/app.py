@@ -18,6 +18,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from schemas import faust_codec
 from schemas.topics import TopicNames
 from streams.consumer import Consumer
+from streams.recovery import TableManager
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,7 @@ def build_app(config: StreamsConfig) -> KefuApp:
         broker_heartbeat_interval=config.heartbeat_interval,
         broker_rebalance_timeout=config.rebalance_timeout,
         processing_guarantee=config.processing_guarantee,
+        TableManager=TableManager,  # streams.recovery: a recovery race closed
     )
     # Read when the consumer is built and starts.
     app.fetch_max_wait_ms = config.fetch_max_wait_ms
