@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 import clickhouse_connect
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from projections.clickhouse_views import view_statements
@@ -86,7 +86,7 @@ def row_for(event: Any, partition: int, offset: int, raw: bytes = b"") -> list[A
         event.schema_version,
         partition,
         offset,
-        json.dumps(fields, ensure_ascii=False, default=str),
+        orjson.dumps(fields, default=str).decode(),
         base64.b64encode(raw).decode("ascii"),
     ]
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import clickhouse_connect
 import httpx
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -60,7 +61,7 @@ def query_app(store: ClickHouseStore) -> Starlette:
     async def insert(request: Request) -> JSONResponse:
         """Replay's writes (rows made by ``row_for`` from the log) into the owner's chdb."""
         try:
-            rows = (await request.json())["rows"]
+            rows = orjson.loads(await request.body())["rows"]
             if not all(isinstance(r, list) and len(r) == len(COLUMNS) for r in rows):
                 raise ValueError(f"each row is a list of {len(COLUMNS)} values")
             await store.insert(rows)

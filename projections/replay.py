@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -27,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 
 import clickhouse_connect
 import httpx
+import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
@@ -308,7 +308,7 @@ class ClickHouseTarget:
         if self._embedded:
             # Encoded here, before the write is queued: the event loop sends while the
             # owner inserts the previous batch.
-            body = json.dumps({"rows": rows}, ensure_ascii=False).encode()
+            body = orjson.dumps({"rows": rows})
             await self._writes.submit(self._post(body))
         else:
             await self._writes.submit(asyncio.to_thread(self._insert, rows))
