@@ -163,8 +163,16 @@ def machine(settings: Settings) -> Machine:
 # ------------------------------------------------------------------------ settings
 
 
-def bench_settings(state_dir: Path, workers: int, event_loop: str | None = None) -> Settings:
+def bench_settings(
+    state_dir: Path,
+    workers: int,
+    event_loop: str | None = None,
+    kafka_jvm: Sequence[str] | None = None,
+) -> Settings:
     base = private_settings(state_dir, workers)
+    if kafka_jvm is not None:
+        kafka = base.kafka.model_copy(update={"jvm_options": tuple(kafka_jvm)})
+        base = base.model_copy(update={"kafka": kafka})
     if event_loop is not None:  # else the settings' defaults
         base = base.model_copy(
             update={
@@ -904,6 +912,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="the workers' and gateway's event loop (default: the settings' defaults)",
     )
+    parser.add_argument(
+        "--kafka-jvm",
+        action="append",
+        default=None,
+        metavar="FLAG",
+        help="a JVM flag for the broker instead of the settings' kafka.jvm_options "
+        "(repeatable; e.g. --kafka-jvm=-XX:TieredStopAtLevel=1)",
+    )
     args = parser.parse_args(argv)
     if args.duration < 0:
         parser.error("--duration must be positive")
@@ -1005,7 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline = begin + args.timeout
     watchdog = _watchdog(args.timeout + 120.0)
     state_dir = Path(tempfile.mkdtemp(prefix="kefu-bench-"))
-    settings = bench_settings(state_dir, args.workers, args.event_loop)
+    settings = bench_settings(state_dir, args.workers, args.event_loop, args.kafka_jvm)
     try:
         print(f"kefu bench: private stack in {state_dir}", flush=True)
         stack_start = time.monotonic()

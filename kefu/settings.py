@@ -28,6 +28,11 @@ class KafkaSettings(_Frozen):
     controller_port: int = 19093
     version: str = "4.3.1"
     heap: str = "768m"
+    # More JVM flags for the embedded broker, after kefu's own (a later flag wins). By
+    # default only the quick JIT (C1): in a pipeline benchmark run the optimising one
+    # (C2) took 0.24 of the broker's 0.56 cores compiling, and C1 alone cut the
+    # broker's CPU by a third and its start by ~4 s (bench/RESULTS.md "Pipeline").
+    jvm_options: tuple[str, ...] = ("-XX:TieredStopAtLevel=1",)
     partitions: int = 4
     # Where the broker's jars are cached between runs (filled by Maven from the pom).
     jars_dir: Path = Path.home() / ".cache" / "kefu" / "kafka"

@@ -154,6 +154,7 @@ class Stack:
             "-XX:+ExitOnOutOfMemoryError",
             "-Djava.awt.headless=true",
             *self._class_archive_flags(java),
+            *kafka.jvm_options,
             f"-Dlog4j2.configurationFile={self.kafka_dir / 'log4j2.properties'}",
             f"-Dkafka.logs.dir={self.kafka_dir}",
             "-cp",
