@@ -6,7 +6,7 @@ More workers (same code, same group) split the partitions between them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import faust
 import redis.asyncio as aioredis
@@ -93,7 +93,8 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     routing_feed.install(kefu)
     timers.install(kefu, _deadlines(settings), settings.routing.timer_seconds)
     responder.install(kefu, build_responder(settings, redis, policy.moderator))
-    delivery.install(kefu, ChannelDeliverer(redis, webhooks, senders=channel_senders(settings)))
+    deliverer = ChannelDeliverer(redis, webhooks, senders=channel_senders(settings))
+    delivery.install(kefu, deliverer)
     read_model = RedisConversations(redis)
     sink: RedisConversations | RebuildingRedisModel = read_model
     if settings.reliability.redis_rebuild:  # Redis flushed or replaced: back from the log
@@ -108,6 +109,15 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     projection.install(kefu, sink)
     projection.install(kefu, sink, queues=True)
     _install_health(kefu)
+
+    async def close_clients(app: Any, **kwargs: Any) -> None:
+        # After the consumer stopped, before the loop closes: sessions left open are
+        # an error in the log ("Unclosed client session").
+        await deliverer.close()
+        await redis.aclose()
+
+    kefu.app.on_before_shutdown.connect(cast(Any, close_clients))
+
     return kefu
 
 

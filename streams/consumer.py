@@ -16,6 +16,9 @@ docs/faults.md "Records skipped around a rebalance"), each handled here:
   partition back to its committed offset when a record stays missing, so it comes
   again, in order. Every agent absorbs the repeats (command ids, event seqs).
 
+Table recovery had a fourth way, in the same fetch loop: its seek kept the partition's
+read mark, so records below it were dropped; ``Consumer.seek_wait`` resets the mark.
+
 Our topics have no holes of their own (no transactional producers in
 ``at_least_once``, no compaction on consumed topics); inside Kafka transactions the
 markers' offsets count as gaps, as in Faust.
@@ -24,7 +27,7 @@ markers' offsets count as gaps, as in Faust.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, MutableSequence, Sequence
+from collections.abc import Iterable, Mapping, MutableSequence, Sequence
 from typing import Any, cast
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -185,6 +188,18 @@ class Consumer(faust_aiokafka.Consumer):
                 self._acked_index[tp].clear()
                 await self.seek(tp, offset)
         return bool(committed)
+
+    async def seek_wait(self, partitions: Mapping[TP, int]) -> None:
+        """Table recovery's seek, which also forgets how far each partition was read, as
+        ``seek`` does. Without that, the fetch loop dropped every record below the old
+        mark as already seen: a changelog partition read as a standby and then
+        recovered as active from an earlier offset never got its records, and the
+        worker hung in recovery ("No event received for active tp", seen in the
+        two-worker routing test of a clean-clone CI run)."""
+        for tp, offset in partitions.items():
+            # Lowered before the seek, so no record from the new position is dropped.
+            self._read_offset[tp] = offset if offset else None
+        await super().seek_wait(partitions)
 
     async def perform_seek(self) -> None:
         """Seek to the committed offsets, and a partition without one to its beginning:

@@ -3,6 +3,7 @@ moves over a record no agent processed in the current generation."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,27 @@ def test_without_a_committed_offset_the_first_record_starts_the_gate() -> None:
 def test_inside_transactions_a_jump_is_a_marker_not_a_hole() -> None:
     gate = InOrder(_Committed({COMMANDS: 90}, in_transaction=True))
     assert [gate.admit(_message(o, 7)) for o in (90, 92, 92, 93)] == [True, True, False, True]
+
+
+CHANGELOG = TP("kefu-conversations-changelog", 1)
+
+
+def _seek_wait(consumer: Any, seek_wait: Any, offset: int) -> None:
+    async def seek_in_thread(partitions: Any) -> None:  # the aiokafka consumer never runs
+        pass
+
+    consumer._thread.seek_wait = seek_in_thread
+    asyncio.run(seek_wait(consumer, {CHANGELOG: offset}))
+
+
+def test_recovery_seek_forgets_how_far_the_partition_was_read(consumer: Any) -> None:
+    # Read to offset 62 as a standby, then recovered as active from the beginning.
+    consumer._read_offset[CHANGELOG] = 62
+    _seek_wait(consumer, faust_aiokafka.Consumer.seek_wait, 0)
+    # Faust's keeps the mark: the fetch loop drops offsets 0-61 as already seen.
+    assert consumer._read_offset[CHANGELOG] == 62
+    _seek_wait(consumer, Consumer.seek_wait, 0)
+    assert consumer._read_offset[CHANGELOG] is None
+    consumer._read_offset[CHANGELOG] = 62
+    _seek_wait(consumer, Consumer.seek_wait, 40)
+    assert consumer._read_offset[CHANGELOG] == 40

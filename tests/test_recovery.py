@@ -12,9 +12,13 @@ import pytest
 from faust.tables.recovery import Recovery as FaustRecovery
 from faust.types import TP
 
+from kefu.services import Services
+from kefu.settings import Settings
 from schemas.topics import TopicNames
 from streams.app import StreamsConfig, build_app
 from streams.recovery import Recovery
+from tests.conftest import wait_for
+from tests.test_routing import message, worker_health
 
 KNOWN = TP("kefu-conversations-changelog", 1)
 LATE = TP("kefu-conversations-changelog", 3)  # assigned by a rebalance mid-recovery
@@ -25,6 +29,10 @@ class SeekingConsumer:
 
     def __init__(self) -> None:
         self.sought: dict[TP, int] = {}
+        self.resumed: set[TP] = set()
+
+    def resume_partitions(self, tps: Any) -> None:
+        self.resumed.update(tps)
 
     async def seek_wait(self, offsets: dict[TP, Any]) -> None:
         for tp, offset in offsets.items():
@@ -73,3 +81,48 @@ def test_the_app_recovers_its_tables_with_ours(tmp_path: Path) -> None:
         )
     )
     assert isinstance(cast(Any, kefu.app.tables).recovery, Recovery)
+
+
+def test_a_worker_leaving_at_once_does_not_hang_the_other_in_recovery(
+    pipeline: Settings,
+) -> None:
+    """Worker-0 reads the changelog partitions it hands over as a standby while a second
+    worker is in the group; when that one leaves at once, worker-0 recovers them as
+    active from their beginning. Faust's fetch loop dropped those records (below its
+    read mark) and worker-0 never finished recovering (a clean-clone CI run)."""
+    alone = wait_for(lambda: (h := worker_health(pipeline))["status"] == "ok" and h)
+    # Something in both tables' changelogs, on every partition.
+    for i in range(12):
+        message(pipeline, "rec", f"recovery-{i}")
+    services = Services(pipeline, workers=2)
+    second = services.worker(1)
+    services.start([second])
+    services.stop([second])
+    wait_for(
+        lambda: worker_health(pipeline) == alone,
+        timeout=90,
+        what=f"worker-0 recovered and alone again: {alone}",
+    )
+
+
+class FakeApp:
+    def __init__(self, consumer: SeekingConsumer) -> None:
+        self.consumer = consumer
+
+
+def test_a_stalled_partition_is_sought_again_from_the_offset_recovery_needs() -> None:
+    consumer = SeekingConsumer()
+    recovery = Recovery.__new__(Recovery)
+    recovery.app = cast(Any, FakeApp(consumer))
+    recovery._recovery_started_at = 100.0
+    recovery.active_highwaters = Counter({KNOWN: 63, LATE: 7, TP("t-changelog", 0): 5})
+    recovery.active_offsets = Counter({KNOWN: 40, LATE: -1, TP("t-changelog", 0): 5})
+    # KNOWN had a record at 105; LATE none since the start; the third is done.
+    recovery._active_events_received_at = {KNOWN: 105.0}
+
+    assert asyncio.run(recovery.seek_stalled(now=108.0)) == {}  # not 10 s yet
+    assert asyncio.run(recovery.seek_stalled(now=111.0)) == {LATE: 0}
+    assert consumer.sought == {LATE: 0} and consumer.resumed == {LATE}
+    assert asyncio.run(recovery.seek_stalled(now=116.0)) == {KNOWN: 41}
+    # Each seek gives the partition another stall_after_s.
+    assert asyncio.run(recovery.seek_stalled(now=118.0)) == {}
