@@ -18,7 +18,7 @@ from schemas.topics import TopicNames
 from streams.app import StreamsConfig, build_app
 from streams.recovery import Recovery
 from tests.conftest import wait_for
-from tests.test_routing import message, worker_health
+from tests.test_routing import message, worker_alone_and_caught_up, worker_health
 
 KNOWN = TP("kefu-conversations-changelog", 1)
 LATE = TP("kefu-conversations-changelog", 3)  # assigned by a rebalance mid-recovery
@@ -98,11 +98,7 @@ def test_a_worker_leaving_at_once_does_not_hang_the_other_in_recovery(
     second = services.worker(1)
     services.start([second])
     services.stop([second])
-    wait_for(
-        lambda: worker_health(pipeline) == alone,
-        timeout=90,
-        what=f"worker-0 recovered and alone again: {alone}",
-    )
+    worker_alone_and_caught_up(pipeline, alone)
 
 
 class FakeApp:

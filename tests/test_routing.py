@@ -222,6 +222,35 @@ def worker_health(pipeline: Settings, index: int = 0) -> dict[str, Any]:
     return health
 
 
+def worker_lag(pipeline: Settings, index: int = 0) -> float | None:
+    """Records of kefu's topics the worker has not processed and committed yet (None
+    while its /metrics does not answer)."""
+    port = pipeline.worker.web_port + index
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return None
+    prefix = "kefu_consumer_lag{"
+    topics = f'topic="{pipeline.topic_prefix}.'
+    lags = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix) and topics in line
+    ]
+    return sum(lags) if lags else None  # no partitions of kefu's topics: not caught up
+
+
+def worker_alone_and_caught_up(pipeline: Settings, alone: dict[str, Any]) -> None:
+    """Worker-0 owns every partition again, is ready, and has processed and committed
+    what the rebalance made it read again: a later test that resets state or counts on
+    a quick answer does not race with those redeliveries."""
+    wait_for(
+        lambda: worker_health(pipeline) == alone and worker_lag(pipeline) == 0,
+        timeout=120,
+        what=f"worker-0 alone again ({alone}) with no lag",
+    )
+
+
 def test_two_workers_never_over_assign(pipeline: Settings) -> None:
     alone = wait_for(lambda: (h := worker_health(pipeline))["status"] == "ok" and h)
     services = Services(pipeline, workers=2)
@@ -260,11 +289,7 @@ def test_two_workers_never_over_assign(pipeline: Settings) -> None:
         services.stop([second])
         # The first worker takes every partition back (a rebalance, table recovery)
         # before the next test counts on it answering within seconds.
-        wait_for(
-            lambda: worker_health(pipeline) == alone,
-            timeout=120,
-            what=f"worker-0 alone again: {alone}",
-        )
+        worker_alone_and_caught_up(pipeline, alone)
     # Replay the queue's history: no assignment ever went above capacity, and no
     # conversation was held by two agents at once.
     state = Queue()
