@@ -171,8 +171,32 @@ class Consumer(faust_aiokafka.Consumer):
         if self.in_transaction:  # transaction markers do take offsets
             await super()._add_gap(tp, offset_from, offset_to)
 
+    def _watch_tails(self) -> None:
+        """A hole with nothing after it: a partition whose committed offset is behind
+        its highwater while no record of it is in flight or acked. The records it
+        fetched after the commit went missing (if it has not fetched them yet, the
+        seek back is a no-op). Found when the last records of a wave were lost: no
+        later ack revealed the hole, and the replies waited for the next traffic."""
+        app = cast(Any, self.app)
+        if app.rebalancing or getattr(app, "in_recovery", False):
+            return  # stream partitions are paused then: their records wait, not lost
+        in_flight = {message.tp for message in self._unacked_messages}
+        for tp in self.assignment():
+            if tp in in_flight or self._acked.get(tp) or self._is_changelog_tp(tp):
+                continue
+            committed = self._committed_offset.get(tp)
+            if committed is None:
+                continue
+            try:
+                highwater = self.highwater(tp)
+            except Exception:  # not fetched yet: nothing known
+                continue
+            if highwater is not None and highwater > committed:
+                self._holes.seen(tp, committed)
+
     async def _commit_tps(self, tps: Iterable[TP], start_new_transaction: bool) -> bool:
         committed = await super()._commit_tps(tps, start_new_transaction)
+        self._watch_tails()
         if not self._holes:
             return bool(committed)
         in_flight = {(m.tp, m.offset) for m in self._unacked_messages}

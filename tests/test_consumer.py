@@ -3,7 +3,6 @@ moves over a record no agent processed in the current generation."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,7 +173,8 @@ def _seek_wait(consumer: Any, seek_wait: Any, offset: int) -> None:
         pass
 
     consumer._thread.seek_wait = seek_in_thread
-    asyncio.run(seek_wait(consumer, {CHANGELOG: offset}))
+    # On the app's own loop: asyncio.run would orphan the loop the app was built with.
+    consumer.loop.run_until_complete(seek_wait(consumer, {CHANGELOG: offset}))
 
 
 def test_recovery_seek_forgets_how_far_the_partition_was_read(consumer: Any) -> None:
@@ -188,3 +188,36 @@ def test_recovery_seek_forgets_how_far_the_partition_was_read(consumer: Any) -> 
     consumer._read_offset[CHANGELOG] = 62
     _seek_wait(consumer, Consumer.seek_wait, 40)
     assert consumer._read_offset[CHANGELOG] == 40
+
+
+def _tail(consumer: Any, monkeypatch: pytest.MonkeyPatch, highwater: int) -> None:
+    monkeypatch.setattr(consumer, "assignment", lambda: {COMMANDS})
+    monkeypatch.setattr(consumer, "highwater", lambda tp: highwater)
+    # (The app's table manager, which knows the changelogs, would start services.)
+    monkeypatch.setattr(consumer, "_is_changelog_tp", lambda tp: False)
+    consumer._committed_offset[COMMANDS] = 167
+    consumer._watch_tails()
+
+
+def test_a_lost_last_record_is_watched_although_nothing_after_it_is_acked(
+    consumer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Offsets 167-169 were fetched and lost: nothing in flight, nothing acked.
+    _tail(consumer, monkeypatch, highwater=170)
+    assert consumer._holes  # due after lost_after, then sought back to 167
+    consumer._holes.forget([COMMANDS])
+
+
+def test_a_partition_at_its_highwater_or_busy_is_not_a_tail(
+    consumer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tail(consumer, monkeypatch, highwater=167)  # all processed
+    assert not consumer._holes
+    held = _message(167, generation_id=7)  # an agent holds it (a weak set: keep a reference)
+    consumer._unacked_messages.add(held)
+    _tail(consumer, monkeypatch, highwater=170)
+    assert not consumer._holes
+    consumer._unacked_messages.clear()
+    consumer._acked[COMMANDS] = [168]  # acked past it: _new_offset's hole rule applies
+    _tail(consumer, monkeypatch, highwater=170)
+    assert not consumer._holes
