@@ -203,7 +203,7 @@ class Consumer(faust_aiokafka.Consumer):
         for tp, offset in self._holes.due(in_flight):
             if tp in self.assignment() and self._committed_offset[tp] == offset:
                 self.log.warning(
-                    "Offset %r of %r was not processed while later ones were: "
+                    "Offset %r of %r was fetched but not processed: "
                     "seeking back to deliver it again",
                     offset,
                     tp,
