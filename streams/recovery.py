@@ -11,7 +11,8 @@ offsets anyway.
 And a recovery could wait forever: when a worker left the group seconds after joining,
 the one that took its changelog partitions back (read until then as a standby) sought
 them to their beginning and never received their records ("No event received for
-active tp", every few seconds, for good; ``tests/test_recovery.py`` makes it happen).
+active tp", every few seconds, for good; a test in ``tests/test_routing.py`` makes a
+worker leave so).
 A partition still behind its highwater that has had no record for ``stall_after_s``
 is sought again from the next offset recovery needs.
 """

@@ -115,7 +115,7 @@ def isolated_settings(state_dir: Path) -> Settings:
             ),
             "hq2": TenantSettings(api_key=SecretStr("hq2-test-key"), ai_enabled=False),
             "hq3": TenantSettings(api_key=SecretStr("hq3-test-key"), ai_enabled=False),
-            # tests/test_recovery.py: conversations of its own, in no other test's queue.
+            # The quick-leave recovery test (test_routing.py): conversations of its own.
             "rec": TenantSettings(api_key=SecretStr("rec-test-key"), ai_enabled=False),
             "timers": TenantSettings(
                 api_key=SecretStr("timers-test-key"),

@@ -12,13 +12,9 @@ import pytest
 from faust.tables.recovery import Recovery as FaustRecovery
 from faust.types import TP
 
-from kefu.services import Services
-from kefu.settings import Settings
 from schemas.topics import TopicNames
 from streams.app import StreamsConfig, build_app
 from streams.recovery import Recovery
-from tests.conftest import wait_for
-from tests.test_routing import message, worker_alone_and_caught_up, worker_health
 
 KNOWN = TP("kefu-conversations-changelog", 1)
 LATE = TP("kefu-conversations-changelog", 3)  # assigned by a rebalance mid-recovery
@@ -81,24 +77,6 @@ def test_the_app_recovers_its_tables_with_ours(tmp_path: Path) -> None:
         )
     )
     assert isinstance(cast(Any, kefu.app.tables).recovery, Recovery)
-
-
-def test_a_worker_leaving_at_once_does_not_hang_the_other_in_recovery(
-    pipeline: Settings,
-) -> None:
-    """Worker-0 reads the changelog partitions it hands over as a standby while a second
-    worker is in the group; when that one leaves at once, worker-0 recovers them as
-    active from their beginning. Faust's fetch loop dropped those records (below its
-    read mark) and worker-0 never finished recovering (a clean-clone CI run)."""
-    alone = wait_for(lambda: (h := worker_health(pipeline))["status"] == "ok" and h)
-    # Something in both tables' changelogs, on every partition.
-    for i in range(12):
-        message(pipeline, "rec", f"recovery-{i}")
-    services = Services(pipeline, workers=2)
-    second = services.worker(1)
-    services.start([second])
-    services.stop([second])
-    worker_alone_and_caught_up(pipeline, alone)
 
 
 class FakeApp:

@@ -303,6 +303,26 @@ def test_two_workers_never_over_assign(pipeline: Settings) -> None:
     assert seqs == list(range(1, len(seqs) + 1)), "one writer per queue: no gaps, no forks"
 
 
+def test_a_worker_leaving_at_once_does_not_hang_the_other_in_recovery(
+    pipeline: Settings,
+) -> None:
+    """(streams/recovery.py; here, after the other two-worker test, so that tests of
+    other modules never run in the wake of its rebalances.) Worker-0 reads the
+    changelog partitions it hands over as a standby while a second
+    worker is in the group; when that one leaves at once, worker-0 recovers them as
+    active from their beginning. Faust's fetch loop dropped those records (below its
+    read mark) and worker-0 never finished recovering (a clean-clone CI run)."""
+    alone = wait_for(lambda: (h := worker_health(pipeline))["status"] == "ok" and h)
+    # Something in both tables' changelogs, on every partition.
+    for i in range(12):
+        message(pipeline, "rec", f"recovery-{i}")
+    services = Services(pipeline, workers=2)
+    second = services.worker(1)
+    services.start([second])
+    services.stop([second])
+    worker_alone_and_caught_up(pipeline, alone)
+
+
 def test_waiting_web_customer_is_told_their_place_in_line(pipeline: Settings) -> None:
     async def chat() -> dict[str, Any]:
         g = pipeline.gateway
