@@ -28,7 +28,7 @@ from schemas.records import ReplyProduced
 from tests.conftest import wait_for
 from tests.fake_smtp_relay import FakeSmtpRelay
 from tests.samples import SAMPLES
-from tests.test_pipeline import commands_end
+from tests.test_pipeline import customer_messages_published
 
 # ---------------------------------------------------------------------------- pure
 
@@ -267,7 +267,7 @@ def test_mail_gets_a_threaded_reply_and_replies_stay_in_the_conversation(
 
 
 def test_bad_mail_is_refused_and_nothing_is_published(pipeline: Settings) -> None:
-    before = asyncio.run(commands_end(pipeline))
+    before = asyncio.run(customer_messages_published(pipeline))
     with smtplib.SMTP("127.0.0.1", pipeline.email.port, timeout=30) as client:
         malformed = b"From: a@x.com\r\nContent-Type: multipart/mixed\r\n\r\nhi\r\n"
         with pytest.raises(smtplib.SMTPDataError) as bad:
@@ -284,7 +284,7 @@ def test_bad_mail_is_refused_and_nothing_is_published(pipeline: Settings) -> Non
         with pytest.raises(smtplib.SMTPException) as too_big:
             client.sendmail("a@x.com", ["help@demo.test"], huge)
         assert "552" in str(too_big.value)
-    assert asyncio.run(commands_end(pipeline)) == before
+    assert asyncio.run(customer_messages_published(pipeline)) == before
 
 
 def test_relay_failures_are_retried_then_reported(pipeline: Settings, relay: FakeSmtpRelay) -> None:

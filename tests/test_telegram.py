@@ -22,7 +22,7 @@ from schemas.keys import conversation_key
 from schemas.records import ReplyProduced
 from tests.conftest import wait_for
 from tests.fake_telegram import FakeTelegram
-from tests.test_pipeline import commands_end
+from tests.test_pipeline import customer_messages_published
 
 SECRET = {"X-Telegram-Bot-Api-Secret-Token": "tg-secret"}
 
@@ -213,7 +213,7 @@ def test_redelivered_update_is_not_a_second_message(
 def test_bad_webhooks_are_refused_and_publish_nothing(
     pipeline: Settings, path: str, headers: dict[str, str], body: bytes, status: int
 ) -> None:
-    before = asyncio.run(commands_end(pipeline))
+    before = asyncio.run(customer_messages_published(pipeline))
     with gateway(pipeline) as http:
         response = http.post(
             path, content=body, headers={**headers, "Content-Type": "application/json"}
@@ -222,14 +222,14 @@ def test_bad_webhooks_are_refused_and_publish_nothing(
     assert response.status_code == status, response.text
     assert response.json()["detail"]
     assert health.status_code == 200
-    assert asyncio.run(commands_end(pipeline)) == before
+    assert asyncio.run(customer_messages_published(pipeline)) == before
 
 
 def test_non_text_update_is_acknowledged_not_published(pipeline: Settings) -> None:
-    before = asyncio.run(commands_end(pipeline))
+    before = asyncio.run(customer_messages_published(pipeline))
     with gateway(pipeline) as http:
         response = http.post(
             "/v1/telegram/wx/webhook", json=update(uid(), chat_id(), 1, None), headers=SECRET
         )
     assert response.status_code == 200 and response.json()["published"] is False
-    assert asyncio.run(commands_end(pipeline)) == before
+    assert asyncio.run(customer_messages_published(pipeline)) == before
