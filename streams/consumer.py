@@ -171,7 +171,7 @@ class Consumer(faust_aiokafka.Consumer):
         if self.in_transaction:  # transaction markers do take offsets
             await super()._add_gap(tp, offset_from, offset_to)
 
-    def _watch_tails(self) -> None:
+    def _watch_tails(self, in_flight: set[TP]) -> None:
         """A hole with nothing after it: a partition whose committed offset is behind
         its highwater while no record of it is in flight or acked. The records it
         fetched after the commit went missing (if it has not fetched them yet, the
@@ -180,7 +180,6 @@ class Consumer(faust_aiokafka.Consumer):
         app = cast(Any, self.app)
         if app.rebalancing or getattr(app, "in_recovery", False):
             return  # stream partitions are paused then: their records wait, not lost
-        in_flight = {message.tp for message in self._unacked_messages}
         for tp in self.assignment():
             if tp in in_flight or self._acked.get(tp) or self._is_changelog_tp(tp):
                 continue
@@ -196,10 +195,10 @@ class Consumer(faust_aiokafka.Consumer):
 
     async def _commit_tps(self, tps: Iterable[TP], start_new_transaction: bool) -> bool:
         committed = await super()._commit_tps(tps, start_new_transaction)
-        self._watch_tails()
+        in_flight = {(m.tp, m.offset) for m in self._unacked_messages}
+        self._watch_tails({tp for tp, _ in in_flight})
         if not self._holes:
             return bool(committed)
-        in_flight = {(m.tp, m.offset) for m in self._unacked_messages}
         for tp, offset in self._holes.due(in_flight):
             if tp in self.assignment() and self._committed_offset[tp] == offset:
                 self.log.warning(

@@ -196,7 +196,7 @@ def _tail(consumer: Any, monkeypatch: pytest.MonkeyPatch, highwater: int) -> Non
     # (The app's table manager, which knows the changelogs, would start services.)
     monkeypatch.setattr(consumer, "_is_changelog_tp", lambda tp: False)
     consumer._committed_offset[COMMANDS] = 167
-    consumer._watch_tails()
+    consumer._watch_tails({m.tp for m in consumer._unacked_messages})
 
 
 def test_a_lost_last_record_is_watched_although_nothing_after_it_is_acked(

@@ -5,9 +5,10 @@ two workers sharing the queues without over-assigning."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import httpx
@@ -37,6 +38,7 @@ from schemas.topics import TopicNames
 from streams.queueing import Queue, evolve_queue
 from tests.conftest import wait_for
 from tests.kafka_helpers import read_topic
+from tests.test_metrics import families
 from tests.test_pipeline import gateway
 
 E = TypeVar("E", bound=Event)
@@ -224,39 +226,40 @@ def worker_health(pipeline: Settings, index: int = 0) -> dict[str, Any]:
 
 def worker_lag(pipeline: Settings, index: int = 0) -> float | None:
     """Records of kefu's topics the worker has not processed and committed yet (None
-    while its /metrics does not answer)."""
-    port = pipeline.worker.web_port + index
+    while its /metrics does not answer or has no partition of them)."""
+    url = f"http://127.0.0.1:{pipeline.worker.web_port + index}/metrics"
     try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-    except httpx.HTTPError:
+        lag = families(url).get("kefu_consumer_lag")
+    except (httpx.HTTPError, AssertionError):
         return None
-    prefix = "kefu_consumer_lag{"
-    topics = f'topic="{pipeline.topic_prefix}.'
-    lags = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(prefix) and topics in line
-    ]
-    return sum(lags) if lags else None  # no partitions of kefu's topics: not caught up
+    prefix = f"{pipeline.topic_prefix}."
+    ours = [s.value for s in lag.samples if s.labels["topic"].startswith(prefix)] if lag else []
+    return sum(ours) if ours else None
 
 
-def worker_alone_and_caught_up(pipeline: Settings, alone: dict[str, Any]) -> None:
-    """Worker-0 owns every partition again, is ready, and has processed and committed
-    what the rebalance made it read again: a later test that resets state or counts on
-    a quick answer does not race with those redeliveries."""
-    wait_for(
-        lambda: worker_health(pipeline) == alone and worker_lag(pipeline) == 0,
-        timeout=120,
-        what=f"worker-0 alone again ({alone}) with no lag",
-    )
-
-
-def test_two_workers_never_over_assign(pipeline: Settings) -> None:
+@contextlib.contextmanager
+def second_worker(pipeline: Settings) -> Iterator[None]:
+    """Worker-1 in the group for the block. After it, worker-0 owns every partition
+    again, is ready, and has processed and committed what the rebalance made it read
+    again: a later test that resets state or counts on a quick answer does not race
+    with those redeliveries."""
     alone = wait_for(lambda: (h := worker_health(pipeline))["status"] == "ok" and h)
     services = Services(pipeline, workers=2)
     second = services.worker(1)
     services.start([second])
     try:
+        yield
+    finally:
+        services.stop([second])
+        wait_for(
+            lambda: worker_health(pipeline) == alone and worker_lag(pipeline) == 0,
+            timeout=120,
+            what=f"worker-0 alone again ({alone}) with no lag",
+        )
+
+
+def test_two_workers_never_over_assign(pipeline: Settings) -> None:
+    with second_worker(pipeline):
         queue = "hq2:default"
         for agent in ("a1", "a2", "a3"):
             presence(pipeline, "hq2", agent, "online", capacity=2)
@@ -285,11 +288,6 @@ def test_two_workers_never_over_assign(pipeline: Settings) -> None:
                 f"assigned={len(state.assigned)} waiting={len(state.waiting)} agents={agents} "
                 f"seq={state.seq}"
             ) from None
-    finally:
-        services.stop([second])
-        # The first worker takes every partition back (a rebalance, table recovery)
-        # before the next test counts on it answering within seconds.
-        worker_alone_and_caught_up(pipeline, alone)
     # Replay the queue's history: no assignment ever went above capacity, and no
     # conversation was held by two agents at once.
     state = Queue()
@@ -312,15 +310,11 @@ def test_a_worker_leaving_at_once_does_not_hang_the_other_in_recovery(
     worker is in the group; when that one leaves at once, worker-0 recovers them as
     active from their beginning. Faust's fetch loop dropped those records (below its
     read mark) and worker-0 never finished recovering (a clean-clone CI run)."""
-    alone = wait_for(lambda: (h := worker_health(pipeline))["status"] == "ok" and h)
     # Something in both tables' changelogs, on every partition.
     for i in range(12):
         message(pipeline, "rec", f"recovery-{i}")
-    services = Services(pipeline, workers=2)
-    second = services.worker(1)
-    services.start([second])
-    services.stop([second])
-    worker_alone_and_caught_up(pipeline, alone)
+    with second_worker(pipeline):
+        pass  # leaves as soon as it is ready
 
 
 def test_waiting_web_customer_is_told_their_place_in_line(pipeline: Settings) -> None:
