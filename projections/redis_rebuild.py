@@ -16,6 +16,11 @@ is applied in a transaction that ``WATCH``es it:
   history and the seq guards drop nothing they should not.
 
 Nothing is duplicated: every write is guarded by the conversation's (or queue's) seq.
+
+``kefu replay --reset`` uses the same two keys (:func:`holding_the_model`): it takes the
+lock and drops the marker, so live batches wait while it deletes and rebuilds; one that
+slipped in between the delete and the replay would carry a later seq into an emptied
+hash, and the guards would then refuse the history before it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -122,7 +127,7 @@ class RebuildingRedisModel:
     async def _rebuild_holding(self, token: str) -> None:
         started = time.monotonic()
         log.warning("redis model: epoch marker missing; rebuilding it from the log")
-        refresher = asyncio.create_task(self._keep_lock(token))
+        refresher = asyncio.create_task(_keep_lock(self._redis, token, self._lock_ms))
         try:
             applied = await self._rebuild()
             epoch = str(int(time.time() * 1000))
@@ -143,11 +148,57 @@ class RebuildingRedisModel:
         else:
             log.warning("redis model: lost its lock while rebuilding (flushed?); again")
 
-    async def _keep_lock(self, token: str) -> None:
-        while True:
-            await asyncio.sleep(self._lock_ms / 3000)
-            with contextlib.suppress(Exception):
-                await self._redis.eval(_REFRESH, 1, LOCK_KEY, token, self._lock_ms)
+
+async def _keep_lock(client: aioredis.Redis, token: str, lock_ms: int) -> None:
+    while True:
+        await asyncio.sleep(lock_ms / 3000)
+        with contextlib.suppress(Exception):
+            await client.eval(_REFRESH, 1, LOCK_KEY, token, lock_ms)
+
+
+class ModelLockLost(RuntimeError):
+    """The rebuild lock lapsed or was flushed while a replay held it."""
+
+
+@contextlib.asynccontextmanager
+async def holding_the_model(
+    client: aioredis.Redis,
+    lock_seconds: float = 30.0,
+    wait_seconds: float = 120.0,
+    poll_seconds: float = 0.2,
+) -> AsyncIterator[None]:
+    """Live projections hold their batches while the body runs (a reset and a replay).
+
+    Takes the rebuild lock (waiting up to ``wait_seconds`` for another rebuild), drops
+    the epoch marker so every live batch waits, and sets the marker again when the body
+    returns. If the body fails, the marker stays missing and the lock is released: a
+    worker then rebuilds the whole model from the log, which repairs a half-done reset.
+    Only workers running with ``reliability.redis_rebuild`` watch the marker."""
+    token = uuid.uuid4().hex
+    lock_ms = int(lock_seconds * 1000)
+    deadline = time.monotonic() + wait_seconds
+    while not await client.set(LOCK_KEY, token, nx=True, px=lock_ms):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"another rebuild of the Redis model held {LOCK_KEY} too long")
+        await asyncio.sleep(poll_seconds)
+    refresher = asyncio.create_task(_keep_lock(client, token, lock_ms))
+    try:
+        # A live batch's transaction WATCHes the marker: one in flight aborts and waits.
+        await client.delete(EPOCH_KEY)
+        yield
+        epoch = str(int(time.time() * 1000))
+        done = await client.eval(_SET_IF_LOCKED, 2, LOCK_KEY, EPOCH_KEY, token, epoch)
+        if not done:
+            raise ModelLockLost(
+                "the Redis model's lock was lost during the replay (Redis flushed or "
+                "restarted?): the workers rebuild the model from the log"
+            )
+    finally:
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+        with contextlib.suppress(Exception):
+            await client.eval(_RELEASE, 1, LOCK_KEY, token)
 
 
 def log_rebuild(

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from projections.clickhouse_events import delete_sql, row_for
+from projections.redis_rebuild import holding_the_model
 from projections.redis_state import RedisConversations
 from schemas.codec import CODEC, DecodeError
 from schemas.keys import tenant_prefix
@@ -188,6 +189,10 @@ class Target(Protocol):
     async def flush(self) -> None:
         """Every batch taken is stored."""
 
+    def exclusive(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held from a reset to the last write: live writers that a reset would race
+        wait meanwhile."""
+
 
 class _OneInFlight:
     """One write at a time, in order, while the caller prepares the next."""
@@ -247,6 +252,11 @@ class RedisTarget:
             found.append(key.decode().split(":")[1])
         return found
 
+    def exclusive(self) -> contextlib.AbstractAsyncContextManager[None]:
+        # A live batch between the reset and the replay would put a later seq in an
+        # emptied hash, and the seq guards would refuse the history before it.
+        return holding_the_model(self._redis)
+
     async def apply(self, records: Sequence[LogRecord]) -> None:
         payloads = self._model.payloads([r.event for r in records])
         await self._writes.submit(self._model.apply_payloads(payloads))
@@ -292,6 +302,11 @@ class ClickHouseTarget:
             self._server().command(
                 delete_sql(self._database, flt.tenant, flt.conversation, flt.since_ms, flt.until_ms)
             )
+
+    def exclusive(self) -> contextlib.AbstractAsyncContextManager[None]:
+        # Rows are replaced by event id (ReplacingMergeTree): a live insert racing the
+        # reset is merged with the replayed copy, so nothing needs holding.
+        return contextlib.nullcontext()
 
     async def apply(self, records: Sequence[LogRecord]) -> None:
         self._rows.extend(row_for(r.event, r.partition, r.offset, r.raw) for r in records)
@@ -346,9 +361,24 @@ async def replay(
     partition (so per conversation)."""
     stats = ReplayStats()
     started = time.perf_counter()
-    if reset:
-        for target in targets:
-            await target.reset(flt)
+    async with contextlib.AsyncExitStack() as held:
+        if reset:
+            for target in targets:
+                await held.enter_async_context(target.exclusive())
+                await target.reset(flt)
+        await _replay_into(reader, targets, flt, stats, progress, read_ahead)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+async def _replay_into(
+    reader: LogReader,
+    targets: Sequence[Target],
+    flt: ReplayFilter,
+    stats: ReplayStats,
+    progress: Progress | None,
+    read_ahead: int,
+) -> None:
     # A few batches read ahead: Kafka and the decoder run while the targets write.
     queue: asyncio.Queue[list[LogRecord] | None] = asyncio.Queue(maxsize=read_ahead)
 
@@ -372,8 +402,6 @@ async def replay(
             reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reading
-    stats.seconds = time.perf_counter() - started
-    return stats
 
 
 @contextlib.contextmanager
