@@ -3,10 +3,11 @@
 Starts a private embedded stack (Kafka, Redis, the chdb owner) on free ports in a
 temporary directory, writes N synthetic but valid conversation events straight to
 ``kefu.events`` (folded with the real lifecycle, so seqs and ids are what the
-pipeline writes), then times ``projections.replay.replay`` into Redis, ClickHouse,
-and both. Bounded: stops by itself after ``--timeout`` seconds.
+pipeline writes), then times ``projections.replay_split.split_replay`` (what
+``kefu replay`` runs: one process per core, each a share of the partitions) into
+Redis, ClickHouse, and both. Bounded: stops by itself after ``--timeout`` seconds.
 
-    .venv/bin/python bench/replay.py [--events 1000000] [--record]
+    .venv/bin/python bench/replay.py [--events 1000000] [--processes N] [--record]
 """
 
 from __future__ import annotations
@@ -30,14 +31,12 @@ from kefu.local import private_settings
 from kefu.settings import (
     Settings,
 )
-from projections.replay import (
-    ClickHouseTarget,
-    LogReader,
-    RedisTarget,
-    ReplayFilter,
-    Target,
-    replay,
-    replay_topics,
+from projections.replay import ReplayFilter, replay_topics
+from projections.replay_split import (
+    ClickHouseTargetSpec,
+    ReplayJob,
+    default_processes,
+    split_replay,
 )
 from schemas.codec import CODEC
 from schemas.records import Event, ReceiveMessage, RecordDelivery, RecordReply
@@ -131,35 +130,45 @@ async def write_log(settings: Settings, events: int) -> tuple[int, float]:
     return written, time.perf_counter() - started
 
 
-async def timed_replay(settings: Settings, targets: list[Target]) -> tuple[int, float]:
-    reader = LogReader(settings.kafka.servers, replay_topics(TopicNames(settings.topic_prefix)))
-    stats = await replay(reader, targets, ReplayFilter())
+def job_for(settings: Settings, name: str) -> ReplayJob:
+    ch = settings.clickhouse
+    return ReplayJob(
+        settings.kafka.servers,
+        tuple(replay_topics(TopicNames(settings.topic_prefix))),
+        redis_dsn=settings.redis.dsn if name in ("redis", "all") else None,
+        clickhouse=(
+            ClickHouseTargetSpec(settings.clickhouse_url, ch.database, ch.query_port)
+            if name in ("clickhouse", "all")
+            else None
+        ),
+    )
+
+
+async def timed_replay(settings: Settings, name: str, processes: int) -> tuple[int, float]:
+    stats = await split_replay(job_for(settings, name), ReplayFilter(), processes)
     return stats.applied, stats.seconds
 
 
 async def measure(
-    settings: Settings, events: int, only: tuple[str, ...] = RUNS, profile: bool = False
+    settings: Settings,
+    events: int,
+    only: tuple[str, ...] = RUNS,
+    profile: bool = False,
+    processes: int = 1,
 ) -> dict[str, float]:
     written, seconds = await write_log(settings, events)
     figures = {"events": float(written), "write_s": seconds}
     client = aioredis.Redis.from_url(settings.redis.dsn)
-    ch = settings.clickhouse
-    clickhouse = ClickHouseTarget(settings.clickhouse_url, ch.database, ch.query_port)
     try:
-        runs: list[tuple[str, list[Target]]] = [
-            ("redis", [RedisTarget(client)]),
-            ("clickhouse", [clickhouse]),
-            ("all", [RedisTarget(client), clickhouse]),
-        ]
         loads = []
-        for name, targets in runs:
+        for name in RUNS:
             if name not in only:
                 continue
             await client.flushdb()
             profiler = cProfile.Profile() if profile else None
             if profiler:
                 profiler.enable()
-            applied, took = await timed_replay(settings, targets)
+            applied, took = await timed_replay(settings, name, processes)
             if profiler:
                 profiler.disable()
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
@@ -172,7 +181,6 @@ async def measure(
             )
         figures["load_during"] = max(loads, default=0.0)
     finally:
-        await clickhouse.close()
         await client.aclose()
     return figures
 
@@ -193,7 +201,15 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
     parser.add_argument("--runs", default=",".join(RUNS), help="which replays, e.g. redis")
-    parser.add_argument("--profile", action="store_true", help="cProfile each replay")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=default_processes(),
+        help="replay processes, each a share of the partitions (default: one per core)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile each replay (with --processes 1)"
+    )
     args = parser.parse_args()
     only = tuple(args.runs.split(","))
     if args.record and only != RUNS:
@@ -204,7 +220,9 @@ def main() -> None:
         stack_up_all(settings)
         print(f"writing {args.events:,} events to kefu.events …", flush=True)
         figures = asyncio.run(
-            asyncio.wait_for(measure(settings, args.events, only, args.profile), args.timeout)
+            asyncio.wait_for(
+                measure(settings, args.events, only, args.profile, args.processes), args.timeout
+            )
         )
     finally:
         stack_down_all(settings)
@@ -216,8 +234,9 @@ def main() -> None:
     )
     if args.record:
         row = (
-            f"| 2026-11-21 | {machine()} | `.venv/bin/python bench/replay.py --events {args.events}"
-            f" --record` | {figures['events']:,.0f} | {figures['redis_events_per_s']:,.0f} | "
+            f"| {time.strftime('%Y-%m-%d')} | {machine()} | `.venv/bin/python bench/replay.py "
+            f"--events {args.events} --processes {args.processes} --record` | "
+            f"{figures['events']:,.0f} | {figures['redis_events_per_s']:,.0f} | "
             f"{figures['clickhouse_events_per_s']:,.0f} | {figures['all_events_per_s']:,.0f} | "
             f"{figures['load_during']:.1f} |\n"
         )

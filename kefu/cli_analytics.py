@@ -95,8 +95,20 @@ def report(
 @click.option("--tenant", default="", help="one tenant's events")
 @click.option("--conversation", default="", help="one conversation's events")
 @click.option("--reset", is_flag=True, help="drop what the filter covers first: a rebuild")
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="replay processes, each a share of the partitions  [default: one per core]",
+)
 def replay_command(
-    projection: str, since: str, until: str, tenant: str, conversation: str, reset: bool
+    projection: str,
+    since: str,
+    until: str,
+    tenant: str,
+    conversation: str,
+    reset: bool,
+    processes: int | None,
 ) -> None:
     """Rebuild read models from the log (kefu.events), with the projections' own code."""
     from projections.clickhouse_views import parse_since, parse_time
@@ -111,7 +123,10 @@ def replay_command(
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
-    stats = asyncio.run(_replay(_settings(), projection, flt, reset))
+    from projections.replay_split import default_processes
+
+    workers = processes or default_processes()
+    stats = asyncio.run(_replay(_settings(), projection, flt, reset, workers))
     click.echo(
         f"replayed {stats.applied} events into {projection} "
         f"(read {stats.read} from the log in {stats.seconds:.1f} s, "
@@ -119,52 +134,43 @@ def replay_command(
     )
 
 
-async def _replay(settings: Settings, projection: str, flt: Any, reset: bool) -> Any:
-    import redis.asyncio as aioredis
-
-    from projections.replay import (
-        ClickHouseTarget,
-        LogReader,
-        RedisTarget,
-        Target,
-        replay,
-        replay_topics,
-    )
+async def _replay(
+    settings: Settings, projection: str, flt: Any, reset: bool, processes: int
+) -> Any:
+    from projections.replay import replay_topics
+    from projections.replay_split import ClickHouseTargetSpec, ReplayJob, split_replay
     from schemas.topics import TopicNames
 
-    reader = LogReader(
+    ch = settings.clickhouse
+    job = ReplayJob(
         settings.kafka.servers,
-        replay_topics(TopicNames(settings.topic_prefix)),
-        kafka_options=settings.kafka.client_options(),
+        tuple(replay_topics(TopicNames(settings.topic_prefix))),
+        kafka_options=settings.kafka.client_options,
+        redis_dsn=settings.redis.dsn if projection in ("redis", "all") else None,
+        clickhouse=(
+            ClickHouseTargetSpec(settings.clickhouse_url, ch.database, ch.query_port)
+            if projection in ("clickhouse", "all")
+            else None
+        ),
     )
-    targets: list[Target] = []
-    client = None
-    clickhouse = None
-    if projection in ("redis", "all"):
-        client = aioredis.Redis.from_url(settings.redis.dsn)
-        targets.append(RedisTarget(client))
-    if projection in ("clickhouse", "all"):
-        ch = settings.clickhouse
-        clickhouse = ClickHouseTarget(settings.clickhouse_url, ch.database, ch.query_port)
-        targets.append(clickhouse)
     bar: Any = None
-    try:
 
-        def progress(n: int) -> None:
-            nonlocal bar
-            if bar is None:
-                bar = click.progressbar(length=max(reader.total, 1), label="replaying")
-                bar.__enter__()
+    def total(n: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=max(n, 1), label="replaying")
+            bar.__enter__()
+        bar.length = max(n, 1)  # split replays announce their ranges one by one
+
+    def progress(n: int) -> None:
+        if bar is not None:
             bar.update(n)
 
-        return await replay(reader, targets, flt, reset=reset, progress=progress)
+    try:
+        return await split_replay(job, flt, processes, reset, progress=progress, on_total=total)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-        if client is not None:
-            await client.aclose()
-        if clickhouse is not None:
-            await clickhouse.close()
 
 
 # --------------------------------------------------------------------------- audit

@@ -92,8 +92,11 @@ class LogReader:
         topics: str | Sequence[str],
         fetch_max_bytes: int = 64 << 20,
         kafka_options: Mapping[str, Any] | None = None,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         self._bootstrap = bootstrap
+        # (i, n): only partitions p with p % n == i, so n readers split a replay.
+        self._share = share
         self._kafka_options = dict(kafka_options or {})
         self._topics = [topics] if isinstance(topics, str) else list(topics)
         self._fetch_max_bytes = fetch_max_bytes
@@ -113,7 +116,13 @@ class LogReader:
         )
         await consumer.start()
         try:
-            partitions = [tp for topic in self._topics for tp in await _partitions(consumer, topic)]
+            index, of = self._share
+            partitions = [
+                tp
+                for topic in self._topics
+                for tp in await _partitions(consumer, topic)
+                if tp.partition % of == index
+            ]
             consumer.assign(partitions)
             starts = await consumer.beginning_offsets(partitions)
             ends = await consumer.end_offsets(partitions)
