@@ -27,17 +27,13 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 
 from kefu.cli import stack_down_all, stack_up_all
+from kefu.cli_analytics import replay_job
 from kefu.local import private_settings
 from kefu.settings import (
     Settings,
 )
-from projections.replay import ReplayFilter, replay_topics
-from projections.replay_split import (
-    ClickHouseTargetSpec,
-    ReplayJob,
-    default_processes,
-    split_replay,
-)
+from projections.replay import ReplayFilter
+from projections.replay_split import default_processes, split_replay
 from schemas.codec import CODEC
 from schemas.records import Event, ReceiveMessage, RecordDelivery, RecordReply
 from schemas.topics import TopicNames
@@ -130,22 +126,8 @@ async def write_log(settings: Settings, events: int) -> tuple[int, float]:
     return written, time.perf_counter() - started
 
 
-def job_for(settings: Settings, name: str) -> ReplayJob:
-    ch = settings.clickhouse
-    return ReplayJob(
-        settings.kafka.servers,
-        tuple(replay_topics(TopicNames(settings.topic_prefix))),
-        redis_dsn=settings.redis.dsn if name in ("redis", "all") else None,
-        clickhouse=(
-            ClickHouseTargetSpec(settings.clickhouse_url, ch.database, ch.query_port)
-            if name in ("clickhouse", "all")
-            else None
-        ),
-    )
-
-
 async def timed_replay(settings: Settings, name: str, processes: int) -> tuple[int, float]:
-    stats = await split_replay(job_for(settings, name), ReplayFilter(), processes)
+    stats = await split_replay(replay_job(settings, name), ReplayFilter(), processes)
     return stats.applied, stats.seconds
 
 

@@ -134,15 +134,14 @@ def replay_command(
     )
 
 
-async def _replay(
-    settings: Settings, projection: str, flt: Any, reset: bool, processes: int
-) -> Any:
+def replay_job(settings: Settings, projection: str) -> Any:
+    """The ``ReplayJob`` of ``projection`` (redis, clickhouse or all) for ``settings``."""
     from projections.replay import replay_topics
-    from projections.replay_split import ClickHouseTargetSpec, ReplayJob, split_replay
+    from projections.replay_split import ClickHouseTargetSpec, ReplayJob
     from schemas.topics import TopicNames
 
     ch = settings.clickhouse
-    job = ReplayJob(
+    return ReplayJob(
         settings.kafka.servers,
         tuple(replay_topics(TopicNames(settings.topic_prefix))),
         kafka_options=settings.kafka.client_options,
@@ -153,6 +152,14 @@ async def _replay(
             else None
         ),
     )
+
+
+async def _replay(
+    settings: Settings, projection: str, flt: Any, reset: bool, processes: int
+) -> Any:
+    from projections.replay_split import split_replay
+
+    job = replay_job(settings, projection)
     bar: Any = None
 
     def total(n: int) -> None:

@@ -127,17 +127,9 @@ class RebuildingRedisModel:
     async def _rebuild_holding(self, token: str) -> None:
         started = time.monotonic()
         log.warning("redis model: epoch marker missing; rebuilding it from the log")
-        refresher = asyncio.create_task(_keep_lock(self._redis, token, self._lock_ms))
-        try:
+        async with _holding_lock(self._redis, token, self._lock_ms):
             applied = await self._rebuild()
-            epoch = str(int(time.time() * 1000))
-            done = await self._redis.eval(_SET_IF_LOCKED, 2, LOCK_KEY, EPOCH_KEY, token, epoch)
-        finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
-            with contextlib.suppress(Exception):
-                await self._redis.eval(_RELEASE, 1, LOCK_KEY, token)
+            done = await _set_epoch_if_locked(self._redis, token)
         if done:
             self.rebuilds += 1
             log.warning(
@@ -149,11 +141,31 @@ class RebuildingRedisModel:
             log.warning("redis model: lost its lock while rebuilding (flushed?); again")
 
 
-async def _keep_lock(client: aioredis.Redis, token: str, lock_ms: int) -> None:
-    while True:
-        await asyncio.sleep(lock_ms / 3000)
+@contextlib.asynccontextmanager
+async def _holding_lock(client: aioredis.Redis, token: str, lock_ms: int) -> AsyncIterator[None]:
+    """Keeps the lock ``token`` took alive while the body runs, and releases it after."""
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(lock_ms / 3000)
+            with contextlib.suppress(Exception):
+                await client.eval(_REFRESH, 1, LOCK_KEY, token, lock_ms)
+
+    refresher = asyncio.create_task(refresh())
+    try:
+        yield
+    finally:
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
         with contextlib.suppress(Exception):
-            await client.eval(_REFRESH, 1, LOCK_KEY, token, lock_ms)
+            await client.eval(_RELEASE, 1, LOCK_KEY, token)
+
+
+async def _set_epoch_if_locked(client: aioredis.Redis, token: str) -> bool:
+    """A new marker, only if the lock is still ours (no flush since we took it)."""
+    epoch = str(int(time.time() * 1000))
+    return bool(await client.eval(_SET_IF_LOCKED, 2, LOCK_KEY, EPOCH_KEY, token, epoch))
 
 
 class ModelLockLost(RuntimeError):
@@ -181,24 +193,15 @@ async def holding_the_model(
         if time.monotonic() > deadline:
             raise TimeoutError(f"another rebuild of the Redis model held {LOCK_KEY} too long")
         await asyncio.sleep(poll_seconds)
-    refresher = asyncio.create_task(_keep_lock(client, token, lock_ms))
-    try:
+    async with _holding_lock(client, token, lock_ms):
         # A live batch's transaction WATCHes the marker: one in flight aborts and waits.
         await client.delete(EPOCH_KEY)
         yield
-        epoch = str(int(time.time() * 1000))
-        done = await client.eval(_SET_IF_LOCKED, 2, LOCK_KEY, EPOCH_KEY, token, epoch)
-        if not done:
+        if not await _set_epoch_if_locked(client, token):
             raise ModelLockLost(
                 "the Redis model's lock was lost during the replay (Redis flushed or "
                 "restarted?): the workers rebuild the model from the log"
             )
-    finally:
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
-        with contextlib.suppress(Exception):
-            await client.eval(_RELEASE, 1, LOCK_KEY, token)
 
 
 def log_rebuild(

@@ -313,8 +313,8 @@ class ClickHouseTarget:
             )
 
     def exclusive(self) -> contextlib.AbstractAsyncContextManager[None]:
-        # Rows are replaced by event id (ReplacingMergeTree): a live insert racing the
-        # reset is merged with the replayed copy, so nothing needs holding.
+        # Rows fold by (tenant, conversation, seq) (ReplacingMergeTree): a live insert
+        # racing the reset merges with the replayed copy, so nothing needs holding.
         return contextlib.nullcontext()
 
     async def apply(self, records: Sequence[LogRecord]) -> None:
@@ -370,14 +370,24 @@ async def replay(
     partition (so per conversation)."""
     stats = ReplayStats()
     started = time.perf_counter()
+    async with reset_held(targets, flt, reset):
+        await _replay_into(reader, targets, flt, stats, progress, read_ahead)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+@contextlib.asynccontextmanager
+async def reset_held(
+    targets: Sequence[Target], flt: ReplayFilter, reset: bool
+) -> AsyncIterator[None]:
+    """With ``reset``: each target's ``exclusive`` hold, then its reset, for the body
+    (the replay); without, nothing."""
     async with contextlib.AsyncExitStack() as held:
         if reset:
             for target in targets:
                 await held.enter_async_context(target.exclusive())
                 await target.reset(flt)
-        await _replay_into(reader, targets, flt, stats, progress, read_ahead)
-    stats.seconds = time.perf_counter() - started
-    return stats
+        yield
 
 
 async def _replay_into(

@@ -36,6 +36,7 @@ from projections.replay import (
     ReplayStats,
     Target,
     replay,
+    reset_held,
 )
 
 KafkaOptions = Callable[[], Mapping[str, Any]]
@@ -96,11 +97,7 @@ async def split_replay(
     started = time.perf_counter()
     if flt.conversation:
         processes = 1  # one partition holds it
-    async with job.targets() as targets, contextlib.AsyncExitStack() as held:
-        if reset:
-            for target in targets:
-                await held.enter_async_context(target.exclusive())
-                await target.reset(flt)
+    async with job.targets() as targets, reset_held(targets, flt, reset):
         if processes <= 1:
             reader = job.reader()
             report = _Reporter(progress, on_total)
