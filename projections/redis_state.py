@@ -47,15 +47,25 @@ PRIORITY_RANK = {"urgent": 0, "vip": 1, "high": 2, "normal": 3, "low": 4}
 #       n_ext, (key, field, value) triples for other tenant hashes...,
 #       n_index, (field, key prefix, score field) triples...
 # An index keeps ``prefix .. value`` (a zset) holding the conversation while the hash
-# field has that value; the old value's zset loses it when the value changes.
-# One event's writes, as a function: the one-event script and the batch script run
-# exactly this, so a batch issues the same Redis commands, in the same order, as one
-# script call per event (DUMPs stay byte-identical: a hash's table order depends on
-# every operation on it, reads included).
+# field has that value, scored by the score field (or the event's time if that is
+# empty); the old value's zset loses it when the value changes.
+#
+# A replay is bound by the calls Redis runs (bench/redis_script.py), so one event is
+# one HMGET of every field its writes depend on, the new values worked out here, one
+# HSET, and only the index writes that change something: an index entry whose value
+# and score field are unchanged already holds that score, an unchanged unread count is
+# already in (or out of) its zset, a list at or under its cap needs no LTRIM. The
+# state is the one the one-command-per-step script left (tests/test_redis_state.py
+# checks it against that script); the one-event and the batch scripts both run this
+# function, so live writes, redeliveries and replays leave byte-identical DUMPs.
 _APPLY_EVENT = """
+-- The writes to a hash, in the order the steps make them: a field written twice keeps
+-- its first place and its last value; one that already holds the value is not written.
+local function put(w, f, v)
+  if not w.placed[f] and w.cur[f] ~= v then w.placed[f] = true; w.order[#w.order + 1] = f end
+  w.cur[f] = v
+end
 local function apply_event(h, messages, conversations, unread_key, ARGV)
-local seq = tonumber(ARGV[1])
-if seq <= tonumber(redis.call('HGET', h, 'seq') or '0') then return 0 end
 local member = ARGV[2]
 local at = ARGV[3]
 local i = 6
@@ -65,6 +75,7 @@ local n_ext = tonumber(ARGV[i]); local ext_at = i + 1; i = i + 1 + 3 * n_ext
 local n_idx = tonumber(ARGV[i]); local idx_at = i + 1
 if member == '' then
   -- A queue's event (routing: presence, ...): its guard and tenant hashes only.
+  if tonumber(ARGV[1]) <= tonumber(redis.call('HGET', h, 'seq') or '0') then return 0 end
   redis.call('HSET', h, 'seq', ARGV[1])
   for j = 0, n_ext - 1 do
     local k = ext_at + 3 * j
@@ -72,110 +83,68 @@ if member == '' then
   end
   return 1
 end
--- Reads of h that follow each other with no write to h between them go in one HMGET:
--- the same field lookups in the same order as one HGET each, in fewer calls.
-local old = {}
-if n_idx > 0 then
-  local fields = {}
-  for j = 0, n_idx - 1 do fields[j + 1] = ARGV[idx_at + 3 * j] end
-  local got = redis.call('HMGET', h, unpack(fields))
-  for j = 0, n_idx - 1 do old[j] = got[j + 1] or '' end
+local reads = {'seq', 'updated_at', 'conversation_id', 'created_at', 'first_response_ms', 'unread'}
+for j = 0, n_idx - 1 do
+  reads[#reads + 1] = ARGV[idx_at + 3 * j]
+  reads[#reads + 1] = ARGV[idx_at + 3 * j + 2]
 end
-redis.call('HSET', h, 'seq', ARGV[1], 'updated_at', at, 'conversation_id', member)
-redis.call('HSETNX', h, 'created_at', at)
--- The event's fields in one HSET, in order, rather than one call per field: a replay is
--- bound by the calls Redis runs.
-if n_set > 0 then
-  redis.call('HSET', h, unpack(ARGV, set_at, set_at + 2 * n_set - 1))
+for j = incr_at, incr_at + n_incr - 1 do reads[#reads + 1] = ARGV[j] end
+for j = set_at, set_at + 2 * n_set - 1, 2 do reads[#reads + 1] = ARGV[j] end
+local got = redis.call('HMGET', h, unpack(reads))
+if tonumber(ARGV[1]) <= tonumber(got[1] or '0') then return 0 end
+local old, cur = {}, {}
+for j = 1, #reads do
+  if got[j] then old[reads[j]] = got[j]; cur[reads[j]] = got[j] end
 end
+local w = {order = {}, placed = {}, cur = cur}
+put(w, 'seq', ARGV[1]); put(w, 'updated_at', at); put(w, 'conversation_id', member)
+if not cur['created_at'] then put(w, 'created_at', at) end
+for j = set_at, set_at + 2 * n_set - 1, 2 do put(w, ARGV[j], ARGV[j + 1]) end
 for j = incr_at, incr_at + n_incr - 1 do
-  redis.call('HINCRBY', h, ARGV[j], 1)
-  if ARGV[j] == 'replies' and redis.call('HEXISTS', h, 'first_response_ms') == 0 then
-    redis.call('HSET', h, 'first_response_ms',
-      tonumber(at) - tonumber(redis.call('HGET', h, 'created_at')))
+  local f = ARGV[j]
+  put(w, f, string.format('%d', (tonumber(cur[f]) or 0) + 1))
+  if f == 'replies' and not cur['first_response_ms'] then
+    put(w, 'first_response_ms', string.format('%d', tonumber(at) - tonumber(cur['created_at'])))
   end
 end
+local order = w.order
+local pairs_ = {}
+for _, f in ipairs(order) do
+  pairs_[#pairs_ + 1] = f; pairs_[#pairs_ + 1] = cur[f]
+end
+if #pairs_ > 0 then redis.call('HSET', h, unpack(pairs_)) end
 for j = 0, n_ext - 1 do
   local k = ext_at + 3 * j
   redis.call('HSET', ARGV[k], ARGV[k + 1], ARGV[k + 2])
+  if ARGV[k] == h then cur[ARGV[k + 1]] = ARGV[k + 2] end
 end
--- The index fields' new values follow from old and this event's writes, so which score
--- fields the loop below reads is known before reading: one HMGET of the same fields in
--- the same order (the zsets it touches in between are other keys). Unless a field is
--- one the event writes otherwise: then one HGET at a time, as ever.
-local news = {}
-local known = true
 for j = 0, n_idx - 1 do
-  local f = ARGV[idx_at + 3 * j]
-  if f == 'seq' or f == 'updated_at' or f == 'conversation_id' or f == 'created_at'
-      or f == 'first_response_ms' then
-    known = false
+  local k = idx_at + 3 * j
+  local f, prefix, sf = ARGV[k], ARGV[k + 1], ARGV[k + 2]
+  local was, new = old[f] or '', cur[f] or ''
+  if was ~= '' and was ~= new then redis.call('ZREM', prefix .. was, member) end
+  if new ~= '' then
+    local score = cur[sf] or ''
+    if not (was == new and score ~= '' and score == (old[sf] or '')) then
+      if score == '' then score = at end
+      redis.call('ZADD', prefix .. new, score, member)
+    end
   end
-  for x = incr_at, incr_at + n_incr - 1 do
-    if ARGV[x] == f then known = false end
-  end
-  local v = old[j]
-  for x = 0, n_set - 1 do
-    if ARGV[set_at + 2 * x] == f then v = ARGV[set_at + 2 * x + 1] end
-  end
-  news[j] = v
 end
-for x = 0, n_ext - 1 do
-  if ARGV[ext_at + 3 * x] == h then known = false end
-end
-local unread
-if known then
-  local fields = {}
-  for j = 0, n_idx - 1 do
-    local k = idx_at + 3 * j
-    fields[#fields + 1] = ARGV[k]
-    if news[j] ~= '' then fields[#fields + 1] = ARGV[k + 2] end
+local unread = tonumber(cur['unread'] or '0')
+if unread ~= tonumber(old['unread'] or '0') then
+  if unread > 0 then
+    redis.call('ZADD', unread_key, unread, member)
+  else
+    redis.call('ZREM', unread_key, member)
   end
-  fields[#fields + 1] = 'unread'
-  local got = redis.call('HMGET', h, unpack(fields))
-  local p = 1
-  for j = 0, n_idx - 1 do
-    local k = idx_at + 3 * j
-    local new = got[p] or ''
-    p = p + 1
-    if old[j] ~= '' and old[j] ~= new then
-      redis.call('ZREM', ARGV[k + 1] .. old[j], member)
-    end
-    if news[j] ~= '' then
-      local score = got[p]
-      p = p + 1
-      if new ~= '' then
-        if not score or score == '' then score = at end
-        redis.call('ZADD', ARGV[k + 1] .. new, score, member)
-      end
-    end
-  end
-  unread = tonumber(got[p] or '0')
-else
-  for j = 0, n_idx - 1 do
-    local k = idx_at + 3 * j
-    local new = redis.call('HGET', h, ARGV[k]) or ''
-    if old[j] ~= '' and old[j] ~= new then
-      redis.call('ZREM', ARGV[k + 1] .. old[j], member)
-    end
-    if new ~= '' then
-      local score = redis.call('HGET', h, ARGV[k + 2])
-      if not score or score == '' then score = at end
-      redis.call('ZADD', ARGV[k + 1] .. new, score, member)
-    end
-  end
-  unread = tonumber(redis.call('HGET', h, 'unread') or '0')
-end
-if unread > 0 then
-  redis.call('ZADD', unread_key, unread, member)
-else
-  redis.call('ZREM', unread_key, member)
 end
 if ARGV[4] ~= '' then
-  redis.call('RPUSH', messages, ARGV[4])
-  redis.call('LTRIM', messages, -tonumber(ARGV[5]), -1)
+  if redis.call('RPUSH', messages, ARGV[4]) > tonumber(ARGV[5]) then
+    redis.call('LTRIM', messages, -tonumber(ARGV[5]), -1)
+  end
 end
-redis.call('ZADD', conversations, at, member)
+if old['updated_at'] ~= at then redis.call('ZADD', conversations, at, member) end
 return 1
 end
 """
