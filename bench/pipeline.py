@@ -168,8 +168,13 @@ def bench_settings(
     workers: int,
     event_loop: str | None = None,
     kafka_jvm: Sequence[str] | None = None,
+    linger_ms: float | None = None,
 ) -> Settings:
     base = private_settings(state_dir, workers)
+    if linger_ms is not None:
+        base = base.model_copy(
+            update={"worker": base.worker.model_copy(update={"linger_ms": linger_ms})}
+        )
     if kafka_jvm is not None:
         kafka = base.kafka.model_copy(update={"jvm_options": tuple(kafka_jvm)})
         base = base.model_copy(update={"kafka": kafka})
@@ -907,6 +912,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--grace", type=float, default=DEFAULT_GRACE, help="seconds to watch for duplicates"
     )
     parser.add_argument(
+        "--linger-ms",
+        type=float,
+        default=None,
+        help="the workers' producer linger (default: the settings' worker.linger_ms)",
+    )
+    parser.add_argument(
         "--event-loop",
         choices=("uvloop", "asyncio"),
         default=None,
@@ -1021,7 +1032,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline = begin + args.timeout
     watchdog = _watchdog(args.timeout + 120.0)
     state_dir = Path(tempfile.mkdtemp(prefix="kefu-bench-"))
-    settings = bench_settings(state_dir, args.workers, args.event_loop, args.kafka_jvm)
+    settings = bench_settings(
+        state_dir, args.workers, args.event_loop, args.kafka_jvm, args.linger_ms
+    )
     try:
         print(f"kefu bench: private stack in {state_dir}", flush=True)
         stack_start = time.monotonic()
