@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
@@ -29,16 +28,10 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
 
 from bench.replay import conversation_events
+from bench.timeseries import cpu_seconds
 from kefu.processes import LOOPBACK, free_port, wait_until
 from projections.redis_state import RedisConversations
 from schemas.records import Event
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
 def interleaved(events: int, at_once: int = 200) -> list[Event]:
@@ -58,12 +51,19 @@ async def measure(port: int, pid: int, events: list[Event]) -> tuple[float, floa
     payloads = model.payloads(events)
     try:
         await model.apply_payloads(payloads[:1])  # load the script
-        cpu, started = cpu_seconds(pid), time.perf_counter()
+        cpu, started = _cpu(pid), time.perf_counter()
         for start in range(1, len(payloads), 8):  # a replay's writes: a few calls a trip
             await model.apply_payloads(payloads[start : start + 8])
-        return time.perf_counter() - started, cpu_seconds(pid) - cpu
+        return time.perf_counter() - started, _cpu(pid) - cpu
     finally:
         await client.aclose()
+
+
+def _cpu(pid: int) -> float:
+    seconds = cpu_seconds(pid)
+    if seconds is None:
+        raise RuntimeError(f"redis-server (pid {pid}) is gone")
+    return seconds
 
 
 def main() -> None:

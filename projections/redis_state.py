@@ -107,12 +107,11 @@ for j = incr_at, incr_at + n_incr - 1 do
     put(w, 'first_response_ms', string.format('%d', tonumber(at) - tonumber(cur['created_at'])))
   end
 end
-local order = w.order
-local pairs_ = {}
-for _, f in ipairs(order) do
+local pairs_ = {}  -- never empty: the guard above makes seq change
+for _, f in ipairs(w.order) do
   pairs_[#pairs_ + 1] = f; pairs_[#pairs_ + 1] = cur[f]
 end
-if #pairs_ > 0 then redis.call('HSET', h, unpack(pairs_)) end
+redis.call('HSET', h, unpack(pairs_))
 for j = 0, n_ext - 1 do
   local k = ext_at + 3 * j
   redis.call('HSET', ARGV[k], ARGV[k + 1], ARGV[k + 2])

@@ -126,6 +126,19 @@ async def tenant_snapshot(client: aioredis.Redis, tenant: str) -> dict[bytes, by
     return {key: await client.dump(key) for key in keys}
 
 
+def redis_snapshot(pipeline: Settings, tenant: str) -> dict[bytes, bytes | None]:
+    """``tenant_snapshot`` through a client of its own (for a test's sync part)."""
+
+    async def take() -> dict[bytes, bytes | None]:
+        client = aioredis.Redis.from_url(pipeline.redis.dsn)
+        try:
+            return await tenant_snapshot(client, tenant)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(take())
+
+
 def test_rebuilt_tenant_equals_live(pipeline: Settings) -> None:
     tenant = f"replay-{uuid.uuid4().hex[:8]}"
     ids = private_traffic(pipeline, tenant)
@@ -169,14 +182,7 @@ def test_rebuilt_tenant_equals_live(pipeline: Settings) -> None:
     per_conversation = sum(1 for row in live_rows if row[0] == ids[0])
     assert f"replayed {per_conversation} events into all" in result.output
 
-    async def after() -> dict[bytes, bytes | None]:
-        client = aioredis.Redis.from_url(pipeline.redis.dsn)
-        try:
-            return await tenant_snapshot(client, tenant)
-        finally:
-            await client.aclose()
-
-    assert asyncio.run(after()) == live
+    assert redis_snapshot(pipeline, tenant) == live
     assert archive(pipeline, tenant) == live_rows
 
 
@@ -228,14 +234,7 @@ def test_reset_holds_the_live_projection_until_the_replay_is_done(pipeline: Sett
     assert applied > 0
     rows = wait_for(lambda: settled(pipeline, tenant, ids), timeout=60, what="second round")
 
-    async def snapshot() -> dict[bytes, bytes | None]:
-        client = aioredis.Redis.from_url(pipeline.redis.dsn)
-        try:
-            return await tenant_snapshot(client, tenant)
-        finally:
-            await client.aclose()
-
-    live = asyncio.run(snapshot())
+    live = redis_snapshot(pipeline, tenant)
     # A quiet rebuild through the CLI, split over two processes by partition, gives the
     # same bytes: nothing was refused above.
     result = cli(
@@ -245,4 +244,4 @@ def test_reset_holds_the_live_projection_until_the_replay_is_done(pipeline: Sett
     )
     assert result.exit_code == 0, result.output
     assert f"replayed {len(rows)} events into redis" in result.output
-    assert asyncio.run(snapshot()) == live
+    assert redis_snapshot(pipeline, tenant) == live
