@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from kefu.settings import Settings
-from schemas.topics import TopicNames
+from schemas.topics import TABLES, TopicNames, changelog_topic, leader_topic
 
 log = logging.getLogger(__name__)
 
 KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
+COMPACT = {"cleanup.policy": "compact"}
+LEADERS_TIMEOUT_S = 30.0
 
 
 def wanted(settings: Settings) -> list[NewTopic]:
@@ -29,7 +33,15 @@ def wanted(settings: Settings) -> list[NewTopic]:
         NewTopic(names.queue_events, partitions, 1, topic_configs=KEEP_FOREVER),
         # The latest list per tenant/category survives compaction; one partition keeps
         # every change in order. Every worker reads it whole (streams.wordlists).
-        NewTopic(names.control, 1, 1, topic_configs={"cleanup.policy": "compact"}),
+        NewTopic(names.control, 1, 1, topic_configs=COMPACT),
+        # Faust's own topics, as Faust would declare them (compacted changelogs with the
+        # source topics' partitions): made here so that they exist, with leaders,
+        # before any worker subscribes (see schemas.topics).
+        *(
+            NewTopic(changelog_topic(settings.app_id, table), partitions, 1, topic_configs=COMPACT)
+            for table in TABLES
+        ),
+        NewTopic(leader_topic(settings.app_id), 1, 1),
     ]
 
 
@@ -40,16 +52,45 @@ async def ensure_topics(settings: Settings) -> list[str]:
     )
     await admin.start()
     try:
+        topics = wanted(settings)
         existing = set(await admin.list_topics())
-        missing = [t for t in wanted(settings) if t.name not in existing]
+        missing = [t for t in topics if t.name not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # another process won
                 await admin.create_topics(missing)
-            # Metadata propagates asynchronously; wait until every topic is listed.
-            for _ in range(100):
-                if {t.name for t in missing} <= set(await admin.list_topics()):
-                    break
-                await asyncio.sleep(0.05)
+        await _wait_for_leaders(admin, {t.name: t.num_partitions for t in topics})
         return [t.name for t in missing]
     finally:
         await admin.close()
+
+
+def ensure_topics_blocking(settings: Settings) -> list[str]:
+    """``ensure_topics`` from synchronous code, on a loop in a thread of its own: the
+    worker calls it before Faust starts, and must leave the main thread's loop to Faust."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(ensure_topics(settings))).result()
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, partitions: dict[str, int]) -> None:
+    """Until the metadata shows every topic with all its partitions led. A topic just
+    created can be unknown to the broker's metadata for a moment (KRaft: the controller
+    has answered, the broker's image has not caught up), and a consumer whose
+    first metadata has it so is assigned none of its partitions."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LEADERS_TIMEOUT_S
+    while waiting := set(partitions) - led_topics(
+        await admin.describe_topics(list(partitions)), partitions
+    ):
+        if loop.time() > deadline:
+            raise TimeoutError(f"topics without a leader after {LEADERS_TIMEOUT_S} s: {waiting}")
+        await asyncio.sleep(0.05)  # the broker has no notification for this: poll
+
+
+def led_topics(described: list[dict[str, Any]], partitions: dict[str, int]) -> set[str]:
+    return {
+        topic["topic"]
+        for topic in described
+        if topic["error_code"] == 0
+        and len(topic["partitions"]) == partitions.get(topic["topic"])
+        and all(p["error_code"] == 0 and p["leader"] >= 0 for p in topic["partitions"])
+    }

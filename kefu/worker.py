@@ -5,6 +5,7 @@ More workers (same code, same group) split the partitions between them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -18,6 +19,7 @@ from kefu.ai import build_responder
 from kefu.channels import channel_senders
 from kefu.settings import Settings
 from kefu.telemetry import setup_tracing
+from kefu.topics import ensure_topics_blocking
 from projections.redis_rebuild import RebuildingRedisModel, log_rebuild
 from projections.redis_state import RedisConversations
 from projections.replay import replay_topics
@@ -38,6 +40,8 @@ from streams.metrics import watch_app
 from streams.moderation import Moderator, SpamLimits, WordList
 from streams.routing import TenantRouting, router
 from streams.telemetry import traced_app
+
+log = logging.getLogger(__name__)
 
 
 def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
@@ -187,6 +191,10 @@ def run_worker(settings: Settings, web_port: int | None = None) -> None:
 
         mode.loop.use("uvloop")  # before the app exists: Faust takes the loop at creation
     setup_tracing(settings, "worker")
+    try:  # Faust would create the missing ones too, racing its own subscription
+        ensure_topics_blocking(settings)
+    except Exception as exc:  # the broker may come later: Faust waits for it
+        log.warning("could not create kefu's topics before starting: %r", exc)
     kefu = build_worker(settings, web_port)
     worker = faust.Worker(kefu.app, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()

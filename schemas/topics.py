@@ -37,3 +37,19 @@ class TopicNames:
         """Moderation word lists, compacted, keyed tenant/category: every worker reads
         all of it, from the beginning (see streams.wordlists)."""
         return f"{self.prefix}.control.wordlists"
+
+
+# Faust's tables (streams.app) and the internal topics Faust derives from the app id.
+# kefu creates them itself, ahead of the workers (kefu.topics): a changelog Faust
+# creates while the worker subscribes can be missing from the consumer's first
+# metadata, and the table is then left without changelog partitions.
+TABLES = ("conversations", "queues")
+
+
+def changelog_topic(app_id: str, table: str) -> str:
+    return f"{app_id}-{table}-changelog"
+
+
+def leader_topic(app_id: str) -> str:
+    """Faust's LeaderAssignor topic (one partition)."""
+    return f"{app_id}-__assignor-__leader"

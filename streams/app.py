@@ -16,9 +16,11 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas import faust_codec
-from schemas.topics import TopicNames
+from schemas.topics import TABLES, TopicNames
 from streams.consumer import Consumer
 from streams.recovery import TableManager
+
+CONVERSATIONS, QUEUES = TABLES  # kefu.topics creates their changelogs before a worker starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,16 +125,12 @@ def build_app(config: StreamsConfig) -> KefuApp:
         commands_out=app.topic(names.commands, value_serializer=faust_codec.CODEC_NAME),
         events_out=app.topic(names.events, value_serializer=faust_codec.CODEC_NAME),
         deadletter=app.topic(names.deadletter, value_serializer=faust_codec.CODEC_NAME),
-        conversations=app.Table(
-            "conversations",
-            default=None,
-            partitions=config.partitions,
-        ),
+        conversations=app.Table(CONVERSATIONS, default=None, partitions=config.partitions),
         routing_in=_raw_topic(app, names.routing),
         routing_out=app.topic(names.routing, value_serializer=faust_codec.CODEC_NAME),
         queue_events_out=app.topic(names.queue_events, value_serializer=faust_codec.CODEC_NAME),
         queue_events_in=_raw_topic(app, names.queue_events),
-        queues=app.Table("queues", default=None, partitions=config.partitions),
+        queues=app.Table(QUEUES, default=None, partitions=config.partitions),
     )
 
 
