@@ -277,6 +277,9 @@ main.add_command(agents)
 from kefu.cli_keys import gateway_security, keys  # noqa: E402
 
 main.add_command(keys)
+from kefu.cli_deadletter import deadletter  # noqa: E402
+
+main.add_command(deadletter)
 
 
 if __name__ == "__main__":
