@@ -6,16 +6,30 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Coroutine
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import click
+from aiokafka.errors import KafkaConnectionError
 
 from kefu.deadletters import Letter, read_letters, redrive
 from kefu.settings import Settings, load_settings
 
+T = TypeVar("T")
+
 
 def _settings() -> Settings:
     return load_settings()
+
+
+def _run(settings: Settings, work: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(work)
+    except KafkaConnectionError as exc:
+        raise click.ClickException(
+            f"no Kafka broker at {settings.kafka.servers} ({exc}); start it with kefu stack up"
+        ) from exc
 
 
 def _row(item: Letter) -> dict[str, object]:
@@ -47,9 +61,10 @@ def list_letters(consumer: str, reason_part: str, limit: int, as_json: bool) -> 
     """The dead letters, oldest first, with why and where each came from."""
     from kefu.cli import format_table
 
+    settings = _settings()
     letters = [
         item
-        for item in asyncio.run(read_letters(_settings()))
+        for item in _run(settings, read_letters(settings))
         if (not consumer or item.letter.consumer == consumer) and reason_part in item.letter.reason
     ]
     shown = letters[-limit:] if limit else letters
@@ -71,7 +86,8 @@ def redrive_letters(offsets: tuple[int, ...], dry_run: bool) -> None:
 
     Only commands: a log's records (events, queue events, word lists) are still on
     their topic (rebuild with ``kefu replay``). Exits 1 if any was refused."""
-    done = asyncio.run(redrive(_settings(), list(offsets), dry_run=dry_run))
+    settings = _settings()
+    done = _run(settings, redrive(settings, list(offsets), dry_run=dry_run))
     for item in done:
         if item.sent_to:
             click.echo(f"{item.offset}: sent to {item.sent_to}")

@@ -56,8 +56,8 @@ async def read_letters(settings: Settings) -> list[Letter]:
         enable_auto_commit=False,
         **settings.kafka.client_options(),
     )
-    await consumer.start()
     try:
+        await consumer.start()
         consumer.assign([topic])
         await consumer.seek_to_beginning(topic)
         end = (await consumer.end_offsets([topic]))[topic]
