@@ -7,7 +7,6 @@ import asyncio
 import json
 import sys
 from collections.abc import Coroutine
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
@@ -15,6 +14,7 @@ from aiokafka.errors import KafkaConnectionError
 
 from kefu.deadletters import Letter, read_letters, redrive
 from kefu.settings import Settings, load_settings
+from schemas.time import iso_ms
 
 T = TypeVar("T")
 
@@ -36,9 +36,7 @@ def _row(item: Letter) -> dict[str, object]:
     letter = item.letter
     return {
         "offset": item.offset,
-        "failed_at": datetime.fromtimestamp(letter.failed_at / 1000, UTC).isoformat(
-            timespec="seconds"
-        ),
+        "failed_at": iso_ms(letter.failed_at),
         "consumer": letter.consumer,
         "source": f"{letter.source_topic}[{letter.partition}]@{letter.offset}",
         "type": item.record_type,

@@ -18,7 +18,6 @@ was when exported.
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 
 from schemas.codec import CODEC, DecodeError
 from schemas.records import Event
+from schemas.time import iso_ms
 
 GENESIS = bytes(32)
 
@@ -77,7 +77,7 @@ def describe(event: Event) -> dict[str, Any]:
     fields = event.to_avro()
     out: dict[str, Any] = {
         "type": event.type,
-        "at": _iso(event.occurred_at),
+        "at": iso_ms(event.occurred_at),
     }
     match event.type:
         case "MessageReceived":
@@ -95,11 +95,6 @@ def describe(event: Event) -> dict[str, Any]:
             skip = {"event_id", "conversation_id", "tenant_id", "seq", "occurred_at", "type"}
             out.update({k: v for k, v in fields.items() if k not in skip and k != "schema_version"})
     return json.loads(json.dumps(out, default=str, ensure_ascii=False))  # type: ignore[no-any-return]
-
-
-def _iso(ms: int) -> str:
-    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def export_lines(conversation: str, entries: Sequence[Entry]) -> list[dict[str, Any]]:
