@@ -169,11 +169,16 @@ def bench_settings(
     event_loop: str | None = None,
     kafka_jvm: Sequence[str] | None = None,
     linger_ms: float | None = None,
+    inline_answers: bool = True,
 ) -> Settings:
     base = private_settings(state_dir, workers)
     if linger_ms is not None:
         base = base.model_copy(
             update={"worker": base.worker.model_copy(update={"linger_ms": linger_ms})}
+        )
+    if not inline_answers:
+        base = base.model_copy(
+            update={"worker": base.worker.model_copy(update={"inline_answers": False})}
         )
     if kafka_jvm is not None:
         kafka = base.kafka.model_copy(update={"jvm_options": tuple(kafka_jvm)})
@@ -918,6 +923,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the workers' producer linger (default: the settings' worker.linger_ms)",
     )
     parser.add_argument(
+        "--no-inline-answers",
+        dest="inline_answers",
+        action="store_false",
+        help="send every reply request through the responder agent (worker.inline_answers)",
+    )
+    parser.add_argument(
         "--event-loop",
         choices=("uvloop", "asyncio"),
         default=None,
@@ -1033,7 +1044,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     watchdog = _watchdog(args.timeout + 120.0)
     state_dir = Path(tempfile.mkdtemp(prefix="kefu-bench-"))
     settings = bench_settings(
-        state_dir, args.workers, args.event_loop, args.kafka_jvm, args.linger_ms
+        state_dir,
+        args.workers,
+        args.event_loop,
+        args.kafka_jvm,
+        args.linger_ms,
+        args.inline_answers,
     )
     try:
         print(f"kefu bench: private stack in {state_dir}", flush=True)

@@ -137,6 +137,10 @@ class WorkerSettings(_Frozen):
     # The standard library's loop: with uvloop the worker's reply p99 at 60 msg/s was
     # 528-630 ms against 165-287 ms (bench/RESULTS.md "Pipeline", third session).
     event_loop: Literal["uvloop", "asyncio"] = "asyncio"
+    # Answers that need no I/O (the offline FAQ, an intent's canned text) are given by
+    # the conversation agent in the same step; off = every request goes through the
+    # responder agent (a hop and two records more per message).
+    inline_answers: bool = True
 
 
 class RoutingSettings(_Frozen):

@@ -86,17 +86,19 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     moderator = _moderator(settings)
     # Every worker follows the whole control topic (not a group agent): lists live.
     wordlists.install(kefu, moderator, load_timeout=settings.moderation.load_timeout_s)
+    answers = build_responder(settings, redis, moderator)
     policy = Policy(
         moderator,
         router(tenant_routing),
         max_ai_failures=settings.routing.max_ai_failures,
         csat=settings.routing.csat,
+        answer_now=answers.answer_now if settings.worker.inline_answers else None,
     )
     conversation.install(kefu, policy)
     queue_router.install(kefu, sticky=settings.routing.sticky)
     routing_feed.install(kefu)
     timers.install(kefu, _deadlines(settings), settings.routing.timer_seconds)
-    responder.install(kefu, build_responder(settings, redis, policy.moderator))
+    responder.install(kefu, answers)
     deliverer = ChannelDeliverer(redis, webhooks, senders=channel_senders(settings))
     delivery.install(kefu, deliverer)
     read_model = RedisConversations(redis)

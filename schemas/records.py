@@ -156,10 +156,13 @@ class ConversationRouted(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReplyRequested(Event):
+    SCHEMA_VERSION: ClassVar[int] = 2
     message_event_id: str
     channel: str
     text: str
     language: str | None = None
+    # Version 2: answered by the conversation agent itself; the responder skips it.
+    answered_inline: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -42,6 +42,7 @@ from schemas.records import (
     event_id_for,
 )
 from streams.moderation import Moderates, SenderEntry, Verdict, remember, sender_entry
+from streams.responders import Answer, reply_command
 from streams.routing import Route
 
 # How many recent command ids a conversation remembers to drop redeliveries. A
@@ -197,6 +198,9 @@ class Policy:
     # Hand off to a human after this many consecutive AI turns without an answer.
     max_ai_failures: int = 3
     csat: bool = True  # ask for a rating when a conversation closes
+    # The responder's answer when it needs no I/O (``Responder.answer_now``): given, a
+    # reply request is answered in the same command, one hop and two records fewer.
+    answer_now: Callable[[ReplyRequested], Answer | None] | None = None
 
 
 BLOCKED_NOTICE = {
@@ -223,6 +227,7 @@ def decide(state: Conversation, command: Command, policy: Policy) -> list[Event]
     match command:
         case ReceiveMessage():
             _receive(draft, command, policy)
+            return draft.events + _answered_at_once(draft, policy)
         case RecordReply():
             _reply(draft, command, policy)
         case RecordDelivery():
@@ -418,6 +423,22 @@ def _receive(draft: _Draft, command: ReceiveMessage, policy: Policy) -> None:
             text=verdict.text,
             language=command.language,
         )
+
+
+def _answered_at_once(draft: _Draft, policy: Policy) -> list[Event]:
+    """The events of the reply the responder would send back for the request just
+    made, decided now when its answer needs no I/O: the same events (ids from the same
+    reply command, seqs following on) as its ``RecordReply`` would give a hop later.
+    The request is marked ``answered_inline`` so the responder skips it."""
+    request = draft.events[-1] if draft.events else None
+    if policy.answer_now is None or not isinstance(request, ReplyRequested):
+        return []
+    answer = policy.answer_now(request)
+    if answer is None:
+        return []
+    draft.events[-1] = request = dataclasses.replace(request, answered_inline=True)
+    reply = reply_command(request, answer, draft.command.issued_at, latency_ms=0)
+    return decide(fold(draft.events, draft.state), reply, policy)
 
 
 def _reply(draft: _Draft, command: RecordReply, policy: Policy) -> None:

@@ -43,8 +43,10 @@ from streams.intents import (
     CLARIFY,
     FAQ,
     HANDOFF,
+    Decision,
     IntentClassifier,
     IntentSpec,
+    SparseVector,
     Vectorizer,
     clarifying_question,
     cosine,
@@ -475,6 +477,17 @@ class _Generated:
     cost: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """A request as the intent classifier read it, and its answer if that needs no I/O."""
+
+    lang: str
+    knowledge: TenantKnowledge
+    vector: SparseVector
+    decision: Decision
+    immediate: Answer | None
+
+
 class AIResponder:
     name = "ai"
 
@@ -503,28 +516,18 @@ class AIResponder:
         }
         metrics.watch_breakers(self.breakers.values())
 
+    def answer_now(self, request: ReplyRequested) -> Answer | None:
+        """The intent's own answer (hand off, FAQ text, a clarifying question): no
+        I/O, so the conversation agent gives it inline. None when a model is needed
+        (the cache and the model calls stay in the responder agent)."""
+        return self._read(request).immediate
+
     async def answer(self, request: ReplyRequested) -> Answer:
-        text = request.text
-        lang = request.language if request.language in ("en", "zh") else language_of(text)
-        knowledge = self.library.get(request.tenant_id)
-        vector = knowledge.classifier.vectorizer.vector(text)
-        prediction = knowledge.classifier.predict_vector(vector)
-        decision = decide(
-            prediction,
-            knowledge.specs,
-            self.config.intent_threshold,
-            self.config.clarify_floor,
-        )
-        confidence = decision.confidence
-        if decision.action == HANDOFF:
-            return Answer(HANDOFF_TEXT[lang], "intent", confidence, decision.intent, "handoff")
-        if decision.action == FAQ and decision.intent:
-            faq = knowledge.answer_for(decision.intent, lang)
-            if faq:
-                return Answer(faq, "intent-faq", confidence, decision.intent)
-        if decision.action == CLARIFY:
-            question = clarifying_question(decision, knowledge.specs, lang)
-            return Answer(question, "intent", confidence, decision.intent, "clarify")
+        read = self._read(request)
+        if read.immediate is not None:
+            return read.immediate
+        text, lang, knowledge, decision = request.text, read.lang, read.knowledge, read.decision
+        vector, confidence = read.vector, decision.confidence
 
         # A model answer: from the cache if this was asked before.
         cacheable = self.cache is not None and estimate_tokens(text) <= 200
@@ -568,6 +571,31 @@ class AIResponder:
             completion_tokens=generated.completion_tokens,
             cost=generated.cost,
         )
+
+    def _read(self, request: ReplyRequested) -> _Read:
+        text = request.text
+        lang = request.language if request.language in ("en", "zh") else language_of(text)
+        knowledge = self.library.get(request.tenant_id)
+        vector = knowledge.classifier.vectorizer.vector(text)
+        prediction = knowledge.classifier.predict_vector(vector)
+        decision = decide(
+            prediction,
+            knowledge.specs,
+            self.config.intent_threshold,
+            self.config.clarify_floor,
+        )
+        confidence = decision.confidence
+        immediate: Answer | None = None
+        if decision.action == HANDOFF:
+            immediate = Answer(HANDOFF_TEXT[lang], "intent", confidence, decision.intent, "handoff")
+        elif decision.action == FAQ and decision.intent:
+            faq = knowledge.answer_for(decision.intent, lang)
+            if faq:
+                immediate = Answer(faq, "intent-faq", confidence, decision.intent)
+        elif decision.action == CLARIFY:
+            question = clarifying_question(decision, knowledge.specs, lang)
+            immediate = Answer(question, "intent", confidence, decision.intent, "clarify")
+        return _Read(lang, knowledge, vector, decision, immediate)
 
     def _fallback(
         self,

@@ -5,31 +5,27 @@ conversations concurrently (a few actors, each with a batch in flight), so a slo
 responder never holds a conversation partition (the AI responder also bounds every
 model call: see ``streams.llm`` and ``streams.breaker``); the answer goes back as a ``RecordReply``
 command whose id derives from the request, so a redelivered request cannot produce a
-second reply. ``latency_ms`` on the reply is the time the responder took.
+second reply. ``latency_ms`` on the reply is the time the responder took. A request
+the conversation agent answered itself (``answered_inline``: an answer that needed no
+I/O) is skipped: its reply is already on the log.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any
 
-from schemas.records import RecordReply, ReplyRequested
+from schemas.records import ReplyRequested
 from schemas.time import now_ms
 from streams import telemetry
 from streams.app import KefuApp
 from streams.inbox import batches, each_conversation, position, send_dead_letter
-from streams.responders import Responder
+from streams.responders import Responder, reply_command
 
 log = logging.getLogger(__name__)
-_REPLY_NAMESPACE = uuid.UUID("0b8f5a8e-2f4e-4f0c-8d7e-5b1c9e3a6d42")
 STAGE = "responder"
 ACTORS = 4
-
-
-def reply_command_id(request_event_id: str) -> str:
-    return str(uuid.uuid5(_REPLY_NAMESPACE, request_event_id))
 
 
 def install(kefu: KefuApp, responder: Responder) -> Any:
@@ -42,7 +38,9 @@ def install(kefu: KefuApp, responder: Responder) -> Any:
             stream, ReplyRequested, kefu.deadletter, STAGE, only=(ReplyRequested,), in_order=False
         )
         async for batch in requests:
-            await each_conversation(batch, answer, kefu.config.concurrency)
+            # Answered by the conversation agent already (its reply is on the log).
+            wanted = [(event, record) for event, record in batch if not record.answered_inline]
+            await each_conversation(wanted, answer, kefu.config.concurrency)
 
     # A few actors, each with its batch in flight: one slow model call holds one batch.
     return kefu.app.agent(kefu.events_in, name="kefu.responder", concurrency=ACTORS)(
@@ -58,25 +56,8 @@ async def _answer(kefu: KefuApp, responder: Responder, event: Any, record: Reply
         log.exception("responder failed at %s", position(event.message))
         await send_dead_letter(kefu.deadletter, event.message, repr(exc), STAGE)
         return
+    latency_ms = round((time.perf_counter() - started) * 1000)
     await kefu.commands_out.send(
         key=record.conversation_id,
-        value=RecordReply(
-            command_id=reply_command_id(record.event_id),
-            conversation_id=record.conversation_id,
-            tenant_id=record.tenant_id,
-            issued_at=now_ms(),
-            in_reply_to=record.event_id,
-            text=answer.text,
-            author="ai",
-            responder=answer.responder,
-            confidence=answer.confidence,
-            intent=answer.intent,
-            action=answer.action,
-            model=answer.model,
-            cache_hit=answer.cache_hit,
-            prompt_tokens=answer.prompt_tokens,
-            completion_tokens=answer.completion_tokens,
-            cost=answer.cost,
-            latency_ms=round((time.perf_counter() - started) * 1000),
-        ),
+        value=reply_command(record, answer, now_ms(), latency_ms),
     )

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
 
-from schemas.records import ReplyRequested
+from schemas.records import RecordReply, ReplyRequested
 
 _WORD = re.compile(r"[a-z0-9']+")
 _HAN = re.compile(r"[\u4e00-\u9fff]")
+_REPLY_NAMESPACE = uuid.UUID("0b8f5a8e-2f4e-4f0c-8d7e-5b1c9e3a6d42")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +35,41 @@ class Answer:
 
 class Responder(Protocol):
     async def answer(self, request: ReplyRequested) -> Answer: ...
+
+    def answer_now(self, request: ReplyRequested) -> Answer | None:
+        """The answer when it needs no I/O (CPU only, microseconds: a FAQ entry, an
+        intent's canned text), else None. The conversation agent calls it inline, so
+        it must never block."""
+        ...
+
+
+def reply_command_id(request_event_id: str) -> str:
+    """One reply per request: a redelivered request cannot produce a second one."""
+    return str(uuid.uuid5(_REPLY_NAMESPACE, request_event_id))
+
+
+def reply_command(
+    request: ReplyRequested, answer: Answer, issued_at: int, latency_ms: int
+) -> RecordReply:
+    return RecordReply(
+        command_id=reply_command_id(request.event_id),
+        conversation_id=request.conversation_id,
+        tenant_id=request.tenant_id,
+        issued_at=issued_at,
+        in_reply_to=request.event_id,
+        text=answer.text,
+        author="ai",
+        responder=answer.responder,
+        confidence=answer.confidence,
+        intent=answer.intent,
+        action=answer.action,
+        model=answer.model,
+        cache_hit=answer.cache_hit,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        cost=answer.cost,
+        latency_ms=latency_ms,
+    )
 
 
 def language_of(text: str) -> str:
@@ -90,6 +127,9 @@ class OfflineResponder:
         self._threshold = threshold
 
     async def answer(self, request: ReplyRequested) -> Answer:
+        return self.answer_text(request.text, request.language)
+
+    def answer_now(self, request: ReplyRequested) -> Answer:
         return self.answer_text(request.text, request.language)
 
     def answer_text(self, text: str, language: str | None = None) -> Answer:

@@ -30,9 +30,11 @@ from kefu.settings import (
 from kefu.topics import ensure_topics
 from projections.clickhouse_events import COLUMNS, row_for
 from schemas.codec import CODEC, DecodeError
-from schemas.records import ReplyProduced
+from schemas.records import RecordReply, ReplyProduced, ReplyRequested
 from schemas.topics import TopicNames
+from tests.conftest import wait_for
 from tests.fake_openai import FakeOpenAI
+from tests.test_tracing import read_spans
 
 WATERPROOF = "is this jacket waterproof?"
 
@@ -149,10 +151,72 @@ def test_tokens_reach_the_socket_before_the_reply_event(
     assert event.cost == pytest.approx(
         event.prompt_tokens * 0.5 / 1000 + event.completion_tokens * 1.5 / 1000
     )
-    assert event.latency_ms > 0
+    assert event.latency_ms > 0  # the responder's round trip: a model answer is not inline
     # ClickHouse keeps every field of the event in its payload column.
     payload = json.loads(row_for(event, 0, 0)[COLUMNS.index("payload")])
     assert payload["cost"] == event.cost and payload["model"] == "gpt-en"
+    # One trace through the responder: conversation → responder → conversation.
+    conversation = frames[-1]["conversation_id"]
+
+    def reply_hop() -> dict[str, Any] | None:
+        mine = [
+            s
+            for s in read_spans(ai_stack)
+            if s["attributes"].get("kefu.conversation_id") == conversation
+        ]
+        by_id = {s["span_id"]: s for s in mine}
+        for span in mine:
+            parent = by_id.get(span["parent_id"] or "")
+            if span["name"] == "conversation" and parent and parent["name"] == "responder":
+                return parent
+        return None
+
+    hop = wait_for(reply_hop, timeout=30, what="the responder's span")
+    assert hop["service"] == "kefu-worker" and hop["kind"] == "CONSUMER"
+
+
+async def _records_of(settings: Settings, topic: str, conversation_id: str) -> list[Any]:
+    """Every record of one conversation on ``topic``, up to its current end."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka.servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.assignment() or set()
+        async with asyncio.timeout(30):
+            while not partitions:
+                await asyncio.sleep(0.05)
+                partitions = consumer.assignment()
+            ends = await consumer.end_offsets(list(partitions))
+            found = []
+            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+                batches = await consumer.getmany(timeout_ms=500)
+                for message in (m for batch in batches.values() for m in batch):
+                    if message.key == conversation_id.encode():
+                        found.append(CODEC.decode(message.value))
+            return found
+    finally:
+        await consumer.stop()
+
+
+def test_an_intent_answer_is_given_inline_without_the_responder(
+    ai_stack: Settings, fake: FakeOpenAI
+) -> None:
+    frames, event = converse(ai_stack, "I want a refund")
+    assert event.responder == "intent-faq" and event.action == "answer"
+    assert event.latency_ms == 0  # no round trip: decided with the message
+    names = TopicNames(ai_stack.topic_prefix)
+    conversation = frames[-1]["conversation_id"]
+    events = asyncio.run(_records_of(ai_stack, names.events, conversation))
+    (request,) = [e for e in events if isinstance(e, ReplyRequested)]
+    assert request.answered_inline and event.in_reply_to == request.event_id
+    assert event.seq == request.seq + 2  # after the outbound moderation, same command
+    commands = asyncio.run(_records_of(ai_stack, names.commands, conversation))
+    assert not [c for c in commands if isinstance(c, RecordReply)]  # no responder hop
+    assert fake.chat_calls() == []
 
 
 def test_chinese_goes_to_the_chinese_model(ai_stack: Settings, fake: FakeOpenAI) -> None:
@@ -187,8 +251,6 @@ def test_outage_gets_a_fallback_within_2s_then_recovers(
     def recovered() -> ReplyProduced | None:
         _, event = converse(ai_stack, f"does the tent fit {uuid.uuid4().hex[:4]} people?")
         return event if event.responder == "llm" else None
-
-    from tests.conftest import wait_for
 
     event = wait_for(recovered, timeout=30, what="the breaker to close")
     assert event.model == "gpt-en"

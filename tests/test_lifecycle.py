@@ -19,6 +19,7 @@ from schemas.records import (
 )
 from streams.lifecycle import Conversation, Policy, Rejected, decide, evolve, fold
 from streams.moderation import Moderator, WordList
+from streams.responders import OfflineResponder, reply_command
 from streams.routing import TenantRouting, router
 
 POLICY = Policy(
@@ -109,6 +110,55 @@ def test_reply_is_produced_once_then_delivered_once() -> None:
     assert [type(e) for e in delivered] == [MessageDelivered]
     state = apply(state, delivered)
     assert decide(state, receipt, POLICY) == []
+
+
+def test_an_answer_that_needs_no_io_is_given_in_the_same_command() -> None:
+    faq = OfflineResponder()
+    inline = dataclasses.replace(POLICY, answer_now=faq.answer_now)
+    events = decide(Conversation(), receive(1), inline)
+
+    assert [type(e) for e in events] == [
+        MessageReceived,
+        MessageModerated,
+        ConversationRouted,
+        ReplyRequested,
+        MessageModerated,
+        ReplyProduced,
+    ]
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5, 6]
+    request, produced = events[3], events[5]
+    assert isinstance(request, ReplyRequested) and request.answered_inline
+    assert isinstance(produced, ReplyProduced)
+    assert produced.in_reply_to == request.event_id and produced.responder == "offline-faq"
+    # The very events the responder's reply command would have caused a hop later
+    # (the same ids: a copy of that command sent anyway changes nothing).
+    requested = apply(Conversation(), events[:4])
+    answer = faq.answer_text(request.text, request.language)
+    later = decide(requested, reply_command(request, answer, 1001, latency_ms=0), POLICY)
+    assert later == events[4:]
+    state = apply(Conversation(), events)
+    assert state.awaiting_reply == () and state.replies == 1
+    assert decide(state, reply_command(request, answer, 5000, latency_ms=3), inline) == []
+    assert decide(state, receive(1), inline) == []  # a redelivered message
+    assert decide(Conversation(), receive(1), inline) == events  # deterministic
+
+
+def test_an_answer_that_needs_io_is_left_to_the_responder() -> None:
+    inline = dataclasses.replace(POLICY, answer_now=lambda request: None)
+    events = decide(Conversation(), receive(1), inline)
+    assert events == decide(Conversation(), receive(1), POLICY)
+    request = events[-1]
+    assert isinstance(request, ReplyRequested) and not request.answered_inline
+
+
+def test_an_inline_handoff_answer_moves_the_conversation_to_a_human() -> None:
+    faq = OfflineResponder()
+    inline = dataclasses.replace(POLICY, answer_now=faq.answer_now)
+    events = decide(Conversation(), receive(1, "I want to talk to a human agent"), inline)
+    produced = events[-2]
+    assert isinstance(produced, ReplyProduced) and produced.action == "handoff"
+    assert type(events[-1]).__name__ == "ConversationHandedOff"
+    assert apply(Conversation(), events).assignee == ""
 
 
 def test_masking_replaces_the_text_passed_on() -> None:

@@ -95,6 +95,7 @@ def fake(fake_openai: FakeOpenAI) -> FakeOpenAI:
 
 async def test_model_is_chosen_by_language(fake: FakeOpenAI) -> None:
     responder = AIResponder(config(fake.base_url), LIBRARY)
+    assert responder.answer_now(request(WATERPROOF)) is None  # a model's: not inline
     english = await responder.answer(request(WATERPROOF))
     chinese = await responder.answer(request("这件外套防水吗？"))
     assert [c.model for c in fake.chat_calls()] == ["gpt-en", "qwen-zh"]
@@ -142,17 +143,20 @@ async def test_temperature_and_max_tokens_per_tenant(fake: FakeOpenAI) -> None:
 async def test_confident_intents_answer_without_a_model(
     fake: FakeOpenAI, text: str, action: str, responder: str
 ) -> None:
-    answer = await AIResponder(config(fake.base_url), LIBRARY).answer(request(text))
+    responder_ = AIResponder(config(fake.base_url), LIBRARY)
+    answer = await responder_.answer(request(text))
     assert (answer.action, answer.responder) == (action, responder)
     assert answer.confidence >= 0.92
+    # No I/O needed: the conversation agent can give the same answer inline.
+    assert responder_.answer_now(request(text)) == answer
     assert fake.chat_calls() == []
 
 
 async def test_ambiguous_message_gets_a_clarifying_question(fake: FakeOpenAI) -> None:
-    answer = await AIResponder(config(fake.base_url), LIBRARY).answer(
-        request("I want to talk to a person about my refund")
-    )
+    responder = AIResponder(config(fake.base_url), LIBRARY)
+    answer = await responder.answer(request("I want to talk to a person about my refund"))
     assert answer.action == "clarify"
+    assert responder.answer_now(request("I want to talk to a person about my refund")) == answer
     assert "talking to a person" in answer.text and "refund" in answer.text
     assert fake.chat_calls() == []
 
@@ -423,3 +427,17 @@ def test_old_reply_records_decode_with_default_accounting() -> None:
         0,
         0,
     )
+
+
+def test_old_reply_requests_decode_as_not_answered_inline() -> None:
+    fields = {
+        **EVT,
+        "type": "ReplyRequested",
+        "schema_version": 1,
+        "message_event_id": "m",
+        "channel": "web",
+        "text": "hi",
+        "language": None,
+    }
+    event = CODEC.decode(_old_bytes("ReplyRequested", 1, fields))
+    assert isinstance(event, ReplyRequested) and event.answered_inline is False
