@@ -16,7 +16,7 @@ from schemas.records import ConversationQueued, Event, RecordDelivery, ReplyProd
 from schemas.time import now_ms
 from streams import telemetry
 from streams.app import KefuApp
-from streams.inbox import batches, each_conversation, position, send_dead_letter
+from streams.inbox import batches, each_conversation, outlasting, position, send_dead_letter
 
 log = logging.getLogger(__name__)
 _DELIVERY_NAMESPACE = uuid.UUID("a4d7c0f2-91b3-4e6a-b2d8-0c5f7e1a9b63")
@@ -38,7 +38,7 @@ def install(kefu: KefuApp, deliverer: Deliverer) -> Any:
     async def handle(event: Any, record: Event) -> None:
         with telemetry.hop(STAGE, event.message, record):
             if isinstance(record, ConversationQueued):
-                await deliverer.notify(record)
+                await _notify(deliverer, record)
             elif isinstance(record, ReplyProduced):
                 await _deliver(kefu, deliverer, event, record)
 
@@ -49,13 +49,21 @@ def install(kefu: KefuApp, deliverer: Deliverer) -> Any:
 
     # One actor: a second would take the next batch and could overtake a conversation's
     # earlier reply. Channels bound their calls (timeouts, retries), so a slow one holds
-    # a batch for a bounded time.
+    # a batch for a bounded time; Redis down (the web chat's outbox) is waited out for
+    # up to ``TRANSIENT_BUDGET_S`` before the reply is dead-lettered.
     return kefu.app.agent(kefu.events_in, name="kefu.delivery")(delivery)
+
+
+async def _notify(deliverer: Deliverer, event: ConversationQueued) -> None:
+    try:
+        await deliverer.notify(event)
+    except Exception:  # best effort: the position is in the read model too
+        log.warning("queue notice for %s failed", event.conversation_id, exc_info=True)
 
 
 async def _deliver(kefu: KefuApp, deliverer: Deliverer, event: Any, record: ReplyProduced) -> None:
     try:
-        outcome = await deliverer.deliver(record)
+        outcome = await outlasting(lambda: deliverer.deliver(record), f"{STAGE} {record.event_id}")
     except Exception as exc:
         log.exception("delivery failed at %s", position(event.message))
         await send_dead_letter(kefu.deadletter, event.message, repr(exc), STAGE)

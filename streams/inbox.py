@@ -5,17 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas.codec import CODEC, DecodeError
 from schemas.records import Record, dead_letter
 from schemas.time import now_ms
 from streams import telemetry
+from streams.breaker import backoff
 from streams.consumer import InOrder
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)
+T = TypeVar("T")
+# Failures of the infrastructure that leave nothing half done, so trying again is
+# safe: Redis unreachable, restarting or loading its data, a refused connection.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionRefusedError,
+)
+# How long an agent waits such a failure out before it dead-letters the record.
+TRANSIENT_BUDGET_S = 30.0
 # Far above any record kefu writes (texts are cut at 8,000 characters) and below
 # Kafka's 1 MB message limit, so a dead letter that carries the bytes still fits.
 MAX_RECORD_BYTES = 512 * 1024
@@ -39,6 +54,27 @@ async def send_dead_letter(deadletter_topic: Any, message: Any, reason: str, con
         key=message.key,
     )
     await deadletter_topic.send(key=message.key, value=record)
+
+
+async def outlasting(
+    call: Callable[[], Awaitable[T]], what: str, budget_s: float = TRANSIENT_BUDGET_S
+) -> T:
+    """``call()``, tried again with backoff while it fails for a ``TRANSIENT`` reason,
+    for up to ``budget_s`` seconds: a Redis restart must not dead-letter the records
+    that arrive meanwhile (each would need a redrive). Any other error, or one that
+    outlasts the budget, is raised for the agent to dead-letter."""
+    deadline = time.monotonic() + budget_s
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except TRANSIENT as exc:
+            attempt += 1
+            delay = backoff(attempt, 0.1, cap=2.0)
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s failed (%r); try %d in %.2f s", what, exc, attempt + 1, delay)
+            await asyncio.sleep(delay)
 
 
 def decode(value: bytes, expected: type[R]) -> R:

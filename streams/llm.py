@@ -533,9 +533,13 @@ class AIResponder:
         cacheable = self.cache is not None and estimate_tokens(text) <= 200
         if self.cache is not None and cacheable:
             vectorize = knowledge.classifier.vectorizer.vector
-            hit = await self.cache.lookup(
-                request.tenant_id, decision.intent, lang, vector, vectorize
-            )
+            try:
+                hit = await self.cache.lookup(
+                    request.tenant_id, decision.intent, lang, vector, vectorize
+                )
+            except Exception:  # a cache outage is a miss: the model still answers
+                log.warning("semantic cache lookup failed for %s", request.conversation_id)
+                hit = None
             metrics.cache_lookup(request.tenant_id, hit is not None)
             if hit is not None:
                 return Answer(
@@ -549,7 +553,7 @@ class AIResponder:
         intent = decision.intent
         if not self.config.models:
             return self._fallback(knowledge, text, lang, intent, confidence, "no-model")
-        if self._limiter is not None and not await self._limiter.allow(request.tenant_id):
+        if not await self._allowed(request):
             return self._fallback(knowledge, text, lang, intent, confidence, "rate-limited")
         generated = await self._generate(request, lang, intent, knowledge)
         if generated is None:
@@ -571,6 +575,15 @@ class AIResponder:
             completion_tokens=generated.completion_tokens,
             cost=generated.cost,
         )
+
+    async def _allowed(self, request: ReplyRequested) -> bool:
+        if self._limiter is None:
+            return True
+        try:
+            return await self._limiter.allow(request.tenant_id)
+        except Exception:  # the limiter's store is down: serve rather than refuse all
+            log.warning("rate limiter unavailable for %s; allowing", request.tenant_id)
+            return True
 
     def _read(self, request: ReplyRequested) -> _Read:
         text = request.text

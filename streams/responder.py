@@ -20,7 +20,7 @@ from schemas.records import ReplyRequested
 from schemas.time import now_ms
 from streams import telemetry
 from streams.app import KefuApp
-from streams.inbox import batches, each_conversation, position, send_dead_letter
+from streams.inbox import batches, each_conversation, outlasting, position, send_dead_letter
 from streams.responders import Responder, reply_command
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def install(kefu: KefuApp, responder: Responder) -> Any:
 async def _answer(kefu: KefuApp, responder: Responder, event: Any, record: ReplyRequested) -> None:
     started = time.perf_counter()
     try:
-        answer = await responder.answer(record)
+        answer = await outlasting(lambda: responder.answer(record), f"{STAGE} {record.event_id}")
     except Exception as exc:
         log.exception("responder failed at %s", position(event.message))
         await send_dead_letter(kefu.deadletter, event.message, repr(exc), STAGE)

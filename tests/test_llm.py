@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from fastavro import parse_schema, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from schemas.codec import CODEC, MAGIC
 from schemas.records import RecordReply, ReplyProduced, ReplyRequested
@@ -224,6 +225,38 @@ async def test_paraphrase_is_answered_from_the_cache_without_a_call(fake: FakeOp
     # Another tenant does not see it.
     await responder.answer(request(WATERPROOF, tenant="other"))
     assert len(fake.chat_calls()) == 2
+
+
+class _DownStore:
+    """A cache store whose Redis is unreachable."""
+
+    async def entries(self, tenant_id: str, bucket: str) -> list[str]:
+        raise RedisConnectionError("Connection refused")
+
+    async def put(self, tenant_id: str, bucket: str, entry_id: str, value: str, ttl: float) -> None:
+        raise RedisConnectionError("Connection refused")
+
+    async def drop(self, tenant_id: str, bucket: str, entry_ids: Any) -> None:
+        raise RedisConnectionError("Connection refused")
+
+
+class _DownLimiter:
+    async def allow(self, tenant_id: str) -> bool:
+        raise RedisConnectionError("Connection refused")
+
+
+async def test_a_redis_outage_costs_the_cache_and_the_limit_not_the_answer(
+    fake: FakeOpenAI,
+) -> None:
+    responder = AIResponder(
+        config(fake.base_url),
+        LIBRARY,
+        cache=SemanticCache(_DownStore()),
+        limiter=_DownLimiter(),
+    )
+    answer = await responder.answer(request(WATERPROOF))
+    assert answer.responder == "llm" and answer.model == "gpt-en" and not answer.cache_hit
+    assert len(fake.chat_calls()) == 1
 
 
 # --- breaker and fallbacks ---------------------------------------------------------------------

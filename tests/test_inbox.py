@@ -1,0 +1,114 @@
+"""What an agent does with a failure that is not the record's fault: waits it out
+(``streams.inbox.outlasting``) instead of dead-lettering a valid record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from schemas.outcomes import DeliveryOutcome
+from schemas.records import DeadLetter, RecordDelivery, RecordReply, ReplyProduced, ReplyRequested
+from streams import delivery, responder
+from streams.inbox import outlasting
+from streams.responders import Answer
+from tests.samples import EVT
+
+
+@dataclass
+class Flaky:
+    """Fails with ``error`` the first ``failures`` calls, then returns ``result``."""
+
+    error: BaseException
+    failures: int
+    result: Any = "done"
+    calls: int = 0
+
+    async def __call__(self) -> Any:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return self.result
+
+
+async def test_a_transient_failure_is_tried_again_until_it_passes() -> None:
+    flaky = Flaky(BusyLoadingError("Redis is loading the dataset in memory"), failures=3)
+    assert await outlasting(flaky, "test") == "done"
+    assert flaky.calls == 4
+
+
+async def test_any_other_failure_is_raised_at_once() -> None:
+    flaky = Flaky(ValueError("a bug"), failures=5)
+    with pytest.raises(ValueError):
+        await outlasting(flaky, "test")
+    assert flaky.calls == 1
+
+
+async def test_a_transient_failure_that_outlasts_the_budget_is_raised() -> None:
+    flaky = Flaky(ConnectionRefusedError(), failures=1_000)
+    with pytest.raises(ConnectionRefusedError):
+        await outlasting(flaky, "test", budget_s=0.3)
+    assert 1 < flaky.calls < 1_000
+
+
+@dataclass
+class Sent:
+    records: list[Any] = field(default_factory=list)
+
+    async def send(self, key: Any, value: Any) -> None:
+        self.records.append(value)
+
+
+def _kefu() -> Any:
+    return SimpleNamespace(commands_out=Sent(), deadletter=Sent())
+
+
+def _event(record: Any) -> Any:
+    message = SimpleNamespace(topic="kefu.events", partition=0, offset=7, key=b"c", value=b"x")
+    return SimpleNamespace(message=message, value=b"x")
+
+
+REQUEST = ReplyRequested(**EVT, message_event_id="m", channel="web", text="hi")
+REPLY = ReplyProduced(
+    **EVT,
+    in_reply_to="r",
+    channel="web",
+    text="hello",
+    author="ai",
+    responder="offline-faq",
+    confidence=1.0,
+    customer_id="u",
+)
+
+
+async def test_the_responder_waits_out_redis_instead_of_dead_lettering() -> None:
+    answer = Flaky(RedisConnectionError("Connection refused"), 2, Answer("hello", "ai", 1.0, None))
+    kefu = _kefu()
+    flaky_responder = SimpleNamespace(answer=lambda r: answer())
+    await responder._answer(kefu, flaky_responder, _event(REQUEST), REQUEST)
+    assert [type(r) for r in kefu.commands_out.records] == [RecordReply]
+    assert kefu.deadletter.records == []
+
+
+async def test_delivery_waits_out_redis_then_records_the_outcome() -> None:
+    outcome = DeliveryOutcome("delivered", 1, "outbox")
+    deliver = Flaky(RedisConnectionError("Connection refused"), 2, outcome)
+    kefu = _kefu()
+    deliverer = SimpleNamespace(deliver=lambda r: deliver())
+    await delivery._deliver(kefu, deliverer, _event(REPLY), REPLY)
+    (receipt,) = kefu.commands_out.records
+    assert isinstance(receipt, RecordDelivery) and receipt.status == "delivered"
+    assert kefu.deadletter.records == []
+
+
+async def test_delivery_dead_letters_what_is_not_transient() -> None:
+    kefu = _kefu()
+    deliverer = SimpleNamespace(deliver=lambda r: Flaky(KeyError("bug"), 1)())
+    await delivery._deliver(kefu, deliverer, _event(REPLY), REPLY)
+    assert kefu.commands_out.records == []
+    (dead,) = kefu.deadletter.records
+    assert isinstance(dead, DeadLetter) and "KeyError" in dead.reason
