@@ -170,8 +170,13 @@ def bench_settings(
     kafka_jvm: Sequence[str] | None = None,
     linger_ms: float | None = None,
     inline_answers: bool = True,
+    worker_overrides: Sequence[str] = (),
 ) -> Settings:
     base = private_settings(state_dir, workers)
+    if worker_overrides:  # KEY=VALUE pairs, validated by the settings model
+        fields = dict(pair.split("=", 1) for pair in worker_overrides)
+        worker = type(base.worker).model_validate({**base.worker.model_dump(), **fields})
+        base = base.model_copy(update={"worker": worker})
     if linger_ms is not None:
         base = base.model_copy(
             update={"worker": base.worker.model_copy(update={"linger_ms": linger_ms})}
@@ -923,6 +928,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the workers' producer linger (default: the settings' worker.linger_ms)",
     )
     parser.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a worker setting for this run (e.g. fetch_min_bytes=4096); repeatable",
+    )
+    parser.add_argument(
         "--no-inline-answers",
         dest="inline_answers",
         action="store_false",
@@ -1050,6 +1062,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.kafka_jvm,
         args.linger_ms,
         args.inline_answers,
+        args.worker,
     )
     try:
         print(f"kefu bench: private stack in {state_dir}", flush=True)

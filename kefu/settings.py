@@ -133,6 +133,7 @@ class WorkerSettings(_Frozen):
     # Hot-path tuning (bench/RESULTS.md "Pipeline" says what each costs): how long an
     # idle fetch waits at the broker, how long the producer lingers to group sends.
     fetch_max_wait_ms: int = 100
+    fetch_min_bytes: int = 1
     linger_ms: float = 2.0
     # The standard library's loop: with uvloop the worker's reply p99 at 60 msg/s was
     # 528-630 ms against 165-287 ms (bench/RESULTS.md "Pipeline", third session).

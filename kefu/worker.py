@@ -56,6 +56,7 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
             web_host=settings.worker.web_host,
             concurrency=settings.worker.concurrency,
             fetch_max_wait_ms=settings.worker.fetch_max_wait_ms,
+            fetch_min_bytes=settings.worker.fetch_min_bytes,
             producer_linger_s=settings.worker.linger_ms / 1000,
             kafka_options=settings.kafka.client_options(),
             session_timeout=settings.reliability.session_timeout_s,

@@ -40,6 +40,9 @@ class StreamsConfig:
     # sends the next only when every partition's buffer is drained, so a long wait on
     # quiet partitions stalls busy ones: a short wait keeps the pipeline flowing.
     fetch_max_wait_ms: int = 100
+    # The broker answers a fetch once this much is ready (or the wait is over): 1 byte
+    # answers every record at once; more trades up to the wait for fewer round trips.
+    fetch_min_bytes: int = 1
     # A few ms of linger turns a burst of sends into one produce request per partition.
     producer_linger_s: float = 0.002
     # Group membership (docs/faults.md): a SIGKILLed worker's partitions move on after
@@ -77,9 +80,10 @@ class _Transport(faust_aiokafka.Transport):
 
 class _App(faust.App):
     """A Faust app with our consumer (``streams.consumer``): strict commits, hole
-    repair, and a broker fetch wait of ``fetch_max_wait_ms``."""
+    repair, and the broker fetch's ``fetch_max_wait_ms`` and ``fetch_min_bytes``."""
 
     fetch_max_wait_ms: int
+    fetch_min_bytes: int
     redeliver_lost_after_s: float
     redeliver_stuck_after_s: float
 
@@ -114,6 +118,7 @@ def build_app(config: StreamsConfig) -> KefuApp:
     )
     # Read when the consumer is built and starts.
     app.fetch_max_wait_ms = config.fetch_max_wait_ms
+    app.fetch_min_bytes = config.fetch_min_bytes
     app.redeliver_lost_after_s = config.redeliver_lost_after_s
     app.redeliver_stuck_after_s = config.redeliver_stuck_after_s
     names = config.topics

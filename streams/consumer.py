@@ -262,4 +262,5 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         # Read by AIOKafkaConsumer.start() when it builds its fetcher.
         consumer._fetch_max_wait_ms = cast(Any, self.app).fetch_max_wait_ms
+        consumer._fetch_min_bytes = cast(Any, self.app).fetch_min_bytes
         return consumer
