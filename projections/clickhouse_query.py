@@ -15,13 +15,12 @@ from typing import Any
 
 import clickhouse_connect
 import httpx
-import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from projections.clickhouse_events import COLUMNS, ClickHouseStore, delete_sql
+from projections.clickhouse_events import ClickHouseStore, delete_sql
 
 MAX_SQL = 100_000
 
@@ -59,15 +58,13 @@ def query_app(store: ClickHouseStore) -> Starlette:
         return JSONResponse({"status": "ok", "database": store.database})
 
     async def insert(request: Request) -> JSONResponse:
-        """Replay's writes (rows made by ``row_for`` from the log) into the owner's chdb."""
+        """Replay's writes (rows made by ``row_of`` from the log, sent as
+        ``compact_rows``) into the owner's chdb, parsed by ClickHouse itself."""
         try:
-            rows = orjson.loads(await request.body())["rows"]
-            if not all(isinstance(r, list) and len(r) == len(COLUMNS) for r in rows):
-                raise ValueError(f"each row is a list of {len(COLUMNS)} values")
-            await store.insert(rows)
-        except Exception as exc:
+            await store.insert_compact(await request.body())
+        except Exception as exc:  # ClickHouse's own message says what is wrong
             return JSONResponse({"error": str(exc).strip()[:2000]}, status_code=400)
-        return JSONResponse({"inserted": len(rows)})
+        return JSONResponse({"inserted": True})
 
     async def delete(request: Request) -> JSONResponse:
         """Replay's ``--reset``: drop the rows it is about to rewrite from the log."""

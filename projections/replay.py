@@ -3,7 +3,7 @@
 A group-less consumer reads ``kefu.events`` from the beginning of every partition up
 to the end offsets seen at the start (so a replay finishes while traffic goes on),
 keeps the events that pass the filter, and applies them with the projections' own
-code: ``RedisConversations.apply`` and ``row_for`` + an insert. Both are idempotent,
+code: ``RedisConversations.apply`` and ``row_of`` + an insert. Both are idempotent,
 so replaying over a live model changes nothing; ``reset`` first drops what the filter
 covers, so the model is rebuilt from the log alone.
 
@@ -26,11 +26,10 @@ from typing import Any, NamedTuple, Protocol
 
 import clickhouse_connect
 import httpx
-import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from projections.clickhouse_events import delete_sql, row_for
+from projections.clickhouse_events import compact_rows, delete_sql, row_of
 from projections.redis_rebuild import holding_the_model
 from projections.redis_state import RedisConversations
 from schemas.codec import CODEC, DecodeError
@@ -50,23 +49,31 @@ class ReplayFilter:
     since_ms: int | None = None  # occurred_at >= since
     until_ms: int | None = None  # occurred_at < until
 
-    def matches(self, event: Event | QueueEvent) -> bool:
-        if self.tenant and event.tenant_id != self.tenant:
+    def matches(self, fields: Mapping[str, Any]) -> bool:
+        """For an event's fields (a conversation's or a queue's event)."""
+        if self.tenant and fields["tenant_id"] != self.tenant:
             return False
-        if self.conversation and getattr(event, "conversation_id", None) != self.conversation:
+        if self.conversation and fields.get("conversation_id") != self.conversation:
             return False  # a queue's own history is not one conversation's
-        if self.since_ms is not None and event.occurred_at < self.since_ms:
+        if self.since_ms is not None and fields["occurred_at"] < self.since_ms:
             return False
-        return self.until_ms is None or event.occurred_at < self.until_ms
+        return self.until_ms is None or fields["occurred_at"] < self.until_ms
 
 
 class LogRecord(NamedTuple):
-    """One per event replayed: a NamedTuple, at half the cost of a frozen dataclass."""
+    """One per event replayed: a NamedTuple, at half the cost of a frozen dataclass.
+    It holds the decoded fields; the record is built only for a target that needs it
+    (the Redis model), not for the ClickHouse rows."""
 
-    event: Event | QueueEvent
+    kind: type[Event] | type[QueueEvent]
+    fields: dict[str, Any]
     raw: bytes
     partition: int
     offset: int
+
+    @property
+    def event(self) -> Event | QueueEvent:
+        return self.kind.from_avro(self.fields)
 
 
 @dataclass(slots=True)
@@ -144,7 +151,7 @@ class LogReader:
                         if key is not None and record.key != key:
                             continue
                         decoded = _decode(record, stats)
-                        if decoded is not None and flt.matches(decoded.event):
+                        if decoded is not None and flt.matches(decoded.fields):
                             out.append(decoded)
                 # Positions, not last offsets: control records leave gaps at the end.
                 for tp in list(remaining):
@@ -173,7 +180,7 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
 def _decode(record: ConsumerRecord[bytes, bytes], stats: ReplayStats) -> LogRecord | None:
     raw = record.value or b""
     try:
-        event = CODEC.decode(raw)
+        kind, fields = CODEC.decode_fields(raw)
     except DecodeError as exc:
         # The live projections dead-lettered it already; a replay only counts it.
         stats.undecodable += 1
@@ -181,10 +188,10 @@ def _decode(record: ConsumerRecord[bytes, bytes], stats: ReplayStats) -> LogReco
             "replay skips %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc
         )
         return None
-    if not isinstance(event, Event | QueueEvent):
+    if not issubclass(kind, Event | QueueEvent):
         stats.undecodable += 1
         return None
-    return LogRecord(event, raw, record.partition, record.offset)
+    return LogRecord(kind, fields, raw, record.partition, record.offset)
 
 
 class Target(Protocol):
@@ -318,7 +325,7 @@ class ClickHouseTarget:
         return contextlib.nullcontext()
 
     async def apply(self, records: Sequence[LogRecord]) -> None:
-        self._rows.extend(row_for(r.event, r.partition, r.offset, r.raw) for r in records)
+        self._rows.extend(row_of(r.kind, r.fields, r.partition, r.offset, r.raw) for r in records)
         if len(self._rows) >= self._batch:
             await self._send()
 
@@ -332,19 +339,18 @@ class ClickHouseTarget:
         if self._embedded:
             # Encoded here, before the write is queued: the event loop sends while the
             # owner inserts the previous batch.
-            body = orjson.dumps({"rows": rows})
-            await self._writes.submit(self._post(body))
+            await self._writes.submit(self._post(compact_rows(rows)))
         else:
-            await self._writes.submit(asyncio.to_thread(self._insert, rows))
+            await self._writes.submit(asyncio.to_thread(self._insert, compact_rows(rows)))
 
     async def _post(self, body: bytes) -> None:
-        headers = {"content-type": "application/json"}
-        _check(await self._http.post("/events", content=body, headers=headers))
+        _check(await self._http.post("/events", content=body))
 
-    def _insert(self, rows: list[list[Any]]) -> None:
+    def _insert(self, body: bytes) -> None:
         from projections.clickhouse_events import COLUMNS
 
-        self._server().insert(f"{self._database}.events", rows, column_names=COLUMNS)
+        table = f"{self._database}.events"
+        self._server().raw_insert(table, list(COLUMNS), body, fmt="JSONCompactEachRow")
 
     async def close(self) -> None:
         self._writes.cancel()

@@ -91,6 +91,13 @@ class AvroCodec:
         return None if writer is None else RECORD_TYPES.get(writer.name)
 
     def decode(self, data: bytes) -> Record:
+        cls, fields = self.decode_fields(data)
+        return cls.from_avro(fields)
+
+    def decode_fields(self, data: bytes) -> tuple[type[Record], dict[str, Any]]:
+        """The record's class and its fields as read with today's schema (defaults
+        filled in; ``type`` and ``schema_version`` as written), without building the
+        record: for consumers that only pass the fields on (the ClickHouse rows)."""
         if len(data) < HEADER_SIZE or data[:2] != MAGIC:
             raise DecodeError("not Avro single-object encoding (bad magic or too short)")
         writer = self._by_fingerprint.get(data[2:HEADER_SIZE])
@@ -104,7 +111,7 @@ class AvroCodec:
             body = schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.parsed, reader.parsed)
         except Exception as exc:  # fastavro raises several types for corrupt bodies
             raise DecodeError(f"corrupt {writer.name} body: {exc!r}") from exc
-        return cls.from_avro(body)  # type: ignore[arg-type]
+        return cls, body  # type: ignore[return-value]
 
 
 CODEC = AvroCodec()

@@ -16,7 +16,7 @@ import pytest
 
 from kefu.settings import Settings
 from projections.audit import GENESIS, Entry, chain, describe, verify_entries
-from projections.clickhouse_events import row_for
+from projections.clickhouse_events import compact_rows, row_for
 from schemas.codec import CODEC
 from schemas.records import Event
 from tests.conftest import wait_for
@@ -110,7 +110,7 @@ def test_export_verify_and_tampering(pipeline: Settings, tmp_path: Path) -> None
     assert isinstance(event, Event)
     row = row_for(event, lines[0]["partition"], lines[0]["offset"], forged)
     url = f"http://127.0.0.1:{pipeline.clickhouse.query_port}/events"
-    assert httpx.post(url, json={"rows": [row]}).status_code == 200
+    assert httpx.post(url, content=compact_rows([row])).status_code == 200
     broken = cli(pipeline, "audit", "verify", "--conversation", conversation)
     assert broken.exit_code == 1
     assert "seq 1: the log and the archive differ" in broken.output

@@ -61,7 +61,7 @@ class Log:
                 self.tenant,
                 conversation,
                 seq,
-                at,
+                at / 1000,  # occurred_at in seconds, as row_for gives it
                 channel,
                 1,
                 0,

@@ -4,9 +4,11 @@ keys and ClickHouse rows, replay, and the rebuilt state equals the live one."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 from click.testing import CliRunner, Result
@@ -91,7 +93,8 @@ def cli(settings: Settings, *args: str) -> Result:
 def archive(settings: Settings, tenant: str) -> list[list[Any]]:
     client = AnalyticsClient(settings.clickhouse_url, settings.clickhouse.query_port)
     sql = (
-        "SELECT conversation_id, seq, event_id, type, payload, avro_base64, kafka_offset "
+        "SELECT conversation_id, seq, event_id, type, payload, avro_base64, kafka_offset, "
+        "kafka_partition, toUnixTimestamp64Milli(occurred_at), channel, schema_version "
         f"FROM kefu.events FINAL WHERE tenant_id = '{tenant}' ORDER BY conversation_id, seq"
     )
     return client.query(sql).rows
@@ -110,7 +113,17 @@ def settled(settings: Settings, tenant: str, ids: list[str]) -> list[list[Any]] 
         if not state or int(state["seq"]) != last.get(cid) or state["status"] != "closed":
             return None
     # The tenant's queue history (its conversations waited for a human) is settled when
-    # everything that entered the line left it again, in ClickHouse and in Redis.
+    # every conversation sent to a human queue entered the line (the router does that
+    # a hop after the hand-off), and everything that entered it left again, in
+    # ClickHouse and in Redis.
+    to_humans = sum(
+        1
+        for row in rows
+        if (row[3] == "ConversationHandedOff" and json.loads(row[4])["to_assignee"] == "")
+        or (row[3] == "ConversationRouted" and json.loads(row[4])["assignee"] == "")
+    )
+    if sum(row[3] == "ConversationEnqueued" for row in rows) < to_humans:
+        return None
     for queue_id in [c for c in last if c.startswith("queue:")]:
         types = [row[3] for row in rows if row[0] == queue_id]
         if types.count("ConversationEnqueued") != types.count("AssignmentReleased"):
@@ -184,6 +197,16 @@ def test_rebuilt_tenant_equals_live(pipeline: Settings) -> None:
 
     assert redis_snapshot(pipeline, tenant) == live
     assert archive(pipeline, tenant) == live_rows
+
+
+def test_the_owner_refuses_rows_clickhouse_cannot_parse(pipeline: Settings) -> None:
+    url = f"http://127.0.0.1:{pipeline.clickhouse.query_port}/events"
+    tenant = f"bad-rows-{uuid.uuid4().hex[:8]}"
+    for body in (b'["e-1", "ReplyProduced"', b'{"rows": []}', b'["e-1", 2, 3]'):
+        response = httpx.post(url, content=body.replace(b"e-1", tenant.encode()))
+        assert response.status_code == 400, body
+        assert response.json()["error"]
+    assert archive(pipeline, tenant) == []
 
 
 def test_time_filter_selects_nothing_outside(pipeline: Settings) -> None:
