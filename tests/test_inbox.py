@@ -16,7 +16,7 @@ from schemas.records import DeadLetter, RecordDelivery, RecordReply, ReplyProduc
 from streams import delivery, responder
 from streams.inbox import outlasting
 from streams.responders import Answer
-from tests.samples import EVT
+from tests.samples import SAMPLES
 
 
 @dataclass
@@ -72,17 +72,8 @@ def _event(record: Any) -> Any:
     return SimpleNamespace(message=message, value=b"x")
 
 
-REQUEST = ReplyRequested(**EVT, message_event_id="m", channel="web", text="hi")
-REPLY = ReplyProduced(
-    **EVT,
-    in_reply_to="r",
-    channel="web",
-    text="hello",
-    author="ai",
-    responder="offline-faq",
-    confidence=1.0,
-    customer_id="u",
-)
+REQUEST = next(r for r in SAMPLES if isinstance(r, ReplyRequested))
+REPLY = next(r for r in SAMPLES if isinstance(r, ReplyProduced))
 
 
 async def test_the_responder_waits_out_redis_instead_of_dead_lettering() -> None:
