@@ -9,6 +9,7 @@ Both are pure: the conversation agent owns the I/O, so replaying the log through
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from schemas.records import (
 from streams.moderation import Moderates, SenderEntry, Verdict, remember, sender_entry
 from streams.responders import Answer, reply_command
 from streams.routing import Route
+
+log = logging.getLogger(__name__)
 
 # How many recent command ids a conversation remembers to drop redeliveries. A
 # redelivery arrives within one rebalance of the original, far fewer commands back.
@@ -433,7 +436,11 @@ def _answered_at_once(draft: _Draft, policy: Policy) -> list[Event]:
     request = draft.events[-1] if draft.events else None
     if policy.answer_now is None or not isinstance(request, ReplyRequested):
         return []
-    answer = policy.answer_now(request)
+    try:
+        answer = policy.answer_now(request)
+    except Exception:  # the customer's message still counts: the responder answers
+        log.exception("inline answer failed for %s", request.conversation_id)
+        return []
     if answer is None:
         return []
     draft.events[-1] = request = dataclasses.replace(request, answered_inline=True)

@@ -151,6 +151,14 @@ def test_an_answer_that_needs_io_is_left_to_the_responder() -> None:
     assert isinstance(request, ReplyRequested) and not request.answered_inline
 
 
+def test_a_failing_inline_answer_leaves_the_request_to_the_responder() -> None:
+    def broken(request: ReplyRequested) -> None:
+        raise RuntimeError("a bug in the FAQ lookup")
+
+    events = decide(Conversation(), receive(1), dataclasses.replace(POLICY, answer_now=broken))
+    assert events == decide(Conversation(), receive(1), POLICY)  # the message still counts
+
+
 def test_an_inline_handoff_answer_moves_the_conversation_to_a_human() -> None:
     faq = OfflineResponder()
     inline = dataclasses.replace(POLICY, answer_now=faq.answer_now)
