@@ -156,7 +156,8 @@ class ClickHouseStore:
         await self._run(self._connect)
 
     async def insert(self, rows: Sequence[Sequence[Any]]) -> None:
-        await self.insert_compact(compact_rows(rows))
+        if rows:  # nothing to send
+            await self.insert_compact(compact_rows(rows))
 
     async def insert_compact(self, body: bytes) -> None:
         """Rows made by :func:`compact_rows`."""

@@ -3,10 +3,11 @@
 Commands arrive keyed by conversation id, so one partition (and one actor) sees all of
 a conversation's commands in order. For each: fold-decide-append, with the state in a
 Faust table. A reply that needs no I/O (the FAQ, an intent's canned text) is decided in
-the same step (``Policy.answer_now``), so it leaves with the message's own events. Commands come in batches (``streams.inbox.batches``): Faust acks a batch
-once this loop asks for the next one and flushes the producer before committing acked
-offsets, so the events are on the log before the commands count as done; a redelivered
-command is dropped by ``decide``. The table is written once per conversation per batch,
+the same step (``Policy.answer_now``), so it leaves with the message's own events.
+Commands come in batches (``streams.inbox.batches``): Faust acks a batch once this loop
+asks for the next one and flushes the producer before committing acked offsets, so the
+events are on the log before the commands count as done; a redelivered command is
+dropped by ``decide``. The table is written once per conversation per batch,
 after its events were sent.
 """
 
