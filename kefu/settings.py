@@ -131,7 +131,8 @@ class WorkerSettings(_Frozen):
     # The responder and delivery agents run this many requests at once per worker.
     concurrency: int = 16
     # Hot-path tuning (bench/RESULTS.md "Pipeline" says what each costs): how long an
-    # idle fetch waits at the broker, how long the producer lingers to group sends.
+    # idle fetch waits at the broker and how many bytes answer it at once (1: every
+    # record), how long the producer lingers to group sends.
     fetch_max_wait_ms: int = 100
     fetch_min_bytes: int = 1
     linger_ms: float = 2.0

@@ -108,6 +108,12 @@ def compact_rows(rows: Sequence[Sequence[Any]]) -> bytes:
     return orjson.dumps(rows)[1:-1]
 
 
+def insert_compact_rows(client: Any, database: str, body: bytes) -> None:
+    """Insert a :func:`compact_rows` body through a clickhouse-connect client (chdb or a
+    server): ClickHouse parses it."""
+    client.raw_insert(f"{database}.events", list(COLUMNS), body, fmt="JSONCompactEachRow")
+
+
 def delete_sql(
     database: str,
     tenant: str = "",
@@ -162,12 +168,7 @@ class ClickHouseStore:
     async def insert_compact(self, body: bytes) -> None:
         """Rows made by :func:`compact_rows`."""
 
-        def insert() -> None:
-            self._connect().raw_insert(
-                f"{self.database}.events", list(COLUMNS), body, fmt="JSONCompactEachRow"
-            )
-
-        await self._run(insert)
+        await self._run(lambda: insert_compact_rows(self._connect(), self.database, body))
 
     async def command(self, sql: str) -> None:
         await self._run(lambda: self._connect().command(sql))

@@ -29,7 +29,7 @@ import httpx
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from projections.clickhouse_events import compact_rows, delete_sql, row_of
+from projections.clickhouse_events import compact_rows, delete_sql, insert_compact_rows, row_of
 from projections.redis_rebuild import holding_the_model
 from projections.redis_state import RedisConversations
 from schemas.codec import CODEC, DecodeError
@@ -347,10 +347,7 @@ class ClickHouseTarget:
         _check(await self._http.post("/events", content=body))
 
     def _insert(self, body: bytes) -> None:
-        from projections.clickhouse_events import COLUMNS
-
-        table = f"{self._database}.events"
-        self._server().raw_insert(table, list(COLUMNS), body, fmt="JSONCompactEachRow")
+        insert_compact_rows(self._server(), self._database, body)
 
     async def close(self) -> None:
         self._writes.cancel()

@@ -289,13 +289,19 @@ class KnowledgeLibrary:
     def __init__(self, root: Path | None = None) -> None:
         self._root = root
         self._loaded: dict[str, TenantKnowledge] = {}
+        # tenant -> its knowledge, resolved once: the conversation agent asks per
+        # message (inline answers), and a stat per message would be I/O on that path.
+        self._by_tenant: dict[str, TenantKnowledge] = {}
 
     def get(self, tenant_id: str) -> TenantKnowledge:
-        directory = self._root / tenant_id if self._root else None
-        key = tenant_id if directory and directory.is_dir() else ""
-        known = self._loaded.get(key)
+        known = self._by_tenant.get(tenant_id)
         if known is None:
-            known = self._loaded[key] = load_knowledge(directory if key else None)
+            directory = self._root / tenant_id if self._root else None
+            key = tenant_id if directory and directory.is_dir() else ""
+            known = self._loaded.get(key)
+            if known is None:
+                known = self._loaded[key] = load_knowledge(directory if key else None)
+            self._by_tenant[tenant_id] = known
         return known
 
 
@@ -527,7 +533,7 @@ class AIResponder:
         if read.immediate is not None:
             return read.immediate
         text, lang, knowledge, decision = request.text, read.lang, read.knowledge, read.decision
-        vector, confidence = read.vector, decision.confidence
+        confidence = decision.confidence
 
         # A model answer: from the cache if this was asked before.
         cacheable = self.cache is not None and estimate_tokens(text) <= 200
@@ -535,7 +541,7 @@ class AIResponder:
             vectorize = knowledge.classifier.vectorizer.vector
             try:
                 hit = await self.cache.lookup(
-                    request.tenant_id, decision.intent, lang, vector, vectorize
+                    request.tenant_id, decision.intent, lang, read.vector, vectorize
                 )
             except Exception:  # a cache outage is a miss: the model still answers
                 log.warning("semantic cache lookup failed for %s", request.conversation_id)

@@ -127,7 +127,7 @@ class OfflineResponder:
         self._threshold = threshold
 
     async def answer(self, request: ReplyRequested) -> Answer:
-        return self.answer_text(request.text, request.language)
+        return self.answer_now(request)
 
     def answer_now(self, request: ReplyRequested) -> Answer:
         return self.answer_text(request.text, request.language)
