@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import ssl
 import uuid
@@ -278,10 +279,18 @@ def process_logs(settings: Settings) -> dict[Path, str]:
     """Every log file the session's processes write (kefu's daemons, Kafka, Redis),
     not Kafka's log segments (digits.log: those hold the records themselves)."""
     found = {}
-    for path in settings.state_dir.rglob("*.log"):
-        if path.stem.isdigit() or not path.is_file():
-            continue
-        found[path] = path.read_text("utf-8", "replace")
+    # os.walk, not rglob: ClickHouse creates and removes tmp_insert_* directories
+    # under the state directory while we walk it, and rglob fails on one that vanished
+    # (os.walk skips what it can no longer list).
+    for folder, _, names in os.walk(settings.state_dir):
+        for name in names:
+            path = Path(folder, name)
+            if path.suffix != ".log" or path.stem.isdigit():
+                continue
+            try:
+                found[path] = path.read_text("utf-8", "replace")
+            except FileNotFoundError:  # a file in a directory ClickHouse just removed
+                continue
     return found
 
 
