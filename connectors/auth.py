@@ -1,5 +1,5 @@
 """Who is calling the gateway: API keys (customer API and integrations), admin keys
-(tenant administration), page origins of WebSockets.
+(tenant administration), page origins of WebSockets, signed web chat customer ids.
 
 Keys are kept only as ``sha256:<hex>``: the configured ones (settings; a plaintext
 value is hashed on load) and the ones issued at run time (``kefu keys add`` or
@@ -21,7 +21,7 @@ import re
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -91,6 +91,8 @@ class AuthConfig:
     keys: Mapping[str, Mapping[str, Mapping[str, str]]] = field(default_factory=dict)
     allowed_origins: Mapping[str, frozenset[str]] = field(default_factory=dict)
     allow_loopback_origins: bool = True
+    # tenant -> the secret that signs its web chat customer ids (none: ids unsigned)
+    widget_secrets: Mapping[str, str] = field(default_factory=dict)
 
     def with_plain_api_keys(self, api_keys: Mapping[str, str]) -> AuthConfig:
         """Add plaintext keys (``GatewayConfig.api_keys``: tenant -> key) as id "default"."""
@@ -98,11 +100,8 @@ class AuthConfig:
         for tenant, key in api_keys.items():
             if key:
                 merged.setdefault(tenant, {}).setdefault("default", stored_hash(key))
-        return AuthConfig(
-            tenants=self.tenants | frozenset(api_keys),
-            keys={**self.keys, "api": merged},
-            allowed_origins=self.allowed_origins,
-            allow_loopback_origins=self.allow_loopback_origins,
+        return replace(
+            self, tenants=self.tenants | frozenset(api_keys), keys={**self.keys, "api": merged}
         )
 
 
@@ -272,3 +271,30 @@ def websocket_origin_ok(app: Any, headers: Mapping[str, str], tenant: str) -> bo
         frozenset(o.lower().rstrip("/") for o in config.allowed_origins.get(tenant, ())),
         config.allow_loopback_origins,
     )
+
+
+# ------------------------------------------------------------ web chat customers
+
+
+def customer_signature(secret: str, customer: str) -> str:
+    """What a tenant's backend puts beside a signed-in customer's id on its page (as
+    Intercom's or Crisp's identity verification do): hex HMAC-SHA256 of the id."""
+    return hmac.new(secret.encode(), customer.encode(), hashlib.sha256).hexdigest()
+
+
+def customer_verified(config: AuthConfig, tenant: str, customer: str, signature: str) -> bool:
+    """Without a widget secret every id passes (the page is trusted); with one, only
+    an id signed with it, compared in constant time."""
+    secret = config.widget_secrets.get(tenant)
+    if not secret:
+        return True
+    expected = customer_signature(secret, customer)
+    return hmac.compare_digest(expected.encode(), signature.strip().lower().encode())
+
+
+def new_visitor(config: AuthConfig, tenant: str) -> tuple[str, str]:
+    """An anonymous visitor's id (128 random bits: unguessable, so it is its own
+    credential) and its signature ("" when the tenant signs nothing)."""
+    customer = f"web-{secrets.token_hex(16)}"
+    secret = config.widget_secrets.get(tenant)
+    return customer, customer_signature(secret, customer) if secret else ""

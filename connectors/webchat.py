@@ -7,6 +7,12 @@ agent console; the console's typing comes back as ``{"type": "typing", "from":
 Server → client: ``{"type": "history", "messages": [...]}`` on connect, ``{"type":
 "ack", "id": ...}`` once the message is durable, ``{"type": "reply", ...}`` for each
 reply, ``{"type": "error", "reason": ...}`` for bad input (the socket stays open).
+
+Who the customer is comes from the page: ``customer`` (a signed-in user's id, from the
+tenant's site, or an anonymous visitor's) and, for a tenant with a widget secret,
+``signature`` over it. Without a valid one the socket is closed with 4401 before
+anything is read or written, so knowing a customer's id does not open their
+conversation. ``GET /v1/chat/visitor`` gives a new visitor a random, signed id.
 """
 
 from __future__ import annotations
@@ -16,11 +22,11 @@ import uuid
 from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from connectors.auth import websocket_origin_ok
+from connectors.auth import client_ip, customer_verified, new_visitor, websocket_origin_ok
 from connectors.identity import command_id_for, conversation_id_for
 from connectors.rate_limit import RateLimiter
 from schemas.keys import messages_key, outbox_channel
@@ -46,6 +52,20 @@ async def widget_script() -> Response:
         media_type="application/javascript",
         headers={"Cache-Control": "public, max-age=300"},
     )
+
+
+@router.get("/v1/chat/visitor")
+async def visitor(request: Request, tenant: str) -> dict[str, str]:
+    """A new anonymous visitor's customer id and its signature ("" if the tenant signs
+    none): the chat page keeps both and presents them on every connect."""
+    services = request.app.state.services
+    if tenant not in services.tenants.ids:
+        raise HTTPException(status_code=404, detail="unknown tenant")
+    limiter: RateLimiter | None = getattr(request.app.state, "limiter", None)
+    if limiter is not None:
+        await limiter.enforce(tenant, f"ip:{client_ip(request)}")
+    customer, signature = new_visitor(services.tenants.config, tenant)
+    return {"customer": customer, "signature": signature}
 
 
 class ChatSocketShortcut:
@@ -84,10 +104,15 @@ async def chat_socket(websocket: WebSocket) -> None:
     client = f"ws:{uuid.uuid4().hex}"  # this socket's own bucket for its frames
     ip = websocket.client.host if websocket.client else "unknown"
     limited = await limiter.check(tenant, f"ip:{ip}") if limiter else None
+    # Accepted first, so the page sees the close code (a refused handshake has none).
     await websocket.accept()
     if limited is not None:
         await websocket.send_json({"type": "error", **limited.body()})
         await websocket.close(code=4429, reason="rate limited")
+        return
+    signature = websocket.query_params.get("signature", "")
+    if not customer_verified(services.tenants.config, tenant, customer, signature):
+        await websocket.close(code=4401, reason="customer id without a valid signature")
         return
     conversation_id = conversation_id_for(tenant, CHANNEL, customer)
     channel = outbox_channel(tenant, conversation_id)

@@ -43,6 +43,11 @@ def auth_config(settings: Settings) -> AuthConfig:
         keys={"api": api, "admin": admin},
         allowed_origins={t: frozenset(s.allowed_origins) for t, s in settings.tenants.items()},
         allow_loopback_origins=settings.security.allow_loopback_origins,
+        widget_secrets={
+            t: s.widget_secret.get_secret_value()
+            for t, s in settings.tenants.items()
+            if s.widget_secret.get_secret_value()
+        },
     )
 
 

@@ -276,6 +276,10 @@ class TenantSettings(_Frozen):
     # Page origins allowed to open the chat and console WebSockets, e.g.
     # "https://shop.example" ("*" = any); same-origin (and loopback) always are.
     allowed_origins: list[str] = Field(default_factory=list)
+    # Web chat identity verification: when set, the chat socket takes a customer id
+    # only with its signature, hex HMAC-SHA256(secret, id), so nobody can open a
+    # signed-in customer's conversation by knowing the id (docs/security.md).
+    widget_secret: SecretStr = SecretStr("")
     rate_limits: RateLimitSettings | None = None  # None = ``security.rate_limits``
     # REST replies are POSTed here, signed with HMAC-SHA256 over the body.
     webhook_url: str = ""

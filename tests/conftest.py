@@ -123,6 +123,12 @@ def isolated_settings(state_dir: Path) -> Settings:
                 idle_close_seconds=4.0,
                 sla_first_response_seconds={"normal": 1.0},
             ),
+            # Web chat identity verification (tests/test_webchat.py): customer ids signed.
+            "sig": TenantSettings(
+                api_key=SecretStr("sig-test-key"),
+                ai_enabled=False,
+                widget_secret=SecretStr("sig-widget-secret"),
+            ),
             # The endpoint fuzzer's own tenants (tests/test_fuzz_endpoints.py): whatever
             # it generates lands here, never in another test's queues.
             "fuzz": TenantSettings(api_key=SecretStr("fuzz-test-key"), ai_enabled=False),

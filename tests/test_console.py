@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -28,19 +27,10 @@ from connectors.identity import conversation_id_for
 from kefu.cli import main
 from kefu.cli_agents import agent_directory
 from kefu.settings import AgentSettings, Settings, TenantSettings
+from tests.browser import launch
 from tests.conftest import wait_for
 
 Frame = dict[str, Any]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 DOCS = Path(__file__).parent.parent / "docs"
 
 # --------------------------------------------------------------------------- pure
@@ -382,8 +372,6 @@ def test_console_protocol_end_to_end(pipeline: Settings) -> None:
 
 
 def test_customer_and_agent_in_headless_chromium(pipeline: Settings) -> None:
-    # A missing browser is a broken setup, not a reason to skip: `make test` installs it.
-    assert Path(CHROMIUM).exists(), f"no {CHROMIUM}: run scripts/ensure-system.sh"
     import playwright.sync_api as sync_api
 
     base = http_base(pipeline)
@@ -399,7 +387,7 @@ def test_customer_and_agent_in_headless_chromium(pipeline: Settings) -> None:
         page.on("pageerror", lambda exc: errors.append(f"{name}: {exc}"))
 
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        browser = launch(p)
         try:
             agent = browser.new_page(viewport={"width": 1280, "height": 760})
             watch(agent, "console")

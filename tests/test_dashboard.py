@@ -4,7 +4,6 @@ error. Its data endpoints are tenant-scoped by API key. Keeps docs/dashboard.png
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,18 +12,9 @@ import httpx
 
 from kefu.settings import Settings
 from projections.clickhouse_query import AnalyticsClient
+from tests.browser import launch
 from tests.conftest import wait_for
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SCREENSHOT = Path(__file__).parent.parent / "docs" / "dashboard.png"
 
 
@@ -75,15 +65,13 @@ def test_data_endpoints_are_tenant_scoped(pipeline: Settings) -> None:
 
 
 def test_dashboard_in_headless_chromium(pipeline: Settings) -> None:
-    # A missing browser is a broken setup, not a reason to skip: `make test` installs it.
-    assert Path(CHROMIUM).exists(), f"no {CHROMIUM}: run scripts/ensure-system.sh"
     import playwright.sync_api as sync_api
 
     traffic(pipeline)
 
     errors: list[str] = []
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1400})
 

@@ -48,6 +48,7 @@ PUBLIC = {
     ("GET", "/redoc"),
     ("GET", "/chat"),
     ("GET", "/widget.js"),
+    ("GET", "/v1/chat/visitor"),  # a new random visitor id: nothing of any tenant's
     ("GET", "/console"),
     ("GET", "/dashboard"),
     ("GET", "/healthz"),

@@ -3,9 +3,12 @@
  *   <script src="https://kefu.example.com/widget.js" data-tenant="demo" async></script>
  *
  * Optional: data-customer (your own id for the signed-in user; default: a random id
- * kept by the chat page), data-open="true" (open at load), data-title, data-position
- * ("right" | "left"). The chat runs in an iframe served by the gateway, so the page's
- * styles and scripts never touch it. window.kefuWidget.open() / close() / toggle().
+ * the gateway issues and the chat page keeps) with data-customer-signature (hex
+ * HMAC-SHA256 of that id with the tenant's widget secret, computed by your backend;
+ * required when the tenant has one), data-open="true" (open at load), data-title,
+ * data-position ("right" | "left"). The chat runs in an iframe served by the gateway,
+ * so the page's styles and scripts never touch it. window.kefuWidget.open() / close()
+ * / toggle().
  */
 (function () {
   "use strict";
@@ -17,6 +20,7 @@
   var data = script.dataset;
   var query = new URLSearchParams({ tenant: data.tenant || "demo", embed: "1" });
   if (data.customer) query.set("customer", data.customer);
+  if (data.customerSignature) query.set("signature", data.customerSignature);
   var side = data.position === "left" ? "left" : "right";
   var title = data.title || "Chat with us";
 
