@@ -16,6 +16,10 @@
   published. Too large: ``552`` (SMTP SIZE). Kafka or Redis down: ``451`` (the sender
   retries; dedupe makes that safe). Auto-submitted mail (auto-replies) is accepted
   and ignored, so two robots never talk to each other forever.
+- Rate limits per tenant and per sender address (``email.rate_limits``, buckets in
+  Redis under ``kefu-rl-mail:``): over them ``451 4.7.1``, so a flood or a loop with
+  a robot that does not mark its mail is slowed down by the sender's own retries,
+  and no real mail is lost. Redis unreachable: the limiter lets mail through.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import asyncio
 import email.errors
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +45,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from connectors.email_threads import Thread, ThreadStore
 from connectors.identity import command_id_for, conversation_id_for
 from connectors.publisher import CommandPublisher
+from connectors.rate_limit import Limits, RateLimiter
 from schemas.records import Command, ReceiveMessage
 from schemas.time import now_ms
 
@@ -232,11 +238,13 @@ class EmailHandler:
         store: ThreadStore,
         mailboxes: Mailboxes,
         max_text_chars: int = 8000,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._publisher = publisher
         self._store = store
         self._mailboxes = mailboxes
         self._max_text = max_text_chars
+        self._limiter = limiter
 
     async def handle_RCPT(
         self,
@@ -264,6 +272,12 @@ class EmailHandler:
         tenants = dict.fromkeys(
             t for t in (self._mailboxes.tenant_of(a) for a in envelope.rcpt_tos) if t
         )
+        for tenant in tenants:
+            limited = await self._limiter.check(tenant, mail.sender) if self._limiter else None
+            if limited is not None:
+                log.info("email rate limited: tenant=%s scope=%s", tenant, limited.scope)
+                wait = math.ceil(limited.retry_after)
+                return f"451 4.7.1 too many messages from this {limited.scope}; retry in {wait} s"
         try:
             for tenant in tenants:
                 await self._accept(tenant, mail)
@@ -306,6 +320,7 @@ class ListenerConfig:
     max_text_chars: int = 8000
     host: str = "127.0.0.1"
     kafka_options: Mapping[str, Any] = field(default_factory=dict)  # SASL/TLS
+    limits: Limits | None = None  # None: no limits (kefu passes ``email.rate_limits``)
 
 
 async def serve(config: ListenerConfig, stop: asyncio.Event | None = None) -> None:
@@ -315,7 +330,10 @@ async def serve(config: ListenerConfig, stop: asyncio.Event | None = None) -> No
     )
     await publisher.start()
     redis = aioredis.Redis.from_url(config.redis_url)
-    handler = EmailHandler(publisher, ThreadStore(redis), config.mailboxes, config.max_text_chars)
+    limiter = RateLimiter(redis, config.limits, namespace="kefu-rl-mail") if config.limits else None
+    handler = EmailHandler(
+        publisher, ThreadStore(redis), config.mailboxes, config.max_text_chars, limiter
+    )
 
     def factory() -> SMTP:
         kwargs: dict[str, Any] = {

@@ -84,12 +84,13 @@ class RateLimited(Exception):
         }
 
 
-def bucket_keys(tenant: str | None, client: str) -> tuple[str, str]:
+def bucket_keys(tenant: str | None, client: str, namespace: str = "kefu-rl") -> tuple[str, str]:
     """The tenant's bucket and the client's (within the tenant; IPs before a tenant is
-    known go under "-")."""
+    known go under "-"). Each limiter has its own ``namespace``: one key must never be
+    refilled at two different rates."""
     if tenant is None:
-        return "", f"kefu-rl:-:client:{client}"
-    return f"kefu-rl:{tenant}:tenant", f"kefu-rl:{tenant}:client:{client}"
+        return "", f"{namespace}:-:client:{client}"
+    return f"{namespace}:{tenant}:tenant", f"{namespace}:{tenant}:client:{client}"
 
 
 class RateLimiter:
@@ -98,9 +99,11 @@ class RateLimiter:
         redis: aioredis.Redis,
         default: Limits | None = None,
         per_tenant: Mapping[str, Limits] | None = None,
+        namespace: str = "kefu-rl",
     ) -> None:
         self.default = default or Limits()
         self.per_tenant = dict(per_tenant or {})
+        self.namespace = namespace
         self._script = redis.register_script(_SCRIPT)
 
     def limits(self, tenant: str | None) -> Limits:
@@ -109,7 +112,7 @@ class RateLimiter:
     async def check(self, tenant: str | None, client: str, cost: float = 1.0) -> RateLimited | None:
         """None if allowed (the tokens are taken), else why not and for how long."""
         limits = self.limits(tenant)
-        tenant_key, client_key = bucket_keys(tenant, client)
+        tenant_key, client_key = bucket_keys(tenant, client, self.namespace)
         keys: list[str] = []
         args: list[float] = [cost]
         scopes: list[str] = []

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from connectors.email_in import ListenerConfig, Mailboxes, serve
 from connectors.email_out import EmailSender, RelayConfig
 from connectors.email_threads import ThreadStore
+from kefu.cli_keys import limits_of
 from kefu.runtime import configure_logging
 from kefu.settings import Settings, load_settings
 from kefu.telemetry import ops_app, serve_ops, setup_tracing
@@ -48,6 +49,7 @@ def listener_config(settings: Settings) -> ListenerConfig:
         max_message_bytes=e.max_message_bytes,
         max_text_chars=e.max_text_chars,
         kafka_options=settings.kafka.client_options(),
+        limits=limits_of(e.rate_limits),
     )
 
 

@@ -20,7 +20,7 @@ from connectors.rate_limit import Limits
 from kefu.settings import RateLimitSettings, Settings, load_settings
 
 
-def _limits(r: RateLimitSettings) -> Limits:
+def limits_of(r: RateLimitSettings) -> Limits:
     return Limits(r.tenant_per_second, r.tenant_burst, r.client_per_second, r.client_burst)
 
 
@@ -55,9 +55,9 @@ def gateway_security(settings: Settings) -> dict[str, Any]:
     """The security part of ``GatewayConfig`` (keyword arguments)."""
     return {
         "auth": auth_config(settings),
-        "rate_limits": _limits(settings.security.rate_limits),
+        "rate_limits": limits_of(settings.security.rate_limits),
         "tenant_rate_limits": {
-            t: _limits(s.rate_limits) for t, s in settings.tenants.items() if s.rate_limits
+            t: limits_of(s.rate_limits) for t, s in settings.tenants.items() if s.rate_limits
         },
         "kafka_options": settings.kafka.client_options(),
     }

@@ -186,6 +186,16 @@ class AgentSettings(_Frozen):
     capacity: int = 3
 
 
+class RateLimitSettings(_Frozen):
+    """Token buckets (connectors/rate_limit.py), shared by every gateway process through
+    Redis: ``per_second`` refill, ``burst`` capacity. 0 per_second = no limit."""
+
+    tenant_per_second: float = 2000.0  # all of a tenant's requests and socket frames
+    tenant_burst: float = 4000.0
+    client_per_second: float = 1000.0  # one API key, one IP (failed logins) or one socket
+    client_burst: float = 2000.0
+
+
 class EmailSettings(_Frozen):
     """The email channel: an SMTP listener in (``kefu smtp``), an SMTP relay out."""
 
@@ -210,6 +220,14 @@ class EmailSettings(_Frozen):
     from_address: str = "support@kefu.localhost"
     attempts: int = 4
     backoff_seconds: float = 0.5
+    # Inbound mail per tenant and per sender address (token buckets in Redis, shared by
+    # every listener). Over them: 451 4.7.1, and the sender's MTA tries again later, so
+    # a mail loop or a flood cannot fill a tenant's queues and nothing real is lost.
+    rate_limits: RateLimitSettings = Field(
+        default_factory=lambda: RateLimitSettings(
+            tenant_per_second=20.0, tenant_burst=200.0, client_per_second=0.1, client_burst=10.0
+        )
+    )
 
 
 class WeChatAccountSettings(_Frozen):
@@ -243,16 +261,6 @@ class ChannelsSettings(_Frozen):
     attempts: int = 4
     backoff_seconds: float = 0.5
     timeout_s: float = 10.0
-
-
-class RateLimitSettings(_Frozen):
-    """Token buckets (connectors/rate_limit.py), shared by every gateway process through
-    Redis: ``per_second`` refill, ``burst`` capacity. 0 per_second = no limit."""
-
-    tenant_per_second: float = 2000.0  # all of a tenant's requests and socket frames
-    tenant_burst: float = 4000.0
-    client_per_second: float = 1000.0  # one API key, one IP (failed logins) or one socket
-    client_burst: float = 2000.0
 
 
 class SecuritySettings(_Frozen):

@@ -83,7 +83,17 @@ def isolated_settings(state_dir: Path) -> Settings:
         dev=base.dev,
         # The SMTP listener (a daemon) and the fake relay (started lazily by email tests).
         email=base.email.model_copy(
-            update={"max_message_bytes": 256 * 1024, "backoff_seconds": 0.05}
+            update={
+                "max_message_bytes": 256 * 1024,
+                "backoff_seconds": 0.05,
+                # A sender's burst of 5, then one mail per 2 s (test_email's flood test).
+                "rate_limits": RateLimitSettings(
+                    tenant_per_second=100.0,
+                    tenant_burst=1000.0,
+                    client_per_second=0.5,
+                    client_burst=5.0,
+                ),
+            }
         ),
         channels=ChannelsSettings(
             wechat_api_base=f"http://127.0.0.1:{wechat_api}",

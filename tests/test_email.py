@@ -323,3 +323,57 @@ def test_relay_failures_are_retried_then_reported(pipeline: Settings, relay: Fak
         return ok.status, ok.attempts, bad.status, bad.attempts
 
     assert asyncio.run(run()) == ("delivered", 2, "failed", 1)
+
+
+def test_a_flooding_sender_is_told_to_retry_and_its_retry_is_accepted(
+    pipeline: Settings,
+) -> None:
+    limits = pipeline.email.rate_limits
+    who = f"flood-{uuid.uuid4().hex[:8]}@example.com"
+    to = "support+acme@kefu.test"  # inbound_local+tenant: acme, a human-only tenant
+    accepted: list[str] = []
+    refused: smtplib.SMTPDataError | None = None
+    with smtplib.SMTP("127.0.0.1", pipeline.email.port, timeout=30) as client:
+        for n in range(int(limits.client_burst) + 15):  # bounded: the burst and some
+            message_id = f"flood-{n}-{who}"
+            try:
+                client.send_message(mail(f"mail {n}", sender=who, to=to, message_id=message_id))
+            except smtplib.SMTPDataError as exc:
+                refused = exc
+                break
+            accepted.append(message_id)
+        assert refused is not None, "the sender's bucket never ran out"
+        assert refused.smtp_code == 451 and b"4.7.1" in refused.smtp_error, refused
+        assert len(accepted) >= limits.client_burst
+        # Another sender is not held back by this one.
+        other = f"other-{uuid.uuid4().hex[:8]}@example.com"
+        client.send_message(mail("hello", sender=other, to=to, message_id=f"o-{other}"))
+    # The refused mail, sent again once the bucket has a token, goes through.
+    refused_id = f"flood-{len(accepted)}-{who}"
+    deadline = 1.5 / limits.client_per_second + 10
+    wait_for(lambda: _sent(pipeline, who, to, refused_id), deadline, "the retry accepted")
+    accepted.append(refused_id)
+
+    conversation = conversation_id_for("acme", "email", who)
+
+    def projected() -> list[dict[str, object]]:
+        return [m for m in history(pipeline, "acme", conversation) if m["role"] == "customer"]
+
+    wait_for(lambda: len(projected()) >= len(accepted), 60, "every accepted mail projected")
+    # Each accepted mail once, the refused one too (after its retry).
+    texts = sorted(str(m["text"]) for m in projected())
+    assert texts == sorted(f"mail {i.split('-')[1]}" for i in accepted)
+    # Mail's buckets are its own, never the gateway's (one key, one refill rate).
+    with redis.Redis.from_url(pipeline.redis.dsn) as client:
+        assert client.exists("kefu-rl-mail:acme:tenant", f"kefu-rl-mail:acme:client:{who}") == 2
+        assert not client.exists(f"kefu-rl:acme:client:{who}")
+
+
+def _sent(settings: Settings, sender: str, to: str, message_id: str) -> bool:
+    n = message_id.split("-")[1]
+    try:
+        send(settings, mail(f"mail {n}", sender=sender, to=to, message_id=message_id))
+    except smtplib.SMTPDataError as exc:
+        assert exc.smtp_code == 451, exc
+        return False
+    return True
