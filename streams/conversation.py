@@ -19,7 +19,7 @@ from typing import Any
 from schemas.records import Command
 from streams import telemetry
 from streams.app import KefuApp
-from streams.inbox import batches, position, send_dead_letter
+from streams.inbox import batches, position, send_dead_letter, send_in_order
 from streams.lifecycle import Conversation, Policy, Rejected, decide, evolve
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ def install(kefu: KefuApp, policy: Policy) -> Any:
                 return
             for appended in events:
                 state = evolve(state, appended)
-                await kefu.events_out.send(key=conversation_id, value=appended)
+            sends = [(kefu.events_out, conversation_id, appended) for appended in events]
+            await send_in_order(sends, f"{STAGE} {position(event.message)}")
             changed[conversation_id] = (state, event.message.partition)
         except Rejected as exc:
             await send_dead_letter(kefu.deadletter, event.message, str(exc), STAGE)

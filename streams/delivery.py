@@ -16,7 +16,14 @@ from schemas.records import ConversationQueued, Event, RecordDelivery, ReplyProd
 from schemas.time import now_ms
 from streams import telemetry
 from streams.app import KefuApp
-from streams.inbox import batches, each_conversation, outlasting, position, send_dead_letter
+from streams.inbox import (
+    batches,
+    each_conversation,
+    outlasting,
+    position,
+    send_dead_letter,
+    send_in_order,
+)
 
 log = logging.getLogger(__name__)
 _DELIVERY_NAMESPACE = uuid.UUID("a4d7c0f2-91b3-4e6a-b2d8-0c5f7e1a9b63")
@@ -68,17 +75,18 @@ async def _deliver(kefu: KefuApp, deliverer: Deliverer, event: Any, record: Repl
         log.exception("delivery failed at %s", position(event.message))
         await send_dead_letter(kefu.deadletter, event.message, repr(exc), STAGE)
         return
-    await kefu.commands_out.send(
-        key=record.conversation_id,
-        value=RecordDelivery(
-            command_id=delivery_command_id(record.event_id),
-            conversation_id=record.conversation_id,
-            tenant_id=record.tenant_id,
-            issued_at=now_ms(),
-            reply_event_id=record.event_id,
-            channel=record.channel,
-            status=outcome.status,
-            attempts=outcome.attempts,
-            detail=outcome.detail,
-        ),
+    receipt = RecordDelivery(
+        command_id=delivery_command_id(record.event_id),
+        conversation_id=record.conversation_id,
+        tenant_id=record.tenant_id,
+        issued_at=now_ms(),
+        reply_event_id=record.event_id,
+        channel=record.channel,
+        status=outcome.status,
+        attempts=outcome.attempts,
+        detail=outcome.detail,
+    )
+    # The reply is out: a Kafka hiccup must not lose its receipt (nor resend the reply).
+    await send_in_order(
+        [(kefu.commands_out, record.conversation_id, receipt)], f"{STAGE} {record.event_id}"
     )

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -29,6 +30,18 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     RedisTimeoutError,
     ConnectionRefusedError,
 )
+
+
+def transient(exc: BaseException) -> bool:
+    """``TRANSIENT``, or a Kafka send that could not even be queued: no metadata or no
+    room in the producer's buffer in time (KafkaTimeoutError), or a broker error
+    aiokafka marks retriable (leader moving, broker unreachable). A record too large
+    or a closed producer is not: trying again cannot help."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, KafkaError) and (exc.retriable or isinstance(exc, KafkaTimeoutError))
+
+
 # How long an agent waits such a failure out before it dead-letters the record.
 TRANSIENT_BUDGET_S = 30.0
 # Far above any record kefu writes (texts are cut at 8,000 characters) and below
@@ -59,22 +72,43 @@ async def send_dead_letter(deadletter_topic: Any, message: Any, reason: str, con
 async def outlasting(
     call: Callable[[], Awaitable[T]], what: str, budget_s: float = TRANSIENT_BUDGET_S
 ) -> T:
-    """``call()``, tried again with backoff while it fails for a ``TRANSIENT`` reason,
-    for up to ``budget_s`` seconds: a Redis restart must not dead-letter the records
-    that arrive meanwhile (each would need a redrive). Any other error, or one that
-    outlasts the budget, is raised for the agent to dead-letter."""
+    """``call()``, tried again with backoff while it fails for a ``transient`` reason,
+    for up to ``budget_s`` seconds: a Redis restart or a Kafka leader election must not
+    dead-letter the records that arrive meanwhile (each would need a redrive). Any
+    other error, or one that outlasts the budget, is raised for the agent to
+    dead-letter."""
     deadline = time.monotonic() + budget_s
     attempt = 0
     while True:
         try:
             return await call()
-        except TRANSIENT as exc:
+        except Exception as exc:
+            if not transient(exc):
+                raise
             attempt += 1
             delay = backoff(attempt, 0.1, cap=2.0)
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("%s failed (%r); try %d in %.2f s", what, exc, attempt + 1, delay)
             await asyncio.sleep(delay)
+
+
+async def send_in_order(
+    sends: Sequence[tuple[Any, Any, Any]], what: str, budget_s: float = TRANSIENT_BUDGET_S
+) -> None:
+    """Send each ``(topic, key, value)`` in order, each once: a transient failure is
+    waited out (``outlasting``) and only the send that failed is tried again, never
+    the ones before it, so the log gets no second copy of a decision's first events."""
+    done = 0
+
+    async def rest() -> None:
+        nonlocal done
+        while done < len(sends):
+            topic, key, value = sends[done]
+            await topic.send(key=key, value=value)
+            done += 1
+
+    await outlasting(rest, what, budget_s)
 
 
 def decode(value: bytes, expected: type[R]) -> R:

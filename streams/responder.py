@@ -20,7 +20,14 @@ from schemas.records import ReplyRequested
 from schemas.time import now_ms
 from streams import telemetry
 from streams.app import KefuApp
-from streams.inbox import batches, each_conversation, outlasting, position, send_dead_letter
+from streams.inbox import (
+    batches,
+    each_conversation,
+    outlasting,
+    position,
+    send_dead_letter,
+    send_in_order,
+)
 from streams.responders import Responder, reply_command
 
 log = logging.getLogger(__name__)
@@ -57,7 +64,8 @@ async def _answer(kefu: KefuApp, responder: Responder, event: Any, record: Reply
         await send_dead_letter(kefu.deadletter, event.message, repr(exc), STAGE)
         return
     latency_ms = round((time.perf_counter() - started) * 1000)
-    await kefu.commands_out.send(
-        key=record.conversation_id,
-        value=reply_command(record, answer, now_ms(), latency_ms),
+    command = reply_command(record, answer, now_ms(), latency_ms)
+    # The model's answer is paid for: a Kafka hiccup must not lose it.
+    await send_in_order(
+        [(kefu.commands_out, record.conversation_id, command)], f"{STAGE} {record.event_id}"
     )

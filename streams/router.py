@@ -19,7 +19,7 @@ from schemas.records import (
     RoutingCommand,
 )
 from streams.app import KefuApp
-from streams.inbox import position, records, send_dead_letter
+from streams.inbox import position, records, send_dead_letter, send_in_order
 from streams.queueing import Queue, RoutingRejected, decide_queue, evolve_queue
 
 log = logging.getLogger(__name__)
@@ -69,28 +69,38 @@ def conversation_commands(
     return out
 
 
-def install(kefu: KefuApp, sticky: bool = True) -> Any:
-    table = kefu.queues
+async def route(kefu: Any, table: Any, sticky: bool, event: Any, command: RoutingCommand) -> None:
+    """Decide for the command's queue, append the decision, tell the conversations,
+    then store the queue's new state. A Kafka hiccup is waited out (each send once);
+    what still fails is dead-lettered, with the reason, for ``kefu deadletter redrive``."""
+    try:
+        stored = table.get(command.queue)
+        state = Queue.from_json(stored) if stored else Queue()
+        events = decide_queue(state, command, sticky)
+        if not events:
+            return
+        after = state
+        for appended in events:
+            after = evolve_queue(after, appended)
+        sends: list[tuple[Any, str, Any]] = [
+            (kefu.queue_events_out, command.queue, appended) for appended in events
+        ]
+        sends += [
+            (kefu.commands_out, told.conversation_id, told)
+            for told in conversation_commands(state, after, events)
+        ]
+        await send_in_order(sends, f"router {position(event.message)}")
+        table[command.queue] = after.to_json()
+    except RoutingRejected as exc:
+        await send_dead_letter(kefu.deadletter, event.message, str(exc), "router")
+    except Exception as exc:  # one bad record must not stop the queue's partition
+        log.exception("router failed at %s", position(event.message))
+        await send_dead_letter(kefu.deadletter, event.message, repr(exc), "router")
 
+
+def install(kefu: KefuApp, sticky: bool = True) -> Any:
     async def router(stream: Any) -> None:
         async for event, command in records(stream, RoutingCommand, kefu.deadletter, "router"):
-            try:
-                stored = table.get(command.queue)
-                state = Queue.from_json(stored) if stored else Queue()
-                events = decide_queue(state, command, sticky)
-                if not events:
-                    continue
-                after = state
-                for appended in events:
-                    after = evolve_queue(after, appended)
-                    await kefu.queue_events_out.send(key=command.queue, value=appended)
-                for told in conversation_commands(state, after, events):
-                    await kefu.commands_out.send(key=told.conversation_id, value=told)
-                table[command.queue] = after.to_json()
-            except RoutingRejected as exc:
-                await send_dead_letter(kefu.deadletter, event.message, str(exc), "router")
-            except Exception as exc:  # one bad record must not stop the queue's partition
-                log.exception("router failed at %s", position(event.message))
-                await send_dead_letter(kefu.deadletter, event.message, repr(exc), "router")
+            await route(kefu, kefu.queues, sticky, event, command)
 
     return kefu.app.agent(kefu.routing_in, name="kefu.router")(router)

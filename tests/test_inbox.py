@@ -1,5 +1,6 @@
-"""What an agent does with a failure that is not the record's fault: waits it out
-(``streams.inbox.outlasting``) instead of dead-lettering a valid record."""
+"""What an agent does with a failure that is not the record's fault (Redis or Kafka
+unreachable for a while): waits it out (``streams.inbox.outlasting``, ``send_in_order``)
+instead of dead-lettering a valid record, and sends nothing twice."""
 
 from __future__ import annotations
 
@@ -8,13 +9,29 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NotLeaderForPartitionError,
+    ProducerClosed,
+)
 from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from schemas.outcomes import DeliveryOutcome
-from schemas.records import DeadLetter, RecordDelivery, RecordReply, ReplyProduced, ReplyRequested
-from streams import delivery, responder
-from streams.inbox import outlasting
+from schemas.records import (
+    ConversationEnqueued,
+    DeadLetter,
+    QueueConversation,
+    RecordDelivery,
+    RecordReply,
+    ReplyProduced,
+    ReplyRequested,
+    RequestAssignment,
+)
+from streams import delivery, responder, router
+from streams.inbox import outlasting, send_in_order, transient
 from streams.responders import Answer
 from tests.samples import SAMPLES
 
@@ -103,3 +120,81 @@ async def test_delivery_dead_letters_what_is_not_transient() -> None:
     assert kefu.commands_out.records == []
     (dead,) = kefu.deadletter.records
     assert isinstance(dead, DeadLetter) and "KeyError" in dead.reason
+
+
+# ------------------------------------------------------------------ Kafka sends
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (KafkaTimeoutError(), True),  # no metadata or no buffer room in time
+        (KafkaConnectionError("broker gone"), True),
+        (NotLeaderForPartitionError(), True),  # a leader election
+        (MessageSizeTooLargeError(), False),  # the record's own fault
+        (ProducerClosed(), False),
+        (RedisConnectionError("refused"), True),
+        (ValueError("a bug"), False),
+    ],
+)
+def test_what_counts_as_transient(error: BaseException, expected: bool) -> None:
+    assert transient(error) is expected
+
+
+@dataclass
+class FlakyTopic:
+    """A topic whose ``send`` fails with ``error`` on the listed call numbers."""
+
+    error: BaseException
+    failing: set[int] = field(default_factory=set)
+    records: list[Any] = field(default_factory=list)
+    calls: int = 0
+
+    async def send(self, key: Any, value: Any) -> None:
+        self.calls += 1
+        if self.calls in self.failing:
+            raise self.error
+        self.records.append(value)
+
+
+async def test_sends_wait_out_kafka_and_none_is_sent_twice() -> None:
+    events, commands = (
+        FlakyTopic(KafkaConnectionError(), {2, 3}),
+        FlakyTopic(KafkaTimeoutError(), {1}),
+    )
+    sends = [(events, "q", 0), (events, "q", 1), (events, "q", 2), (commands, "c", "told")]
+    await send_in_order(sends, "test")
+    assert events.records == [0, 1, 2] and commands.records == ["told"]
+    assert events.calls == 5 and commands.calls == 2  # the failed sends again, only those
+
+
+async def test_a_send_that_cannot_succeed_is_raised_at_once() -> None:
+    topic = FlakyTopic(MessageSizeTooLargeError(), {1})
+    with pytest.raises(MessageSizeTooLargeError):
+        await send_in_order([(topic, "k", "big")], "test")
+    assert topic.calls == 1
+
+
+REQUEST_ASSIGNMENT = next(r for r in SAMPLES if isinstance(r, RequestAssignment))
+
+
+def _router_kefu(queue_events: Any) -> Any:
+    return SimpleNamespace(queue_events_out=queue_events, commands_out=Sent(), deadletter=Sent())
+
+
+async def test_the_router_waits_out_kafka_instead_of_dead_lettering() -> None:
+    queue_events = FlakyTopic(KafkaConnectionError("broker gone"), {1, 2})
+    kefu, table = _router_kefu(queue_events), dict[str, str]()
+    command = REQUEST_ASSIGNMENT
+    await router.route(kefu, table, True, _event(command), command)
+    assert [type(e) for e in queue_events.records] == [ConversationEnqueued]
+    assert [type(c) for c in kefu.commands_out.records] == [QueueConversation]
+    assert command.queue in table and kefu.deadletter.records == []
+
+
+async def test_the_router_dead_letters_what_kafka_refuses_and_keeps_its_state() -> None:
+    kefu, table = _router_kefu(FlakyTopic(MessageSizeTooLargeError(), {1})), dict[str, str]()
+    await router.route(kefu, table, True, _event(REQUEST_ASSIGNMENT), REQUEST_ASSIGNMENT)
+    (dead,) = kefu.deadletter.records
+    assert "MessageSizeTooLarge" in dead.reason
+    assert table == {} and kefu.commands_out.records == []
