@@ -14,7 +14,7 @@ from starlette.routing import Mount
 
 from connectors.metrics import ops_routes
 from kefu.settings import Settings
-from kefu.telemetry import ops_app, register_counter, register_gauge, serve_ops
+from kefu.telemetry import ops_app, register_counter, register_gauge, serve_ops, setup_tracing
 from projections.clickhouse_events import ClickHouseProjector, ClickHouseStore, ProjectorConfig
 from projections.clickhouse_query import query_app
 from schemas.topics import TopicNames
@@ -92,4 +92,5 @@ async def serve(settings: Settings) -> None:
 
 
 def run_projector(settings: Settings) -> None:
+    setup_tracing(settings, "projector")
     asyncio.run(serve(settings))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,11 +23,13 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from projections.clickhouse_views import view_statements
+from schemas import tracing
 from schemas.codec import CODEC, DecodeError
 from schemas.records import Event, Record, dead_letter
 from schemas.time import now_ms
 
 log = logging.getLogger(__name__)
+STAGE = "projection.clickhouse"  # the span name, as the workers' "projection.redis"
 
 COLUMNS = (
     "event_id",
@@ -202,6 +205,24 @@ class ProjectorConfig:
     kafka_options: Mapping[str, Any] = field(default_factory=dict)
 
 
+def _trace_stored(
+    records: Sequence[ConsumerRecord[bytes, bytes]], start_ns: int, end_ns: int
+) -> None:
+    """Each event's "stored in ClickHouse" leg (decode, insert, commit: the batch's
+    time) as a span under the hop that produced it, so a message's trace shows when
+    its events became queryable."""
+    for record in records:
+        attributes = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": record.topic,
+            "messaging.destination.partition.id": str(record.partition),
+            "messaging.kafka.offset": record.offset,
+            "kefu.batch_records": len(records),
+        }
+        tracing.finished_span_under(record.headers, STAGE, attributes, start_ns, end_ns)
+
+
 class ClickHouseProjector:
     """Consume → decode → insert the batch → commit. A crash between insert and commit
     re-inserts the batch; the ReplacingMergeTree key folds the twins together."""
@@ -252,10 +273,13 @@ class ClickHouseProjector:
                 records = await self._next_batch(consumer)
                 if not records:
                     continue
+                started_ns = time.time_ns()
                 rows = await self._rows(records, producer)
                 if rows:
                     await self._insert_until_done(rows)
                 await consumer.commit()
+                if tracing.enabled():
+                    _trace_stored(records, started_ns, time.time_ns())
                 self.stored += len(rows)
                 for record in records:
                     key = (record.topic, record.partition)

@@ -83,6 +83,25 @@ def inject(context: Context | None = None) -> Headers:
     return [(name, value.encode("latin-1")) for name, value in carrier.items()]
 
 
+def finished_span_under(
+    headers: HeadersIn, name: str, attributes: Mapping[str, Any], start_ns: int, end_ns: int
+) -> None:
+    """A CONSUMER span from ``start_ns`` to ``end_ns`` under the trace context a record
+    carries; none for a record that carries none (replayed, or from before tracing),
+    which would otherwise start a trace of its own per record."""
+    parent = extract(headers)
+    if not trace.get_current_span(parent).get_span_context().is_valid:
+        return
+    span = tracer().start_span(
+        name,
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes=attributes,
+        start_time=start_ns,
+    )
+    span.end(end_time=end_ns)
+
+
 def origin_ms(headers: HeadersIn) -> int | None:
     for name, value in pairs(headers):
         if name == ORIGIN_HEADER:

@@ -122,6 +122,19 @@ def test_extract_ignores_foreign_and_missing_headers() -> None:
     assert tracing.origin_ms(None) is None
 
 
+def test_a_stored_event_is_traced_only_under_its_own_context(
+    spans: InMemorySpanExporter,
+) -> None:
+    with tracing.tracer().start_as_current_span("conversation") as hop:
+        carried = tracing.inject()
+    tracing.finished_span_under(carried, "projection.clickhouse", {"k": 1}, 1_000, 2_000)
+    tracing.finished_span_under([], "projection.clickhouse", {}, 1_000, 2_000)  # replayed
+    (stored,) = [s for s in spans.get_finished_spans() if s.name == "projection.clickhouse"]
+    assert stored.parent is not None
+    assert stored.parent.span_id == hop.get_span_context().span_id
+    assert (stored.start_time, stored.end_time) == (1_000, 2_000)
+
+
 def test_nothing_is_traced_or_injected_while_tracing_is_off() -> None:
     assert not tracing.enabled()
     hop = telemetry.begin("responder", Message(), REQUEST)
@@ -338,7 +351,7 @@ def test_one_rest_message_is_one_trace_across_every_hop(pipeline: Settings) -> N
         # The reply was delivered and the delivery recorded (conversation, second time:
         # the offline FAQ's answer is given inline, with the message), and a projection
         # span was exported (the one hop can finish before the projection's batch).
-        projected = any(name.startswith("projection.") for name in names)
+        projected = {"projection.redis", "projection.clickhouse"} <= names
         if (
             {"conversation", "delivery"} <= names
             and projected
@@ -377,5 +390,10 @@ def test_one_rest_message_is_one_trace_across_every_hop(pipeline: Settings) -> N
     assert "responder" not in {s["name"] for s in trace}
     hops = [s for s in trace if s["name"] in ("conversation", "delivery")]
     assert {s["attributes"].get("kefu.conversation_id") for s in hops} == {conversation}
-    # Projections hang under the hop that produced each event.
-    assert any(s["name"].startswith("projection.") for s in trace)
+    # Projections hang under the hop that produced each event: the workers' Redis
+    # model, and the projector process's ClickHouse insert (when rows became queryable).
+    stored = [s for s in trace if s["name"] == "projection.clickhouse"]
+    assert stored and {s["service"] for s in stored} == {"kefu-projector"}
+    for span in [*stored, *(s for s in trace if s["name"] == "projection.redis")]:
+        assert by_id[span["parent_id"]]["service"] == "kefu-worker"
+        assert span["kind"] == "CONSUMER"
