@@ -272,6 +272,7 @@ SECRETS = (
     "iso-a-admin-key",
     "ann-token",
     "iso-a-webhook-secret",
+    "sig-widget-secret",  # tests/test_webchat.py's tenant (the gateway holds it)
 )
 
 
