@@ -213,11 +213,7 @@ def _trace_stored(
     its events became queryable."""
     for record in records:
         attributes = {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "process",
-            "messaging.destination.name": record.topic,
-            "messaging.destination.partition.id": str(record.partition),
-            "messaging.kafka.offset": record.offset,
+            **tracing.kafka_attributes(record.topic, record.partition, record.offset),
             "kefu.batch_records": len(records),
         }
         tracing.finished_span_under(record.headers, STAGE, attributes, start_ns, end_ns)

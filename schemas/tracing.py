@@ -83,6 +83,17 @@ def inject(context: Context | None = None) -> Headers:
     return [(name, value.encode("latin-1")) for name, value in carrier.items()]
 
 
+def kafka_attributes(topic: str, partition: object, offset: int) -> dict[str, str | int]:
+    """OpenTelemetry's messaging attributes of a Kafka record being processed."""
+    return {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": topic,
+        "messaging.destination.partition.id": str(partition),
+        "messaging.kafka.offset": offset,
+    }
+
+
 def finished_span_under(
     headers: HeadersIn, name: str, attributes: Mapping[str, Any], start_ns: int, end_ns: int
 ) -> None:

@@ -101,14 +101,18 @@ def dead_lettered(consumer: str, reason: str) -> None:
         hop.error = kind
 
 
+def _message_attributes(message: Any) -> dict[str, str | int]:
+    return tracing.kafka_attributes(
+        str(getattr(message, "topic", "")),
+        getattr(message, "partition", ""),
+        int(getattr(message, "offset", -1) or 0),
+    )
+
+
 def _attributes(hop: Hop) -> dict[str, str | int]:
-    message, record = hop.message, hop.record
+    record = hop.record
     return {
-        "messaging.system": "kafka",
-        "messaging.operation.type": "process",
-        "messaging.destination.name": str(getattr(message, "topic", "")),
-        "messaging.destination.partition.id": str(getattr(message, "partition", "")),
-        "messaging.kafka.offset": int(getattr(message, "offset", -1) or 0),
+        **_message_attributes(hop.message),
         "kefu.tenant": str(getattr(record, "tenant_id", "")),
         "kefu.conversation_id": str(getattr(record, "conversation_id", "")),
         "kefu.record_type": type(record).__name__,
@@ -180,7 +184,8 @@ def traced_app(kefu: KefuApp) -> KefuApp:
 
 def projected(stage: str, events: Sequence[Any], started: float) -> None:
     """A projection applied a batch: one latency sample for the batch; per event, the
-    end-to-end latency and (tracing on) a span under the event's producer."""
+    end-to-end latency and (tracing on) a span under the event's producer
+    (``tracing.finished_span_under``, as the ClickHouse projector's)."""
     metrics.STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
     metrics.RECORDS.labels(stage).inc(len(events))
     on = tracing.enabled()
@@ -194,15 +199,5 @@ def projected(stage: str, events: Sequence[Any], started: float) -> None:
         if origin is not None:
             metrics.END_TO_END_SECONDS.labels(stage).observe(max(0, now - origin) / 1000)
         if on:
-            hop = Hop(stage, message, None, started, start_ns, tracing.extract(headers), origin)
-            attributes = _attributes(hop)
-            del attributes["kefu.record_type"], attributes["kefu.tenant"]
-            del attributes["kefu.conversation_id"]
-            span = tracing.tracer().start_span(
-                stage,
-                context=hop.parent,
-                kind=SpanKind.CONSUMER,
-                attributes=attributes,
-                start_time=start_ns,
-            )
-            span.end(end_time=end_ns)
+            attributes = _message_attributes(message)
+            tracing.finished_span_under(headers, stage, attributes, start_ns, end_ns)
