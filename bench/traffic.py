@@ -228,6 +228,17 @@ class Observer:
                     self._handle(record.value, now, wall_ms - record.timestamp)
 
     def _handle(self, value: bytes, now: float, lag_ms: float) -> None:
+        """One Kafka record: one event (written before commits) or a ``Commit``."""
+        try:
+            events = CODEC.unpack(value)
+        except DecodeError:
+            self.seen.events += 1
+            self.seen.undecodable += 1
+            return
+        for raw in events:
+            self._handle_event(raw, now, lag_ms)
+
+    def _handle_event(self, value: bytes, now: float, lag_ms: float) -> None:
         seen = self.seen
         seen.events += 1
         kind = CODEC.peek(value)

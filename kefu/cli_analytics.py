@@ -189,19 +189,17 @@ def audit() -> None:
 
 
 async def _from_log(settings: Settings, conversation: str) -> list[Any]:
-    from projections.audit import Entry
-    from projections.replay import LogReader, ReplayFilter, ReplayStats
+    from projections.audit import read_log
     from schemas.topics import TopicNames
 
-    reader = LogReader(
+    # The audit's own reader: events are found by their conversation id inside each
+    # record (a commit may carry another conversation's receipts under its key).
+    return await read_log(
         settings.kafka.servers,
         TopicNames(settings.topic_prefix).events,
-        kafka_options=settings.kafka.client_options(),
+        conversation,
+        settings.kafka.client_options(),
     )
-    out = []
-    async for batch in reader.batches(ReplayFilter(conversation=conversation), ReplayStats()):
-        out += [Entry(r.event.seq, r.raw, r.partition, r.offset) for r in batch]
-    return out
 
 
 def _from_archive(settings: Settings, conversation: str) -> list[Any]:

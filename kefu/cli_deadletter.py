@@ -42,6 +42,7 @@ def _row(item: Letter) -> dict[str, object]:
         "type": item.record_type,
         "key": (letter.key or b"").decode(errors="replace"),
         "reason": letter.reason,
+        "events": item.events(),  # a dead Commit's events; [] for one record
     }
 
 
@@ -72,7 +73,11 @@ def list_letters(consumer: str, reason_part: str, limit: int, as_json: bool) -> 
             click.echo(json.dumps(row, ensure_ascii=False))
         return
     columns = ["offset", "failed_at", "consumer", "source", "type", "key", "reason"]
-    click.echo(format_table(columns, [[str(row[c])[:80] for c in columns] for row in rows]))
+    # The type column names a commit's events too ("Commit: MessageReceived #1, ...").
+    table = [[str(row[c])[:80] for c in columns] for row in rows]
+    for line, item in zip(table, shown, strict=True):
+        line[columns.index("type")] = item.summary()[:80]
+    click.echo(format_table(columns, table))
     click.echo(f"{len(shown)} of {len(letters)} dead letters")
 
 

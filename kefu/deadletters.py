@@ -8,17 +8,23 @@ commands carry ids, the conversation agent drops one among its conversation's la
 idempotent in the domain, so sending one back twice does not double a message.
 Records of the logs (events, queue events, word lists) are refused: they are still on
 their topic, and the read models are rebuilt from it with ``kefu replay``.
+
+A record may be a ``Commit``: the events of one decision, or on the commands topic a
+batch of delivery receipts (``RecordDelivery`` of several conversations). It is listed
+with the records it holds; a commit of commands is sent back whole, as the same bytes
+(never re-encoded), when every record in it belongs on its topic.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from kefu.settings import Settings
 from schemas.codec import CODEC, DecodeError
-from schemas.records import Command, DeadLetter, Record, RoutingCommand
+from schemas.records import Command, Commit, DeadLetter, Record, RoutingCommand
 from schemas.topics import TopicNames
 
 REDRIVEN_HEADER = "kefu-redriven-from"
@@ -34,6 +40,40 @@ class Letter:
         """The dead record's type by its schema fingerprint ('?' when unknown)."""
         kind = CODEC.peek(self.letter.payload)
         return kind.__name__ if kind is not None else "?"
+
+    def events(self) -> list[dict[str, Any]]:
+        """For a dead ``Commit``: what each record in it is (type, conversation or
+        queue, seq, event or command id), in order; ``[]`` for any other record. One
+        that does not decode shows its reason; a commit that does not (cut at the size
+        limit) shows one entry saying so."""
+        if CODEC.peek(self.letter.payload) is not Commit:
+            return []
+        try:
+            events = CODEC.unpack(self.letter.payload)
+        except DecodeError as exc:
+            return [{"type": "?", "error": exc.reason}]
+        out: list[dict[str, Any]] = []
+        for raw in events:
+            try:
+                kind, fields = CODEC.decode_fields(raw)
+            except DecodeError as exc:
+                out.append({"type": "?", "error": exc.reason})
+                continue
+            about: dict[str, Any] = {"type": kind.__name__}
+            about.update({k: fields[k] for k in ("conversation_id", "queue") if k in fields})
+            about.update(seq=fields.get("seq"), id=fields.get("event_id", fields.get("command_id")))
+            out.append(about)
+        return out
+
+    def summary(self) -> str:
+        """The record type, and for a commit its events: ``Commit: A #2, B #3``."""
+        events = self.events()
+        if not events:
+            return self.record_type
+        shown = [
+            f"{e['type']} #{e['seq']}" if e.get("seq") is not None else e["type"] for e in events
+        ]
+        return f"{self.record_type}: {', '.join(shown)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,16 +121,21 @@ def refusal(letter: DeadLetter, names: TopicNames) -> str:
             "there; rebuild what read it with kefu replay"
         )
     try:
-        record = CODEC.decode(letter.payload)
+        records = CODEC.decode_all(letter.payload)  # one record, or a commit's
     except DecodeError as exc:
         return f"still undecodable: {exc.reason}"
-    if not isinstance(record, expected):
-        return f"a {record.type} does not belong on {letter.source_topic}"
+    if not records:
+        return "an empty commit: nothing to send"
+    for record in records:
+        if not isinstance(record, expected):
+            inside = " (in a commit)" if CODEC.is_commit(letter.payload) else ""
+            return f"a {record.type}{inside} does not belong on {letter.source_topic}"
     return ""
 
 
 async def redrive(settings: Settings, offsets: list[int], dry_run: bool = False) -> list[Redriven]:
-    """Send the dead letters at ``offsets`` back to their topics, with their keys."""
+    """Send the dead letters at ``offsets`` back to their topics, with their keys and
+    their bytes as they were (a commit stays one record)."""
     names = TopicNames(settings.topic_prefix)
     letters = {letter.offset: letter.letter for letter in await read_letters(settings)}
     plan: list[tuple[int, DeadLetter | None, str]] = []

@@ -8,6 +8,9 @@ single-object encoding), in ``seq`` order::
 
 Sources of the bytes: the Kafka log (``kefu.events``) and the ClickHouse archive
 (column ``avro_base64``, so an audit still works once Kafka's retention dropped them).
+A Kafka record holds one event (written before commits) or a ``Commit`` of several;
+either way the chain links each event's own bytes, and an entry names the partition
+and offset of the record that holds it (the events of one commit share them).
 An export is JSON lines, one per event (its bytes, their sha256, the link, and what the
 event says in words), then a ``head`` line. ``verify`` rechecks an export on its own
 (bytes vs hash vs link vs the words) and against a source; it names the first broken
@@ -20,9 +23,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import CODEC, DecodeError
 from schemas.records import Event
@@ -33,7 +38,8 @@ GENESIS = bytes(32)
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One event of a conversation's history as a source holds it."""
+    """One event of a conversation's history as a source holds it: ``raw`` is the
+    event's own bytes, ``partition``/``offset`` the position of its Kafka record."""
 
     seq: int
     raw: bytes
@@ -236,3 +242,72 @@ def archive_entries(rows: Iterable[Sequence[Any]]) -> list[Entry]:
         for seq, b64, partition, offset in rows
         if b64
     ]
+
+
+def log_entries(conversation: str, partition: int, offset: int, value: bytes) -> list[Entry]:
+    """The events of ``conversation`` in one Kafka record of the log, in order.
+
+    By each event's own ``conversation_id``, not the record's key: a commit of batched
+    delivery receipts holds events of several conversations under one key. A record
+    whose bytes do not contain the id holds none of its events (Avro writes strings
+    as their UTF-8 bytes), so most records are skipped undecoded. Undecodable bytes
+    are skipped: the live consumers dead-lettered them, and they name no conversation.
+    """
+    if conversation.encode() not in value:
+        return []
+    try:
+        events = CODEC.unpack(value)
+    except DecodeError:
+        return []
+    out = []
+    for raw in events:
+        try:
+            _, fields = CODEC.decode_fields(raw)
+        except DecodeError:
+            continue
+        if fields.get("conversation_id") == conversation and "seq" in fields:
+            out.append(Entry(int(fields["seq"]), raw, partition, offset))
+    return out
+
+
+async def read_log(
+    bootstrap: str,
+    topic: str,
+    conversation: str,
+    kafka_options: Mapping[str, Any] | None = None,
+) -> list[Entry]:
+    """Every event of ``conversation`` on the log now (every partition, from the
+    beginning to the end offsets at the start), with no consumer group."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",  # aborted transactions are not the history
+        **dict(kafka_options or {}),
+    )
+    await consumer.start()
+    try:
+        found = consumer.partitions_for_topic(topic)
+        if not found:
+            # A group-less consumer has no subscription: the full metadata names them.
+            found = (await consumer._client.fetch_all_metadata()).partitions_for_topic(topic)
+        parts = [TopicPartition(topic, p) for p in sorted(found or ())]
+        if not parts:
+            return []
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        out: list[Entry] = []
+        pending = [tp for tp in parts if await consumer.position(tp) < ends[tp]]
+        while pending:
+            fetched = await consumer.getmany(*pending, timeout_ms=1000)
+            for tp, records in fetched.items():
+                for record in records:
+                    if record.offset < ends[tp]:
+                        value = record.value or b""
+                        out += log_entries(conversation, tp.partition, record.offset, value)
+            # Positions, not last offsets: transaction markers leave gaps at the end.
+            pending = [tp for tp in pending if await consumer.position(tp) < ends[tp]]
+        return out
+    finally:
+        await consumer.stop()

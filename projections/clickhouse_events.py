@@ -1,5 +1,11 @@
 """Every event into ClickHouse, in batches, offsets committed after the batch is stored.
 
+A Kafka record holds one event (records written before commits) or a ``Commit`` of
+several (``CODEC.unpack``): one row per event either way, ``avro_base64`` the event's
+own bytes. The events of one commit share a partition and offset, so the table's key
+is the event's stream and seq (``events.sql``), never the log position: a redelivered
+commit folds into the rows it made the first time.
+
 The same clickhouse-connect client serves ``chdb://<dir>`` (the embedded engine) and
 ``http://host:8123`` (a server). chdb lets one process open a data directory, so in the
 embedded stack this projector is that process; it also answers read-only queries for
@@ -78,8 +84,8 @@ def row_of(
     kind: type[Record], fields: Mapping[str, Any], partition: int, offset: int, raw: bytes
 ) -> list[Any]:
     """The row of one event from its fields as decoded (``CODEC.decode_fields``): no
-    record is built, and the payload is those fields. ``raw`` is its bytes on the log,
-    kept for audits."""
+    record is built, and the payload is those fields. ``raw`` is its own bytes on the
+    log (inside a commit too), kept for audits; ``partition``/``offset`` its record's."""
     return [
         fields["event_id"],
         kind.__name__,
@@ -102,6 +108,44 @@ def row_for(event: Record, partition: int, offset: int, raw: bytes = b"") -> lis
     """The row of an event its bytes decode to (``raw`` or its encoding)."""
     kind, fields = CODEC.decode_fields(raw or CODEC.encode(event))
     return row_of(kind, fields, partition, offset, raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Poison:
+    """What of a Kafka record cannot be stored, and the bytes to dead-letter for it."""
+
+    reason: str
+    payload: bytes
+
+
+def rows_of_record(
+    partition: int, offset: int, value: bytes, max_bytes: int
+) -> tuple[list[list[Any]], list[Poison]]:
+    """The rows of one Kafka record (one per event, old single-event record or commit)
+    and what is poison in it. A bad event inside a commit is dead-lettered alone (its
+    own bytes, the reason naming its place), so its siblings are still stored; a
+    record over ``max_bytes`` or a commit that does not decode is poison whole."""
+    if len(value) > max_bytes:
+        reason = f"record of {len(value)} bytes is over the {max_bytes}-byte limit"
+        return [], [Poison(reason, value[:max_bytes])]
+    try:
+        events = CODEC.unpack(value)
+    except DecodeError as exc:
+        return [], [Poison(exc.reason, value)]
+    in_commit = f" of {len(events)} in a commit" if CODEC.is_commit(value) else ""
+    rows: list[list[Any]] = []
+    poison: list[Poison] = []
+    for n, raw in enumerate(events, start=1):
+        try:
+            kind, fields = CODEC.decode_fields(raw)
+            if not is_event(kind, fields):
+                raise DecodeError(f"expected an event, got {kind.__name__}")
+        except DecodeError as exc:
+            where = f"event {n}{in_commit}: " if in_commit else ""
+            poison.append(Poison(where + exc.reason, raw))
+            continue
+        rows.append(row_of(kind, fields, partition, offset, raw))
+    return rows, poison
 
 
 def compact_rows(rows: Sequence[Sequence[Any]]) -> bytes:
@@ -221,7 +265,8 @@ def _trace_stored(
 
 class ClickHouseProjector:
     """Consume → decode → insert the batch → commit. A crash between insert and commit
-    re-inserts the batch; the ReplacingMergeTree key folds the twins together."""
+    re-inserts the batch; the ReplacingMergeTree key (stream, seq: per event, not per
+    log position) folds the twins together."""
 
     def __init__(self, config: ProjectorConfig, store: ClickHouseStore) -> None:
         self._config = config
@@ -314,34 +359,29 @@ class ClickHouseProjector:
     async def _rows(
         self, records: Sequence[ConsumerRecord[bytes, bytes]], producer: AIOKafkaProducer
     ) -> list[list[Any]]:
-        rows = []
+        rows: list[list[Any]] = []
         for record in records:
-            try:
-                size = len(record.value or b"")
-                if size > self._config.max_record_bytes:
-                    limit = self._config.max_record_bytes
-                    raise DecodeError(f"record of {size} bytes is over the {limit}-byte limit")
-                kind, fields = CODEC.decode_fields(record.value or b"")
-                if not is_event(kind, fields):
-                    raise DecodeError(f"expected an event, got {kind.__name__}")
-            except DecodeError as exc:
+            value = record.value or b""
+            made, poison = rows_of_record(
+                record.partition, record.offset, value, self._config.max_record_bytes
+            )
+            rows += made
+            for bad in poison:
                 where = f"{record.topic}[{record.partition}]@{record.offset}"
-                log.warning("dead-letter %s consumer=clickhouse reason=%s", where, exc.reason)
+                log.warning("dead-letter %s consumer=clickhouse reason=%s", where, bad.reason)
                 letter = dead_letter(
                     source_topic=record.topic,
                     partition=record.partition,
                     offset=record.offset,
-                    reason=exc.reason,
+                    reason=bad.reason,
                     consumer="projection.clickhouse",
                     failed_at=now_ms(),
-                    payload=(record.value or b"")[: self._config.max_record_bytes],
+                    payload=bad.payload,
                     key=record.key,
                 )
                 await producer.send_and_wait(
                     self._config.deadletter_topic, key=record.key, value=CODEC.encode(letter)
                 )
-                continue
-            rows.append(row_of(kind, fields, record.partition, record.offset, record.value or b""))
         return rows
 
     async def _insert_until_done(self, rows: list[list[Any]]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from schemas.records import RECORD_TYPES, Record
+from schemas.records import RECORD_TYPES, Commit, Record
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
@@ -73,6 +74,7 @@ class AvroCodec:
         if missing:
             raise RuntimeError(f"records without a schema: {sorted(missing)}")
         self._headers = {name: MAGIC + s.fingerprint for name, s in self._current.items()}
+        self._commit_fingerprint = self._current[Commit.__name__].fingerprint
 
     def schema_of(self, name: str) -> dict[str, Any]:
         return self._current[name].parsed
@@ -83,6 +85,27 @@ class AvroCodec:
         out.write(self._headers[name])
         schemaless_writer(out, self._current[name].parsed, record.to_avro())
         return out.getvalue()
+
+    def commit(self, records: Sequence[Record], key: str) -> Commit:
+        """The records of one decision as one ``Commit`` (each encoded on its own)."""
+        tenant_id = str(getattr(records[0], "tenant_id", "")) if records else ""
+        return Commit(tenant_id=tenant_id, key=key, events=[self.encode(r) for r in records])
+
+    def is_commit(self, data: bytes) -> bool:
+        return data[2:HEADER_SIZE] == self._commit_fingerprint and data[:2] == MAGIC
+
+    def unpack(self, data: bytes) -> list[bytes]:
+        """The bytes of each record a Kafka value holds: a ``Commit``'s events in order,
+        or the value itself (records written before commits hold one event)."""
+        if not self.is_commit(data):
+            return [data]
+        commit = self.decode(data)
+        assert isinstance(commit, Commit)
+        return commit.events
+
+    def decode_all(self, data: bytes) -> list[Record]:
+        """Every record a Kafka value holds (``unpack``), decoded."""
+        return [self.decode(raw) for raw in self.unpack(data)]
 
     def peek(self, data: bytes) -> type[Record] | None:
         """The record type in ``data`` from its schema fingerprint alone, without

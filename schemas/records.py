@@ -396,6 +396,21 @@ class AssignmentReleased(QueueEvent):
     reason: str
 
 
+# --- commits: the events of one decision as one Kafka record ----------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Commit(Record):
+    """The events one decision appends, as ONE Kafka record: a decision is atomic on
+    the log and costs one produce and one fetch. Each event keeps its own Avro bytes
+    (id, seq, the bytes the audit chain hashes); ``schemas.codec`` packs and unpacks.
+    Records written before commits existed hold one event each and read the same."""
+
+    tenant_id: str
+    key: str  # the Kafka key: a conversation id, or a queue for queue events
+    events: list[bytes]
+
+
 COMMAND_TYPES: tuple[type[Command], ...] = (
     ReceiveMessage,
     RecordReply,
@@ -442,6 +457,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         *QUEUE_EVENT_TYPES,
         DeadLetter,
         WordListChanged,
+        Commit,
     )
 }
 

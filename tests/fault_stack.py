@@ -416,11 +416,10 @@ def decode_events(raw: Sequence[tuple[str, int, int, bytes]], tenant: str = TENA
     out: list[Event] = []
     for _topic, _partition, _offset, value in raw:
         try:
-            record = CODEC.decode(value)
+            records = CODEC.decode_all(value)  # one event, or a commit's events
         except DecodeError:
             continue
-        if isinstance(record, Event) and record.tenant_id == tenant:
-            out.append(record)
+        out += [r for r in records if isinstance(r, Event) and r.tenant_id == tenant]
     return out
 
 

@@ -1,15 +1,35 @@
 """Reading whole topics in tests: a group-less consumer from the beginning to the end
-offsets at the time of the call."""
+offsets at the time of the call. A value of the events or queue-events topic holds one
+event (written before commits) or a ``Commit`` of several: ``read_events`` reads both."""
 
 from __future__ import annotations
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from kefu.settings import Settings
+from schemas.codec import CODEC, DecodeError
+from schemas.records import Record
 
 
 async def read_topic(settings: Settings, topic: str) -> list[bytes]:
     return [r.value for r in await read_records(settings, topic) if r.value is not None]
+
+
+async def read_events(settings: Settings, topic: str) -> list[Record]:
+    """Every record the values of ``topic`` hold, in log order per partition (each
+    commit's events in order); values that do not decode (other tests' poison) are
+    skipped."""
+    return decoded_all(await read_topic(settings, topic))
+
+
+def decoded_all(values: list[bytes]) -> list[Record]:
+    out: list[Record] = []
+    for value in values:
+        try:
+            out += CODEC.decode_all(value)
+        except DecodeError:
+            continue
+    return out
 
 
 async def read_records(settings: Settings, topic: str) -> list[ConsumerRecord[bytes, bytes]]:

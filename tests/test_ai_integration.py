@@ -116,11 +116,15 @@ async def reply_event(settings: Settings, conversation_id: str) -> ReplyProduced
         async with asyncio.timeout(30):
             async for message in consumer:
                 try:
-                    record = CODEC.decode(message.value)
+                    records = CODEC.decode_all(message.value)  # one event, or a commit's
                 except DecodeError:
                     continue
-                if isinstance(record, ReplyProduced) and record.conversation_id == conversation_id:
-                    return record
+                for record in records:
+                    if (
+                        isinstance(record, ReplyProduced)
+                        and record.conversation_id == conversation_id
+                    ):
+                        return record
     finally:
         await consumer.stop()
     raise AssertionError("no reply event")
@@ -195,8 +199,15 @@ async def _records_of(settings: Settings, topic: str, conversation_id: str) -> l
             while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
                 batches = await consumer.getmany(timeout_ms=500)
                 for message in (m for batch in batches.values() for m in batch):
-                    if message.key == conversation_id.encode():
-                        found.append(CODEC.decode(message.value))
+                    # By each event's conversation, not the record's key: a commit may
+                    # hold another conversation's receipts. Bytes without the id hold
+                    # none of its events.
+                    if conversation_id.encode() in message.value:
+                        found += [
+                            e
+                            for e in CODEC.decode_all(message.value)
+                            if getattr(e, "conversation_id", None) == conversation_id
+                        ]
             return found
     finally:
         await consumer.stop()

@@ -6,6 +6,7 @@ are empty, not errors."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from projections.clickhouse_events import COLUMNS, ClickHouseStore
+from projections.clickhouse_events import COLUMNS, ClickHouseStore, rows_of_record
 from projections.clickhouse_views import (
     REPORTS,
     grafana_json,
@@ -22,6 +23,14 @@ from projections.clickhouse_views import (
     render,
     template,
     view_statements,
+)
+from schemas.codec import CODEC
+from schemas.records import (
+    AgentPresenceChanged,
+    CsatRequested,
+    MessageModerated,
+    MessageReceived,
+    ReceiveMessage,
 )
 
 T0 = 1_790_000_000_000  # 2026-09-21, inside the window of every query below
@@ -231,3 +240,106 @@ def test_parse_since() -> None:
     assert parse_since("2026-01-01T00:00:00Z") == 1_767_225_600_000
     with pytest.raises(ValueError):
         parse_since("yesterday")
+
+
+def test_projector_rows_from_both_record_formats(store: ClickHouseStore) -> None:
+    """The projector's rows of a log of old single-event records and commits: one per
+    event, each event's own bytes, its record's position; a redelivered commit (the
+    same record again, or the same events at a new offset) adds no row under FINAL."""
+    tenant = "t-commits"
+    env: dict[str, Any] = {"conversation_id": "c1", "tenant_id": tenant}
+
+    def at(seq: int) -> dict[str, Any]:
+        return {"event_id": f"e-{seq}", "seq": seq, "occurred_at": T0 + seq, **env}
+
+    received = MessageReceived(
+        channel="web",
+        customer_id="u",
+        text="hi",
+        channel_message_id="m",
+        command_id="k",
+        **at(1),
+    )
+    moderated = MessageModerated(
+        message_event_id="e-1", direction="in", verdict="pass", text="hi", **at(2)
+    )
+    asked = CsatRequested(**at(3))
+    presence = AgentPresenceChanged(
+        event_id="q-1",
+        tenant_id=tenant,
+        queue=f"{tenant}:default",
+        seq=1,
+        occurred_at=T0,
+        agent_id="a1",
+        presence="online",
+        capacity=2,
+    )
+    single = CODEC.encode(received)
+    commit = CODEC.encode(CODEC.commit([moderated, asked], "c1"))
+    queue_commit = CODEC.encode(CODEC.commit([presence], f"{tenant}:default"))
+
+    rows, poison = [], []
+    for offset, value in enumerate([single, commit, queue_commit, commit]):
+        made, bad = rows_of_record(0, offset, value, 512 * 1024)
+        rows += made
+        poison += bad
+    assert poison == []
+    assert [(r[3], r[4], r[9]) for r in rows] == [
+        ("c1", 1, 0),
+        ("c1", 2, 1),
+        ("c1", 3, 1),  # the events of a commit share its position
+        (f"queue:{tenant}:default", 1, 2),
+        ("c1", 2, 3),
+        ("c1", 3, 3),
+    ]
+    raws = [base64.b64decode(r[11]) for r in rows]
+    assert raws[:4] == [single, *CODEC.unpack(commit), *CODEC.unpack(queue_commit)]
+    insert(store, rows)
+    insert(store, rows[1:3])  # a redelivered batch too
+
+    sql = (
+        "SELECT conversation_id, seq, event_id, type FROM kefu.events FINAL "
+        f"WHERE tenant_id = '{tenant}' ORDER BY conversation_id, seq"
+    )
+    _, stored = asyncio.run(store.query(sql))
+    assert [tuple(r) for r in stored] == [
+        ("c1", 1, "e-1", "MessageReceived"),
+        ("c1", 2, "e-2", "MessageModerated"),
+        ("c1", 3, "e-3", "CsatRequested"),
+        (f"queue:{tenant}:default", 1, "q-1", "AgentPresenceChanged"),
+    ]
+
+
+def test_projector_dead_letters_only_the_bad_event_of_a_commit() -> None:
+    good = MessageModerated(
+        event_id="e-1",
+        conversation_id="c1",
+        tenant_id="t",
+        seq=1,
+        occurred_at=T0,
+        message_event_id="m",
+        direction="in",
+        verdict="pass",
+        text="hi",
+    )
+    command = ReceiveMessage(
+        command_id="k",
+        conversation_id="c1",
+        tenant_id="t",
+        issued_at=T0,
+        channel="web",
+        customer_id="u",
+        text="hi",
+        channel_message_id="m",
+    )
+    commit = CODEC.encode(CODEC.commit([good, command], "c1"))
+    rows, poison = rows_of_record(4, 9, commit, 512 * 1024)
+    assert [(r[2], r[4], r[8], r[9]) for r in rows] == [("t", 1, 4, 9)]
+    (bad,) = poison
+    assert bad.payload == CODEC.encode(command)  # its own bytes, the sibling stored
+    assert bad.reason == "event 2 of 2 in a commit: expected an event, got ReceiveMessage"
+    # A commit cut short is poison whole; so is a record over the size limit.
+    (cut,) = rows_of_record(4, 9, commit[:-30], 512 * 1024)[1]
+    assert cut.payload == commit[:-30] and "corrupt Commit" in cut.reason
+    (big,) = rows_of_record(4, 9, commit, 64)[1]
+    assert big.payload == commit[:64] and "over the 64-byte limit" in big.reason

@@ -1,14 +1,54 @@
 import io
 import json
 from importlib import resources
+from typing import Any
 
 import pytest
 from fastavro import parse_schema, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from schemas.codec import CODEC, MAGIC, DecodeError
-from schemas.records import RECORD_TYPES, MessageReceived, Record
-from tests.samples import EVT, SAMPLES
+from schemas.records import RECORD_TYPES, Commit, MessageModerated, MessageReceived, Record
+from tests.samples import EVT
+from tests.samples import SAMPLES as _SAMPLES
+
+_ENV: dict[str, Any] = {
+    "conversation_id": "conv-1",
+    "tenant_id": "t1",
+    "occurred_at": 1_700_000_000_123,
+}
+RECEIVED = MessageReceived(
+    event_id="e-1",
+    seq=1,
+    channel="api",
+    customer_id="u1",
+    text="hi",
+    channel_message_id="m1",
+    command_id="c1",
+    **_ENV,
+)
+MODERATED = MessageModerated(
+    event_id="e-2", seq=2, message_event_id="e-1", direction="in", verdict="pass", text="hi", **_ENV
+)
+# tests/samples.py has no Commit (yet): one here, so every record type has a sample.
+SAMPLES = [*(s for s in _SAMPLES if s.type != "Commit"), CODEC.commit([RECEIVED, MODERATED], "k")]
+
+# Frozen bytes: never regenerate them. MODERATED alone, as written before commits (one
+# event per Kafka record), and RECEIVED + MODERATED as one Commit keyed "conv-1".
+OLD_SINGLE = bytes.fromhex(
+    "c3011c57fde290af19dc06652d320c636f6e762d3104743104f6a1abfef962204d6573736167654d6f64"
+    "6572617465640206652d3104696e08706173730004686900"
+)
+OLD_RECEIVED = bytes.fromhex(
+    "c301d9ce5bd5cc328c2e06652d310c636f6e762d3104743102f6a1abfef9621e4d657373616765526563"
+    "65697665640406617069047531046869046d3104633100"
+)
+COMMIT_V1 = bytes.fromhex(
+    "c30158ecd28f4ed292590474310c636f6e762d31048201c301d9ce5bd5cc328c2e06652d310c636f6e76"
+    "2d3104743102f6a1abfef9621e4d65737361676552656365697665640406617069047531046869046d31"
+    "046331008401c3011c57fde290af19dc06652d320c636f6e762d3104743104f6a1abfef962204d657373"
+    "6167654d6f646572617465640206652d3104696e08706173730004686900000c436f6d6d697402"
+)
 
 
 def test_every_record_type_has_a_sample() -> None:
@@ -85,3 +125,31 @@ def test_truncated_body_is_a_decode_error() -> None:
     data = CODEC.encode(SAMPLES[4])
     with pytest.raises(DecodeError, match="corrupt MessageReceived"):
         CODEC.decode(data[:-5])
+
+
+def test_frozen_commit_of_two_events_reads_with_todays_schemas() -> None:
+    commit = CODEC.decode(COMMIT_V1)
+    assert isinstance(commit, Commit)
+    assert (commit.tenant_id, commit.key) == ("t1", "conv-1")
+    assert CODEC.is_commit(COMMIT_V1)
+    # Each event keeps its own exact bytes (what the audit chain hashes), in order.
+    assert CODEC.unpack(COMMIT_V1) == [OLD_RECEIVED, OLD_SINGLE]
+    assert CODEC.decode_all(COMMIT_V1) == [RECEIVED, MODERATED]
+    # Round trips: the decoded commit, and a commit of the decoded events.
+    assert CODEC.decode(CODEC.encode(commit)) == commit
+    again = CODEC.encode(CODEC.commit(CODEC.decode_all(COMMIT_V1), "conv-1"))
+    assert CODEC.decode_all(again) == [RECEIVED, MODERATED]
+
+
+def test_a_record_written_before_commits_is_one_event() -> None:
+    assert not CODEC.is_commit(OLD_SINGLE)
+    assert CODEC.unpack(OLD_SINGLE) == [OLD_SINGLE]
+    assert CODEC.decode_all(OLD_SINGLE) == [MODERATED] == [CODEC.decode(OLD_SINGLE)]
+    assert CODEC.decode_all(CODEC.encode(MODERATED)) == [MODERATED]  # round trip
+
+
+def test_an_empty_commit_holds_no_event_and_a_cut_one_is_a_decode_error() -> None:
+    empty = CODEC.encode(CODEC.commit([], "k"))
+    assert CODEC.unpack(empty) == [] and CODEC.decode_all(empty) == []
+    with pytest.raises(DecodeError, match="corrupt Commit"):
+        CODEC.unpack(COMMIT_V1[:-20])

@@ -99,7 +99,9 @@ class TopicWatch:
         while pending:
             batch = await self._consumer.getmany(*pending, timeout_ms=1000)
             for tp, items in batch.items():
-                records.extend(CODEC.decode(r.value) for r in items if r.offset < end[tp])
+                for r in items:
+                    if r.offset < end[tp]:  # a commit (batched receipts) holds several
+                        records.extend(CODEC.decode_all(r.value))
             pending = [tp for tp in pending if await self._consumer.position(tp) < end[tp]]
         return records
 

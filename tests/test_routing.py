@@ -37,7 +37,7 @@ from schemas.time import now_ms
 from schemas.topics import TopicNames
 from streams.queueing import Queue, evolve_queue
 from tests.conftest import wait_for
-from tests.kafka_helpers import read_topic
+from tests.kafka_helpers import read_events, read_topic
 from tests.test_metrics import families
 from tests.test_pipeline import gateway
 
@@ -83,10 +83,10 @@ def queue_log(settings: Settings, queue: str) -> list[QueueEvent]:
     topic = TopicNames(settings.topic_prefix).queue_events
     found = []
     for record in asyncio.run(read_topic(settings, topic)):
-        event = CODEC.decode(record)
-        assert isinstance(event, QueueEvent)
-        if event.queue == queue:
-            found.append(event)
+        for event in CODEC.decode_all(record):  # one event, or a commit's
+            assert isinstance(event, QueueEvent)
+            if event.queue == queue:
+                found.append(event)
     return sorted(found, key=lambda e: e.seq)
 
 
@@ -118,8 +118,7 @@ def events_of(settings: Settings, conversation: str, kind: type[E]) -> list[E]:
 def conversation_log(settings: Settings, conversation: str) -> list[Event]:
     topic = TopicNames(settings.topic_prefix).events
     found = []
-    for record in asyncio.run(read_topic(settings, topic)):
-        event = CODEC.decode(record)
+    for event in asyncio.run(read_events(settings, topic)):  # commits unpacked
         if isinstance(event, Event) and event.conversation_id == conversation:
             found.append(event)
     return sorted(found, key=lambda e: e.seq)

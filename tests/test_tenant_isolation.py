@@ -436,15 +436,17 @@ def _records_name_their_tenant(settings: Settings, conversations: set[str]) -> N
             if record.value is None:
                 continue
             try:
-                decoded = CODEC.decode(record.value)
+                decoded = CODEC.decode_all(record.value)  # one record, or a commit's events
             except Exception:  # poison other tests put on the log
                 continue
             # Only what kefu produced for these conversations: other tests put records
             # of their own (poison, hand-made commands) on the shared log.
-            if getattr(decoded, "conversation_id", None) not in conversations:
+            mine = [d for d in decoded if getattr(d, "conversation_id", None) in conversations]
+            if not mine:
                 continue
-            tenant = getattr(decoded, "tenant_id", None)
-            assert tenant_of(record.headers) == tenant, (topic, record.offset)
+            for one in mine:  # every event of a commit names the record's tenant
+                tenant = getattr(one, "tenant_id", None)
+                assert tenant_of(record.headers) == tenant, (topic, record.offset)
             seen[topic] = seen.get(topic, 0) + 1
     # A's two conversations: commands in, events out (the worker's sends).
     assert seen.get(names.commands, 0) >= 2 and seen.get(names.events, 0) >= 2, seen

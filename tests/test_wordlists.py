@@ -102,12 +102,12 @@ async def moderated_since(
             batch = await consumer.getmany(*pending, timeout_ms=1000)
             for tp, records in batch.items():
                 for record in records:
-                    event = CODEC.decode(record.value)
-                    if (
-                        isinstance(event, MessageModerated)
-                        and event.conversation_id in conversations
-                    ):
-                        found.append((tp.partition, event))
+                    for event in CODEC.decode_all(record.value):  # a commit holds several
+                        if (
+                            isinstance(event, MessageModerated)
+                            and event.conversation_id in conversations
+                        ):
+                            found.append((tp.partition, event))
             pending = {tp for tp in pending if await consumer.position(tp) < end[tp]}
         return found
     finally:
