@@ -143,6 +143,10 @@ class WorkerSettings(_Frozen):
     # the conversation agent in the same step; off = every request goes through the
     # responder agent (a hop and two records more per message).
     inline_answers: bool = True
+    # Faust's consumer runs in a thread of its own: a socket write of the main loop
+    # (every produce request) that releases the GIL waits up to this long to get it
+    # back (CPython's default is 5 ms); shorter keeps the loop moving.
+    switch_interval_ms: float = 0.5
 
 
 class RoutingSettings(_Frozen):

@@ -6,6 +6,7 @@ More workers (same code, same group) split the partitions between them.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -24,20 +25,14 @@ from projections.redis_rebuild import RebuildingRedisModel, log_rebuild
 from projections.redis_state import RedisConversations
 from projections.replay import replay_topics
 from schemas.topics import TopicNames
-from streams import (
-    conversation,
-    delivery,
-    projection,
-    responder,
-    routing_feed,
-    timers,
-    wordlists,
-)
+from streams import conversation, timers, wordlists
 from streams import router as queue_router
 from streams.app import KefuApp, StreamsConfig, build_app
+from streams.event_reader import EventReader, ReaderConfig
 from streams.lifecycle import Policy
-from streams.metrics import watch_app
+from streams.metrics import watch_app, watch_reader
 from streams.moderation import Moderator, SpamLimits, WordList
+from streams.responder import ResponderPool
 from streams.routing import TenantRouting, router
 from streams.telemetry import traced_app
 
@@ -97,11 +92,8 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     )
     conversation.install(kefu, policy)
     queue_router.install(kefu, sticky=settings.routing.sticky)
-    routing_feed.install(kefu)
     timers.install(kefu, _deadlines(settings), settings.routing.timer_seconds)
-    responder.install(kefu, answers)
     deliverer = ChannelDeliverer(redis, webhooks, senders=channel_senders(settings))
-    delivery.install(kefu, deliverer)
     read_model = RedisConversations(redis)
     sink: RedisConversations | RebuildingRedisModel = read_model
     if settings.reliability.redis_rebuild:  # Redis flushed or replaced: back from the log
@@ -113,8 +105,21 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
             settings.kafka.client_options(),
         )
         sink = RebuildingRedisModel(redis, read_model, rebuild)
-    projection.install(kefu, sink)
-    projection.install(kefu, sink, queues=True)
+    # One reader of the events for projection, delivery, routing feed and responder.
+    reader = EventReader(
+        kefu,
+        sink,
+        deliverer,
+        ResponderPool(kefu, answers, concurrency=settings.worker.concurrency),
+        ReaderConfig(group_id=f"{settings.app_id}-events", legacy_group_id=settings.app_id),
+    )
+    watch_reader(reader)
+
+    @kefu.app.task  # type: ignore[untyped-decorator]
+    async def start_reader(app: Any) -> None:
+        # After table recovery, as Faust's own agents; stopped before the producer.
+        await app.add_runtime_dependency(reader)
+
     _install_health(kefu)
 
     async def close_clients(app: Any, **kwargs: Any) -> None:
@@ -189,6 +194,7 @@ def _install_health(kefu: KefuApp) -> None:
 
 
 def run_worker(settings: Settings, web_port: int | None = None) -> None:
+    sys.setswitchinterval(settings.worker.switch_interval_ms / 1000)
     if settings.worker.event_loop == "uvloop":
         import mode.loop
 

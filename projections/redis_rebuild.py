@@ -36,7 +36,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from projections.redis_state import APPLY_SCRIPT, RedisConversations, script_call
+from projections.redis_state import RedisConversations
 from schemas.records import Event, QueueEvent
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,6 @@ class RebuildingRedisModel:
         self._rebuild = rebuild
         self._lock_ms = int(lock_seconds * 1000)
         self._poll = poll_seconds
-        self._script = client.register_script(APPLY_SCRIPT)
         self.rebuilds = 0  # rebuilds this process ran (tests, metrics)
 
     async def apply(self, events: Sequence[Event | QueueEvent]) -> None:
@@ -99,9 +98,7 @@ class RebuildingRedisModel:
                         await self._rebuild_or_wait()
                         continue
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    for event in events:
-                        keys, args = script_call(event)
-                        await self._script(keys=keys, args=args, client=pipe)
+                    await self._model.queue(pipe, events)  # batch scripts, not one per event
                     await pipe.execute()
                     return
                 except WatchError:

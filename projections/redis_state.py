@@ -520,6 +520,12 @@ class RedisConversations:
             for start in range(0, len(events), self._batch)
         ]
 
+    async def queue(self, pipe: Any, events: Sequence[Event | QueueEvent]) -> None:
+        """Queue the batch script's calls for ``events`` on ``pipe`` (a pipeline or a
+        MULTI the caller executes): one call per ``batch_events``, not one per event."""
+        for payload in self.payloads(events):
+            await self._apply_many(keys=[], args=[payload], client=pipe)
+
     async def apply_payloads(self, payloads: Sequence[bytes]) -> None:
         """Run the batch script over ``payloads``, in order, in one round trip."""
         if not payloads:

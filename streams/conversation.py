@@ -2,9 +2,10 @@
 
 Commands arrive keyed by conversation id, so one partition (and one actor) sees all of
 a conversation's commands in order. For each: fold-decide-append, with the state in a
-Faust table. A reply that needs no I/O (the FAQ, an intent's canned text) is decided in
-the same step (``Policy.answer_now``), so it leaves with the message's own events.
-Commands come in batches (``streams.inbox.batches``): Faust acks a batch once this loop
+Faust table; the events of one command record go out as ONE record (a ``Commit``). A
+reply that needs no I/O (the FAQ, an intent's canned text) is decided in the same step
+(``Policy.answer_now``), so it leaves with the message's own events. Commands come in
+batches (``streams.inbox.command_batches``): Faust acks a batch once this loop
 asks for the next one and flushes the producer before committing acked offsets, so the
 events are on the log before the commands count as done; a redelivered command is
 dropped by ``decide``. The table is written once per conversation per batch,
@@ -16,10 +17,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from schemas.records import Command
+from schemas.codec import CODEC
+from schemas.records import Command, Event
 from streams import telemetry
 from streams.app import KefuApp
-from streams.inbox import batches, position, send_dead_letter, send_in_order
+from streams.inbox import command_batches, position, send_dead_letter, send_in_order
 from streams.lifecycle import Conversation, Policy, Rejected, decide, evolve
 
 log = logging.getLogger(__name__)
@@ -64,32 +66,51 @@ def install(kefu: KefuApp, policy: Policy) -> Any:
     states = _States(kefu.conversations)
     Changed = dict[str, tuple[Conversation, int]]  # id -> (state, its partition)
 
-    async def apply(event: Any, command: Command, changed: Changed) -> None:
-        conversation_id = command.conversation_id
+    async def apply(event: Any, commands: list[tuple[bytes, Command]], changed: Changed) -> None:
+        """One Kafka record (one command, or a ``Commit`` of several: a batch of
+        delivery receipts of one partition) becomes ONE record of events: the decision
+        is atomic on the log. A command that must not apply is dead-lettered alone,
+        with its own bytes; the others still apply."""
+        message = event.message
+        pending: Changed = {}
+        appended: list[Event] = []
+        for raw, command in commands:
+            conversation_id = command.conversation_id
+            try:
+                known = pending.get(conversation_id) or changed.get(conversation_id)
+                state = known[0] if known else states.get(conversation_id)
+                events = decide(state, command, policy)
+                for decided in events:
+                    state = evolve(state, decided)
+                if events:
+                    appended += events
+                    pending[conversation_id] = (state, message.partition)
+            except Rejected as exc:
+                await send_dead_letter(kefu.deadletter, message, str(exc), STAGE, payload=raw)
+            except Exception as exc:  # a bug for one command must not stop the partition
+                log.exception("conversation %s failed at %s", conversation_id, position(message))
+                await send_dead_letter(kefu.deadletter, message, repr(exc), STAGE, payload=raw)
+        if not appended:
+            log.debug("dropped applied command(s) %s", position(message))
+            return
+        # Every conversation of one record is in this partition: any of their ids is a
+        # key that lands the events record there.
+        key = appended[0].conversation_id
         try:
-            pending = changed.get(conversation_id)
-            state = pending[0] if pending else states.get(conversation_id)
-            events = decide(state, command, policy)
-            if not events:
-                log.debug("dropped applied command %s", position(event.message))
-                return
-            for appended in events:
-                state = evolve(state, appended)
-            sends = [(kefu.events_out, conversation_id, appended) for appended in events]
-            await send_in_order(sends, f"{STAGE} {position(event.message)}")
-            changed[conversation_id] = (state, event.message.partition)
-        except Rejected as exc:
-            await send_dead_letter(kefu.deadletter, event.message, str(exc), STAGE)
-        except Exception as exc:  # a bug for one record must not stop the partition
-            log.exception("conversation %s failed at %s", conversation_id, position(event.message))
-            await send_dead_letter(kefu.deadletter, event.message, repr(exc), STAGE)
+            commit = CODEC.commit(appended, key)
+            await send_in_order([(kefu.events_out, key, commit)], f"{STAGE} {position(message)}")
+        except Exception as exc:  # not on the log: the states stay as they were
+            log.exception("events of %s not appended", position(message))
+            await send_dead_letter(kefu.deadletter, message, repr(exc), STAGE)
+            return
+        changed.update(pending)
 
     async def conversation(stream: Any) -> None:
-        async for batch in batches(stream, Command, kefu.deadletter, STAGE):
+        async for batch in command_batches(stream, kefu.deadletter, STAGE):
             changed: Changed = {}
-            for event, command in batch:
-                with telemetry.hop(STAGE, event.message, command):
-                    await apply(event, command, changed)
+            for event, commands in batch:
+                with telemetry.hop(STAGE, event.message, commands[0][1]):
+                    await apply(event, commands, changed)
             for conversation_id, (state, partition) in changed.items():
                 states.put(conversation_id, state, partition)
 

@@ -1,29 +1,28 @@
-"""The delivery agent: hands each produced reply to its channel, then records the
-outcome as a ``RecordDelivery`` command (the conversation agent appends
-``MessageDelivered``). Batches skip other events unread; within a batch, one
-conversation's replies go out in log order and different conversations at once.
-Channel I/O is injected (``Deliverer``), so this module stays free of channel code;
+"""Delivery: hands each produced reply to its channel and says how it went.
+
+The worker's reader (``streams.event_reader``) calls ``deliver_batch`` with the events
+of a fetched batch: one conversation's replies go out in log order, different
+conversations at once. Each outcome is a ``RecordDelivery`` receipt; the reader sends
+a partition's receipts of a batch as ONE command record (a ``Commit``), so the
+conversation agent appends their ``MessageDelivered`` events as one record too: the
+receipt costs a fraction of a hop per reply instead of a hop of its own. Channel I/O is
+injected (``Deliverer``), so this module stays free of channel code;
 ``connectors.delivery`` provides it."""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from schemas.codec import CODEC
 from schemas.outcomes import DeliveryOutcome as Outcome
 from schemas.records import ConversationQueued, Event, RecordDelivery, ReplyProduced
 from schemas.time import now_ms
 from streams import telemetry
-from streams.app import KefuApp
-from streams.inbox import (
-    batches,
-    each_conversation,
-    outlasting,
-    position,
-    send_dead_letter,
-    send_in_order,
-)
+from streams.inbox import each_conversation, outlasting, position, send_dead_letter
 
 log = logging.getLogger(__name__)
 _DELIVERY_NAMESPACE = uuid.UUID("a4d7c0f2-91b3-4e6a-b2d8-0c5f7e1a9b63")
@@ -41,24 +40,53 @@ def delivery_command_id(reply_event_id: str) -> str:
     return str(uuid.uuid5(_DELIVERY_NAMESPACE, reply_event_id))
 
 
-def install(kefu: KefuApp, deliverer: Deliverer) -> Any:
-    async def handle(event: Any, record: Event) -> None:
-        with telemetry.hop(STAGE, event.message, record):
-            if isinstance(record, ConversationQueued):
-                await _notify(deliverer, record)
-            elif isinstance(record, ReplyProduced):
-                await _deliver(kefu, deliverer, event, record)
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    message: Any  # the Kafka record the reply came in
+    command: RecordDelivery
+    headers: list[tuple[str, bytes]]  # the delivery hop's trace context, for the send
 
-    async def delivery(stream: Any) -> None:
-        wanted = (ReplyProduced, ConversationQueued)
-        async for batch in batches(stream, Event, kefu.deadletter, STAGE, only=wanted):
-            await each_conversation(batch, handle, kefu.config.concurrency)
 
-    # One actor: a second would take the next batch and could overtake a conversation's
-    # earlier reply. Channels bound their calls (timeouts, retries), so a slow one holds
-    # a batch for a bounded time; Redis down (the web chat's outbox) is waited out for
-    # up to ``TRANSIENT_BUDGET_S`` before the reply is dead-lettered.
-    return kefu.app.agent(kefu.events_in, name="kefu.delivery")(delivery)
+def receipt_of(reply: ReplyProduced, outcome: Outcome) -> RecordDelivery:
+    return RecordDelivery(
+        command_id=delivery_command_id(reply.event_id),
+        conversation_id=reply.conversation_id,
+        tenant_id=reply.tenant_id,
+        issued_at=now_ms(),
+        reply_event_id=reply.event_id,
+        channel=reply.channel,
+        status=outcome.status,
+        attempts=outcome.attempts,
+        detail=outcome.detail,
+    )
+
+
+async def deliver_batch(
+    deliverer: Deliverer,
+    items: Sequence[tuple[Any, Event]],
+    deadletter: Any,
+    concurrency: int,
+) -> list[Receipt]:
+    """Deliver the replies and queue notices among ``items`` (``(Kafka message,
+    event)`` in log order); the receipts, with the message each reply came in. Channels
+    bound their calls (timeouts, retries), so a slow one holds a batch for a bounded
+    time; Redis down (the web chat's outbox) is waited out for up to
+    ``TRANSIENT_BUDGET_S`` before the reply is dead-lettered."""
+    wanted = [(m, e) for m, e in items if isinstance(e, ReplyProduced | ConversationQueued)]
+    receipts: list[Receipt] = []
+
+    async def handle(message: Any, event: Event) -> None:
+        with telemetry.hop(STAGE, message, event):
+            if isinstance(event, ConversationQueued):
+                await _notify(deliverer, event)
+            elif isinstance(event, ReplyProduced):
+                receipt = await _deliver(deliverer, message, event, deadletter)
+                if receipt is not None:  # the hop's trace goes on with the receipt
+                    receipts.append(Receipt(message, receipt, telemetry.carried()))
+
+    if wanted:
+        await each_conversation(wanted, handle, concurrency)
+    return receipts
 
 
 async def _notify(deliverer: Deliverer, event: ConversationQueued) -> None:
@@ -68,25 +96,18 @@ async def _notify(deliverer: Deliverer, event: ConversationQueued) -> None:
         log.warning("queue notice for %s failed", event.conversation_id, exc_info=True)
 
 
-async def _deliver(kefu: KefuApp, deliverer: Deliverer, event: Any, record: ReplyProduced) -> None:
+async def _deliver(
+    deliverer: Deliverer, message: Any, reply: ReplyProduced, deadletter: Any
+) -> RecordDelivery | None:
     try:
-        outcome = await outlasting(lambda: deliverer.deliver(record), f"{STAGE} {record.event_id}")
+        outcome = await outlasting(lambda: deliverer.deliver(reply), f"{STAGE} {reply.event_id}")
     except Exception as exc:
-        log.exception("delivery failed at %s", position(event.message))
-        await send_dead_letter(kefu.deadletter, event.message, repr(exc), STAGE)
-        return
-    receipt = RecordDelivery(
-        command_id=delivery_command_id(record.event_id),
-        conversation_id=record.conversation_id,
-        tenant_id=record.tenant_id,
-        issued_at=now_ms(),
-        reply_event_id=record.event_id,
-        channel=record.channel,
-        status=outcome.status,
-        attempts=outcome.attempts,
-        detail=outcome.detail,
-    )
-    # The reply is out: a Kafka hiccup must not lose its receipt (nor resend the reply).
-    await send_in_order(
-        [(kefu.commands_out, record.conversation_id, receipt)], f"{STAGE} {record.event_id}"
-    )
+        log.exception("delivery failed at %s", position(message))
+        await send_dead_letter(deadletter, message, repr(exc), STAGE, payload=_encoded(reply))
+        return None
+    return receipt_of(reply, outcome)
+
+
+def _encoded(reply: ReplyProduced) -> bytes:
+    # The reply alone, not the record it came in: a redrive must not repeat its siblings.
+    return CODEC.encode(reply)

@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas.codec import CODEC, DecodeError
-from schemas.records import Record, dead_letter
+from schemas.records import Command, Record, dead_letter
 from schemas.time import now_ms
 from streams import telemetry
 from streams.breaker import backoff
@@ -53,7 +53,11 @@ def position(message: Any) -> str:
     return f"{message.topic}[{message.partition}]@{message.offset}"
 
 
-async def send_dead_letter(deadletter_topic: Any, message: Any, reason: str, consumer: str) -> None:
+async def send_dead_letter(
+    deadletter_topic: Any, message: Any, reason: str, consumer: str, payload: bytes | None = None
+) -> None:
+    """Dead-letter ``message`` (its position, key and bytes), or with ``payload`` only
+    the part of it that failed (one command of a ``Commit``)."""
     log.warning("dead-letter %s consumer=%s reason=%s", position(message), consumer, reason)
     telemetry.dead_lettered(consumer, reason)
     record = dead_letter(
@@ -63,7 +67,7 @@ async def send_dead_letter(deadletter_topic: Any, message: Any, reason: str, con
         reason=reason,
         consumer=consumer,
         failed_at=now_ms(),
-        payload=bytes(message.value or b"")[:MAX_RECORD_BYTES],
+        payload=(bytes(message.value or b"") if payload is None else payload)[:MAX_RECORD_BYTES],
         key=message.key,
     )
     await deadletter_topic.send(key=message.key, value=record)
@@ -179,6 +183,43 @@ async def batches(
             record = await _decoded(event, expected, deadletter_topic, consumer)
             if record is not None:
                 out.append((event, record))
+        if out:
+            yield out
+
+
+def decode_commands(value: bytes) -> list[tuple[bytes, Command]]:
+    """The commands a record holds (one, or a ``Commit`` of several), each with its own
+    bytes: a command that fails is dead-lettered alone."""
+    if len(value) > MAX_RECORD_BYTES:
+        raise DecodeError(f"record of {len(value)} bytes is over the {MAX_RECORD_BYTES}-byte limit")
+    out = []
+    for raw in CODEC.unpack(value):
+        out.append((raw, decode(raw, Command)))
+    if not out:
+        raise DecodeError("an empty commit")
+    return out
+
+
+async def command_batches(
+    stream: Any,
+    deadletter_topic: Any,
+    consumer: str,
+    *,
+    size: int = 500,
+    within: float = 0.005,
+) -> AsyncIterator[list[tuple[Any, list[tuple[bytes, Command]]]]]:
+    """``batches`` for the conversation agent: each record's commands, in log order
+    (``InOrder``); a record that does not decode is dead-lettered whole."""
+    gate = InOrder(stream.app.consumer)
+    async for events in stream.take_events(size, within=within):
+        out: list[tuple[Any, list[tuple[bytes, Command]]]] = []
+        for event in events:
+            if not gate.admit(event.message):
+                continue
+            try:
+                out.append((event, decode_commands(event.value)))
+            except DecodeError as exc:
+                await send_dead_letter(deadletter_topic, event.message, exc.reason, consumer)
         if out:
             yield out
 

@@ -100,6 +100,7 @@ class _LiveCollector(Collector):
     def __init__(self) -> None:
         self.breakers: weakref.WeakSet[Any] = weakref.WeakSet()
         self.apps: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.readers: weakref.WeakSet[Any] = weakref.WeakSet()  # streams.event_reader
 
     def collect(self) -> Iterable[Any]:
         state = GaugeMetricFamily(
@@ -137,6 +138,9 @@ class _LiveCollector(Collector):
                 total += len(app.consumer.assignment())
             except Exception:  # not started yet
                 log.debug("assignment unavailable", exc_info=True)
+        for reader in list(self.readers):
+            for topic, partition, value in reader.lag():
+                lag.add_metric([topic, str(partition)], float(value))
         assigned.add_metric([], float(total))
         rebalancing.add_metric([], busy)
         yield lag
@@ -178,3 +182,8 @@ def watch_breakers(breakers: Iterable[Any]) -> None:
 def watch_app(app: Any) -> None:
     """Report this Faust app's consumer lag and assignment."""
     _LIVE.apps.add(app)
+
+
+def watch_reader(reader: Any) -> None:
+    """Report an events reader's lag (``streams.event_reader``) with the app's."""
+    _LIVE.readers.add(reader)

@@ -2,8 +2,8 @@
 
 Routing commands are keyed by queue, so one actor decides for a queue and two
 workers can never assign from the same queue at once. Each decision is appended to
-the queue's history (``kefu.queue-events``) and told to the conversations it
-concerns as commands (assigned, or its place in line)."""
+the queue's history (``kefu.queue-events``, one record per decision) and told to the
+conversations it concerns as commands (assigned, or its place in line)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import logging
 import uuid
 from typing import Any
 
+from schemas.codec import CODEC
 from schemas.records import (
     AgentAssigned,
     AssignConversation,
@@ -82,8 +83,9 @@ async def route(kefu: Any, table: Any, sticky: bool, event: Any, command: Routin
         after = state
         for appended in events:
             after = evolve_queue(after, appended)
+        # The decision's queue events as one record (a ``Commit``): atomic on the log.
         sends: list[tuple[Any, str, Any]] = [
-            (kefu.queue_events_out, command.queue, appended) for appended in events
+            (kefu.queue_events_out, command.queue, CODEC.commit(events, command.queue))
         ]
         sends += [
             (kefu.commands_out, told.conversation_id, told)

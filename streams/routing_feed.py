@@ -6,6 +6,7 @@ event makes no second request."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from schemas.records import (
@@ -19,7 +20,7 @@ from schemas.records import (
 )
 from streams import telemetry
 from streams.app import KefuApp
-from streams.inbox import batches
+from streams.inbox import send_in_order
 
 _NAMESPACE = uuid.UUID("8c4b2a9e-6d3f-4e1a-b7c5-2e9f0d8a1b36")
 STAGE = "routing-feed"
@@ -86,14 +87,13 @@ def routing_commands(event: Event) -> list[RoutingCommand]:
             return []
 
 
-def install(kefu: KefuApp) -> Any:
-    wanted = (ConversationRouted, ConversationHandedOff, ConversationClosed)
-
-    async def routing_feed(stream: Any) -> None:
-        async for batch in batches(stream, Event, kefu.deadletter, STAGE, only=wanted):
-            for event, record in batch:
-                with telemetry.hop(STAGE, event.message, record):
-                    for command in routing_commands(record):
-                        await kefu.routing_out.send(key=command.queue, value=command)
-
-    return kefu.app.agent(kefu.events_in, name="kefu.routing-feed")(routing_feed)
+async def feed(kefu: KefuApp, items: Sequence[tuple[Any, Event]]) -> None:
+    """Send the routing commands of a batch's events (``(Kafka message, event)``, in
+    log order); each under the hop of the event it came from (its trace goes on)."""
+    for message, event in items:
+        commands = routing_commands(event)
+        if not commands:
+            continue
+        with telemetry.hop(STAGE, message, event):
+            sends = [(kefu.routing_out, command.queue, command) for command in commands]
+            await send_in_order(sends, f"{STAGE} {event.event_id}")

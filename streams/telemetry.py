@@ -137,14 +137,25 @@ def outgoing(headers: Any, tenant_id: str | None = None) -> Any:
     hop = _HOP.get()
     extra: tracing.Headers = []
     if hop is not None:
-        hop.sent = True
-        if tracing.enabled():
-            extra = tracing.inject(trace.set_span_in_context(_span(hop), hop.parent))
-        if hop.origin is not None:
-            extra.append(tracing.origin_header(hop.origin))
+        extra = carried()
     elif tracing.enabled():
         extra = tracing.inject()
     return tracing.merged(headers, extra + tenant_headers(tenant_id))
+
+
+def carried() -> tracing.Headers:
+    """The open hop's trace context and origin timestamp as headers: for a record sent
+    under it, or later on its behalf (a batch's delivery receipts go out together)."""
+    hop = _HOP.get()
+    if hop is None:
+        return []
+    hop.sent = True
+    extra: tracing.Headers = []
+    if tracing.enabled():
+        extra = tracing.inject(trace.set_span_in_context(_span(hop), hop.parent))
+    if hop.origin is not None:
+        extra.append(tracing.origin_header(hop.origin))
+    return extra
 
 
 def _headers(send_kwargs: dict[str, Any]) -> Any:
@@ -192,8 +203,8 @@ def projected(stage: str, events: Sequence[Any], started: float) -> None:
     now = now_ms()
     end_ns = time.time_ns()
     start_ns = end_ns - int((time.perf_counter() - started) * 1e9)
-    for event in events:
-        message = getattr(event, "message", None)
+    for event in events:  # Faust events, or the Kafka messages themselves
+        message = getattr(event, "message", event)
         headers = getattr(message, "headers", None)
         origin = tracing.origin_ms(headers)
         if origin is not None:

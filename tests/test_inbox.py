@@ -19,8 +19,10 @@ from aiokafka.errors import (
 from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from schemas.codec import CODEC
 from schemas.outcomes import DeliveryOutcome
 from schemas.records import (
+    Commit,
     ConversationEnqueued,
     DeadLetter,
     QueueConversation,
@@ -97,7 +99,7 @@ async def test_the_responder_waits_out_redis_instead_of_dead_lettering() -> None
     answer = Flaky(RedisConnectionError("Connection refused"), 2, Answer("hello", "ai", 1.0, None))
     kefu = _kefu()
     flaky_responder = SimpleNamespace(answer=lambda r: answer())
-    await responder._answer(kefu, flaky_responder, _event(REQUEST), REQUEST)
+    await responder.answer(kefu, flaky_responder, _event(REQUEST).message, REQUEST)
     assert [type(r) for r in kefu.commands_out.records] == [RecordReply]
     assert kefu.deadletter.records == []
 
@@ -107,19 +109,23 @@ async def test_delivery_waits_out_redis_then_records_the_outcome() -> None:
     deliver = Flaky(RedisConnectionError("Connection refused"), 2, outcome)
     kefu = _kefu()
     deliverer = SimpleNamespace(deliver=lambda r: deliver())
-    await delivery._deliver(kefu, deliverer, _event(REPLY), REPLY)
-    (receipt,) = kefu.commands_out.records
-    assert isinstance(receipt, RecordDelivery) and receipt.status == "delivered"
+    items = [(_event(REPLY).message, REPLY)]
+    (receipt,) = await delivery.deliver_batch(deliverer, items, kefu.deadletter, 4)
+    command = receipt.command
+    assert isinstance(command, RecordDelivery) and command.status == "delivered"
+    assert command.reply_event_id == REPLY.event_id and receipt.message.offset == 7
     assert kefu.deadletter.records == []
 
 
 async def test_delivery_dead_letters_what_is_not_transient() -> None:
     kefu = _kefu()
     deliverer = SimpleNamespace(deliver=lambda r: Flaky(KeyError("bug"), 1)())
-    await delivery._deliver(kefu, deliverer, _event(REPLY), REPLY)
-    assert kefu.commands_out.records == []
+    items = [(_event(REPLY).message, REPLY)]
+    assert await delivery.deliver_batch(deliverer, items, kefu.deadletter, 4) == []
     (dead,) = kefu.deadletter.records
     assert isinstance(dead, DeadLetter) and "KeyError" in dead.reason
+    # The reply alone is kept (a redrive must not repeat the other events of its record).
+    assert dead.payload == CODEC.encode(REPLY) and dead.offset == 7
 
 
 # ------------------------------------------------------------------ Kafka sends
@@ -187,7 +193,9 @@ async def test_the_router_waits_out_kafka_instead_of_dead_lettering() -> None:
     kefu, table = _router_kefu(queue_events), dict[str, str]()
     command = REQUEST_ASSIGNMENT
     await router.route(kefu, table, True, _event(command), command)
-    assert [type(e) for e in queue_events.records] == [ConversationEnqueued]
+    (commit,) = queue_events.records  # the decision as one record
+    assert isinstance(commit, Commit) and commit.key == command.queue
+    assert [type(CODEC.decode(e)) for e in commit.events] == [ConversationEnqueued]
     assert [type(c) for c in kefu.commands_out.records] == [QueueConversation]
     assert command.queue in table and kefu.deadletter.records == []
 
