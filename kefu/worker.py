@@ -25,10 +25,12 @@ from projections.redis_rebuild import RebuildingRedisModel, log_rebuild
 from projections.redis_state import RedisConversations
 from projections.replay import replay_topics
 from schemas.topics import TopicNames
-from streams import conversation, timers, wordlists
 from streams import router as queue_router
+from streams import timers, wordlists
 from streams.app import KefuApp, StreamsConfig, build_app
-from streams.event_reader import EventReader, ReaderConfig
+from streams.batch_consumer import BatchConsumer, direct_sends
+from streams.conversation import ConversationAgent, agent_config
+from streams.event_reader import EventReader, reader_config
 from streams.lifecycle import Policy
 from streams.metrics import watch_app, watch_reader
 from streams.moderation import Moderator, SpamLimits, WordList
@@ -90,7 +92,6 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
         csat=settings.routing.csat,
         answer_now=answers.answer_now if settings.worker.inline_answers else None,
     )
-    conversation.install(kefu, policy)
     queue_router.install(kefu, sticky=settings.routing.sticky)
     timers.install(kefu, _deadlines(settings), settings.routing.timer_seconds)
     deliverer = ChannelDeliverer(redis, webhooks, senders=channel_senders(settings))
@@ -105,22 +106,23 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
             settings.kafka.client_options(),
         )
         sink = RebuildingRedisModel(redis, read_model, rebuild)
-    # One reader of the events for projection, delivery, routing feed and responder.
-    reader = EventReader(
-        kefu,
-        sink,
-        deliverer,
-        ResponderPool(kefu, answers, concurrency=settings.worker.concurrency),
-        ReaderConfig(group_id=f"{settings.app_id}-events", legacy_group_id=settings.app_id),
-    )
-    watch_reader(reader)
+    # The hot path: two batch consumers on the app's loop (streams.batch_consumer),
+    # the conversation agent on the commands, one reader of the events for the
+    # projection, delivery, routing feed and responder. Faust runs the rest.
+    hot = direct_sends(kefu)
+    agent = ConversationAgent(hot, policy, agent_config(kefu, settings.app_id))
+    pool = ResponderPool(hot, answers, concurrency=settings.worker.concurrency)
+    reader = EventReader(hot, sink, deliverer, pool, reader_config(kefu, settings.app_id))
+    for consumer in (agent, reader):
+        watch_reader(consumer)
 
     @kefu.app.task  # type: ignore[untyped-decorator]
-    async def start_reader(app: Any) -> None:
-        # After table recovery, as Faust's own agents; stopped before the producer.
+    async def start_hot_path(app: Any) -> None:
+        # After Faust's table recovery; runtime dependencies stop before the producer.
+        await app.add_runtime_dependency(agent)
         await app.add_runtime_dependency(reader)
 
-    _install_health(kefu)
+    _install_health(kefu, (agent, reader))
 
     async def close_clients(app: Any, **kwargs: Any) -> None:
         # After the consumer stopped, before the loop closes: sessions left open are
@@ -163,12 +165,13 @@ def _deadlines(settings: Settings) -> Callable[[str, str], timers.Deadlines]:
     return deadlines_for
 
 
-def _install_health(kefu: KefuApp) -> None:
+def _install_health(kefu: KefuApp, hot_path: tuple[BatchConsumer, ...]) -> None:
     app = kefu.app
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
         assigned = len(app.consumer.assignment()) if app.consumer else 0
+        assigned += sum(len(consumer.assignment()) for consumer in hot_path)
         # Recovering tables after a rebalance, the worker owns partitions but does not
         # process them yet: not ready until that is over.
         recovering = bool(getattr(app, "in_recovery", False))

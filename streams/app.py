@@ -16,11 +16,14 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas import faust_codec
-from schemas.topics import TABLES, TopicNames
+from schemas.topics import TABLES, TopicNames, changelog_topic
 from streams.consumer import Consumer
+from streams.conversation_store import ConversationStore
 from streams.recovery import TableManager
 
-CONVERSATIONS, QUEUES = TABLES  # kefu.topics creates their changelogs before a worker starts
+# kefu.topics creates their changelogs before a worker starts. The conversations'
+# table is the conversation agent's own (streams.conversation_store); queues' is Faust's.
+CONVERSATIONS, QUEUES = TABLES
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +69,7 @@ class KefuApp:
     commands_out: Any  # faust.TopicT (kefu-avro, sent to)
     events_out: Any
     deadletter: Any
-    conversations: Any  # faust.Table: conversation id -> state JSON
+    conversations: ConversationStore  # conversation id -> state (the agent's table)
     routing_in: Any  # routing commands, keyed by queue
     routing_out: Any
     queue_events_out: Any
@@ -130,7 +133,12 @@ def build_app(config: StreamsConfig) -> KefuApp:
         commands_out=app.topic(names.commands, value_serializer=faust_codec.CODEC_NAME),
         events_out=app.topic(names.events, value_serializer=faust_codec.CODEC_NAME),
         deadletter=app.topic(names.deadletter, value_serializer=faust_codec.CODEC_NAME),
-        conversations=app.Table(CONVERSATIONS, default=None, partitions=config.partitions),
+        conversations=ConversationStore(
+            changelog_topic(config.app_id, CONVERSATIONS),
+            config.broker,
+            app,
+            config.kafka_options,
+        ),
         routing_in=_raw_topic(app, names.routing),
         routing_out=app.topic(names.routing, value_serializer=faust_codec.CODEC_NAME),
         queue_events_out=app.topic(names.queue_events, value_serializer=faust_codec.CODEC_NAME),

@@ -1,90 +1,93 @@
 """The conversation agent: the single writer of every conversation's events.
 
-Commands arrive keyed by conversation id, so one partition (and one actor) sees all of
-a conversation's commands in order. For each: fold-decide-append, with the state in a
-Faust table; the events of one command record go out as ONE record (a ``Commit``). A
-reply that needs no I/O (the FAQ, an intent's canned text) is decided in the same step
-(``Policy.answer_now``), so it leaves with the message's own events. Commands come in
-batches (``streams.inbox.command_batches``): Faust acks a batch once this loop
-asks for the next one and flushes the producer before committing acked offsets, so the
-events are on the log before the commands count as done; a redelivered command is
-dropped by ``decide``. The table is written once per conversation per batch,
-after its events were sent.
+Commands arrive keyed by conversation id, so one partition (and one worker) sees all
+of a conversation's commands in order. For each record: fold-decide-append, with the
+states in ``streams.conversation_store``; the events of one command record go out as
+ONE record (a ``Commit``): a decision is atomic on the log. A reply that needs no I/O
+(the FAQ, an intent's canned text) is decided in the same step
+(``Policy.answer_now``), so it leaves with the message's own events.
+
+It is a ``streams.batch_consumer.BatchConsumer`` (group ``<app id>-commands``): the
+commands of a fetched batch are decided in log order, then the changed states are
+changelogged once each, the producer flushed and the offsets committed, in that
+order. A redelivered command is dropped by ``decide`` (its id is in the state).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from schemas.codec import CODEC
+from aiokafka import TopicPartition
+
+from schemas.codec import CODEC, DecodeError
 from schemas.records import Command, Event
 from streams import telemetry
 from streams.app import KefuApp
-from streams.inbox import command_batches, position, send_dead_letter, send_in_order
+from streams.batch_consumer import BatchConfig, BatchConsumer, TopicSender
+from streams.conversation_store import ConversationStore
+from streams.inbox import decode_commands, position, send_dead_letter, send_in_order
 from streams.lifecycle import Conversation, Policy, Rejected, decide, evolve
 
 log = logging.getLogger(__name__)
 STAGE = "conversation"
 
 
-class _States:
-    """Decoded states by conversation id, valid while the table still holds the very
-    object they were decoded from (a rebalance or a recovery replaces it)."""
-
-    def __init__(self, table: Any, limit: int = 50_000) -> None:
-        self._table = table
-        self._limit = limit
-        self._decoded: dict[str, tuple[Any, Conversation]] = {}
-
-    def get(self, conversation_id: str) -> Conversation:
-        stored = self._table.get(conversation_id)
-        if not stored:
-            return Conversation()
-        cached = self._decoded.get(conversation_id)
-        if cached is not None and cached[0] is stored:
-            return cached[1]
-        state = Conversation.from_json(stored)
-        self._remember(conversation_id, stored, state)
-        return state
-
-    def put(self, conversation_id: str, state: Conversation, partition: int) -> None:
-        """Store and changelog it. Not ``table[key] = ...``: that takes the partition
-        from Faust's current event, which a batch does not set per record."""
-        stored = state.to_json()
-        self._table.data[conversation_id] = stored
-        self._table.send_changelog(partition, conversation_id, stored)
-        self._remember(conversation_id, stored, state)
-
-    def _remember(self, conversation_id: str, stored: Any, state: Conversation) -> None:
-        if len(self._decoded) >= self._limit:
-            self._decoded.clear()  # a cache, not the truth: start over
-        self._decoded[conversation_id] = (stored, state)
+def agent_config(kefu: KefuApp, app_id: str) -> BatchConfig:
+    return BatchConfig(
+        group_id=f"{app_id}-commands",
+        topics=(kefu.config.topics.commands,),
+        legacy_group_id=app_id,
+    )
 
 
-def install(kefu: KefuApp, policy: Policy) -> Any:
-    states = _States(kefu.conversations)
-    Changed = dict[str, tuple[Conversation, int]]  # id -> (state, its partition)
+class ConversationAgent(BatchConsumer):
+    def __init__(self, kefu: KefuApp, policy: Policy, config: BatchConfig, **kwargs: Any) -> None:
+        super().__init__(kefu.config, config, kefu.app, **kwargs)
+        self._kefu = kefu
+        self._policy = policy
+        self._store: ConversationStore = kefu.conversations
+        self._events = TopicSender(kefu.app, kefu.config.topics.events)
 
-    async def apply(event: Any, commands: list[tuple[bytes, Command]], changed: Changed) -> None:
+    async def on_assigned(self, tps: set[TopicPartition]) -> None:
+        await self._store.recover({tp.partition for tp in tps})
+
+    def on_revoked(self, tps: set[TopicPartition]) -> None:
+        self._store.forget({tp.partition for tp in tps})
+
+    async def before_commit(self) -> None:
+        self.track(await self._store.write_changelog())
+
+    async def apply(self, batch: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        for records in batch.values():
+            for message in records:
+                try:
+                    commands = decode_commands(message.value or b"")
+                except DecodeError as exc:
+                    await send_dead_letter(self._kefu.deadletter, message, exc.reason, STAGE)
+                    continue
+                with telemetry.hop(STAGE, message, commands[0][1]):
+                    await self._decide(message, commands)
+
+    async def _decide(self, message: Any, commands: list[tuple[bytes, Command]]) -> None:
         """One Kafka record (one command, or a ``Commit`` of several: a batch of
-        delivery receipts of one partition) becomes ONE record of events: the decision
-        is atomic on the log. A command that must not apply is dead-lettered alone,
-        with its own bytes; the others still apply."""
-        message = event.message
-        pending: Changed = {}
+        delivery receipts of one partition) becomes ONE record of events. A command
+        that must not apply is dead-lettered alone, with its own bytes; the others
+        still apply. States change only once their events are handed to the producer."""
+        kefu, store = self._kefu, self._store
+        pending: dict[str, Conversation] = {}
         appended: list[Event] = []
         for raw, command in commands:
             conversation_id = command.conversation_id
             try:
-                known = pending.get(conversation_id) or changed.get(conversation_id)
-                state = known[0] if known else states.get(conversation_id)
-                events = decide(state, command, policy)
+                state = pending.get(conversation_id) or store.get(conversation_id)
+                events = decide(state, command, self._policy)
                 for decided in events:
                     state = evolve(state, decided)
                 if events:
                     appended += events
-                    pending[conversation_id] = (state, message.partition)
+                    pending[conversation_id] = state
             except Rejected as exc:
                 await send_dead_letter(kefu.deadletter, message, str(exc), STAGE, payload=raw)
             except Exception as exc:  # a bug for one command must not stop the partition
@@ -98,20 +101,11 @@ def install(kefu: KefuApp, policy: Policy) -> Any:
         key = appended[0].conversation_id
         try:
             commit = CODEC.commit(appended, key)
-            await send_in_order([(kefu.events_out, key, commit)], f"{STAGE} {position(message)}")
+            sends = [(self._events, key, commit)]
+            self.track(await send_in_order(sends, f"{STAGE} {position(message)}"))
         except Exception as exc:  # not on the log: the states stay as they were
             log.exception("events of %s not appended", position(message))
             await send_dead_letter(kefu.deadletter, message, repr(exc), STAGE)
             return
-        changed.update(pending)
-
-    async def conversation(stream: Any) -> None:
-        async for batch in command_batches(stream, kefu.deadletter, STAGE):
-            changed: Changed = {}
-            for event, commands in batch:
-                with telemetry.hop(STAGE, event.message, commands[0][1]):
-                    await apply(event, commands, changed)
-            for conversation_id, (state, partition) in changed.items():
-                states.put(conversation_id, state, partition)
-
-    return kefu.app.agent(kefu.commands_in, name="kefu.conversation")(conversation)
+        for conversation_id, state in pending.items():
+            store.put(conversation_id, state, message.partition)

@@ -99,20 +99,20 @@ async def outlasting(
 
 async def send_in_order(
     sends: Sequence[tuple[Any, Any, Any]], what: str, budget_s: float = TRANSIENT_BUDGET_S
-) -> None:
+) -> list[Any]:
     """Send each ``(topic, key, value)`` in order, each once: a transient failure is
     waited out (``outlasting``) and only the send that failed is tried again, never
-    the ones before it, so the log gets no second copy of a decision's first events."""
-    done = 0
+    the ones before it, so the log gets no second copy of a decision's first events.
+    Returns what each send returned (the delivery futures, for a checkpoint)."""
+    results: list[Any] = []
 
     async def rest() -> None:
-        nonlocal done
-        while done < len(sends):
-            topic, key, value = sends[done]
-            await topic.send(key=key, value=value)
-            done += 1
+        while len(results) < len(sends):
+            topic, key, value = sends[len(results)]
+            results.append(await topic.send(key=key, value=value))
 
     await outlasting(rest, what, budget_s)
+    return results
 
 
 def decode(value: bytes, expected: type[R]) -> R:
@@ -198,30 +198,6 @@ def decode_commands(value: bytes) -> list[tuple[bytes, Command]]:
     if not out:
         raise DecodeError("an empty commit")
     return out
-
-
-async def command_batches(
-    stream: Any,
-    deadletter_topic: Any,
-    consumer: str,
-    *,
-    size: int = 500,
-    within: float = 0.005,
-) -> AsyncIterator[list[tuple[Any, list[tuple[bytes, Command]]]]]:
-    """``batches`` for the conversation agent: each record's commands, in log order
-    (``InOrder``); a record that does not decode is dead-lettered whole."""
-    gate = InOrder(stream.app.consumer)
-    async for events in stream.take_events(size, within=within):
-        out: list[tuple[Any, list[tuple[bytes, Command]]]] = []
-        for event in events:
-            if not gate.admit(event.message):
-                continue
-            try:
-                out.append((event, decode_commands(event.value)))
-            except DecodeError as exc:
-                await send_dead_letter(deadletter_topic, event.message, exc.reason, consumer)
-        if out:
-            yield out
 
 
 async def each_conversation(

@@ -122,7 +122,9 @@ async def answer(
         return
     latency_ms = round((time.perf_counter() - started) * 1000)
     command = reply_command(request, answered, now_ms(), latency_ms)
-    # The model's answer is paid for: a Kafka hiccup must not lose it.
-    await send_in_order(
+    # The model's answer is paid for: a Kafka hiccup must not lose it. Waiting for the
+    # broker's ack keeps the request's offset held until the answer is on the log.
+    sent = await send_in_order(
         [(kefu.commands_out, request.conversation_id, command)], f"{STAGE} {request.event_id}"
     )
+    await asyncio.gather(*(f for f in sent if isinstance(f, asyncio.Future)))

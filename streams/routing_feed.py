@@ -87,13 +87,16 @@ def routing_commands(event: Event) -> list[RoutingCommand]:
             return []
 
 
-async def feed(kefu: KefuApp, items: Sequence[tuple[Any, Event]]) -> None:
+async def feed(kefu: KefuApp, items: Sequence[tuple[Any, Event]]) -> list[Any]:
     """Send the routing commands of a batch's events (``(Kafka message, event)``, in
-    log order); each under the hop of the event it came from (its trace goes on)."""
+    log order); each under the hop of the event it came from (its trace goes on).
+    Returns the sends' delivery futures."""
+    sent: list[Any] = []
     for message, event in items:
         commands = routing_commands(event)
         if not commands:
             continue
         with telemetry.hop(STAGE, message, event):
             sends = [(kefu.routing_out, command.queue, command) for command in commands]
-            await send_in_order(sends, f"{STAGE} {event.event_id}")
+            sent += await send_in_order(sends, f"{STAGE} {event.event_id}")
+    return sent

@@ -1,6 +1,6 @@
 """Timers over the conversations a worker holds: idle auto-close and SLA breaches.
 
-A Faust timer scans the local partitions of the conversation table and sends
+A Faust timer scans the conversation states this worker holds and sends
 commands; it never writes events itself (the conversation agent stays the single
 writer). Command ids derive from the state they were decided on, so two workers (or
 a standby replica) noticing the same thing send the same command, applied once.
@@ -86,14 +86,14 @@ def install(
     kefu: KefuApp, deadlines_for: Callable[[str, str], Deadlines], interval: float = 1.0
 ) -> Any:
     """``deadlines_for(tenant, priority)``: per-tenant, per-priority limits."""
-    table = kefu.conversations
+    store = kefu.conversations
     # conversation id -> (the stored state object it was computed from, next due time)
     known: dict[str, tuple[Any, int | None]] = {}
 
     async def check_deadlines() -> None:
         now = now_ms()
         seen: dict[str, tuple[Any, int | None]] = {}
-        for conversation_id, stored in list(table.items()):
+        for conversation_id, stored in store.items():
             if not stored:
                 continue
             entry = known.get(conversation_id)

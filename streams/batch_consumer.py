@@ -1,0 +1,308 @@
+"""A batch consumer driven inside the Faust app: the worker's hot path.
+
+Faust's per-event stream (one trip through its conductor, channel queue and ack
+bookkeeping per record, fetched by a consumer thread of its own) was measured to be
+the wall on the hot path (bench/RESULTS.md "Hot path"). This is the shape that
+replaces it there: an aiokafka consumer in a group of its own, on the Faust app's
+event loop, started with the app as a runtime dependency (after table recovery) and
+stopped before its producer. Each ``getmany`` batch goes through ``apply`` and then
+``checkpoint``, the commit order written out in one function:
+
+1. the batch's effects (``apply``: sends handed to the producer, stores written);
+2. ``before_commit``: what a subclass writes once per batch (a table's changelog);
+3. the producer flushed, and every send of the batch checked: on the log (one the
+   producer gave up on stops the worker before its offsets count as done);
+4. the offsets committed, up to what was applied, never past ``held`` (work still
+   running in the background).
+
+A crash anywhere before 4 makes the batch come again, and every effect absorbs a
+repeat (command ids, event seqs, idempotency keys). Each partition arrives in order
+and resumes from its committed offset, so the hole repair Faust's shared consumer
+needs (``streams.consumer``) has no work here. A rebalance waits for the batch in
+flight and its checkpoint (``revoked``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from mode import Service
+
+from schemas.codec import CODEC
+from schemas.records import Record
+from streams import telemetry
+from streams.app import KefuApp, StreamsConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchConfig:
+    group_id: str
+    topics: tuple[str, ...]
+    max_records: int = 2000  # per fetch: bounds a batch's effects (and a redelivery)
+    poll_ms: int = 100
+    # Seeds a new group from this one's committed offsets (the Faust group that read
+    # these topics before), so an upgrade neither skips nor repeats history.
+    legacy_group_id: str = ""
+
+
+class TopicSender:
+    """``send(key=, value=, headers=)`` like a Faust topic, straight to the app's
+    producer: it returns the delivery future without waiting for the broker (a Faust
+    topic's ``send`` outside an agent waits for each ack), so a batch's sends are
+    in flight together and the checkpoint's flush waits for them all. Records are
+    encoded with the Avro codec; headers get the open hop's trace context."""
+
+    def __init__(self, app: Any, topic: str) -> None:
+        self._app = app  # its producer, taken when first used (Faust makes it lazily)
+        self.topic = topic
+
+    async def send(self, key: str, value: Record, headers: Any = None) -> Any:
+        tenant_id = getattr(value, "tenant_id", None)
+        return await self._app.producer.send(
+            self.topic,
+            key.encode(),
+            CODEC.encode(value),
+            None,
+            None,
+            telemetry.outgoing(headers, tenant_id),
+        )
+
+
+def direct_sends(kefu: KefuApp) -> KefuApp:
+    """``kefu`` whose conversation, command and routing sends are ``TopicSender``s:
+    for the batch consumers (Faust's own agents keep the Faust topics)."""
+    names = kefu.config.topics
+    return dataclasses.replace(
+        kefu,
+        events_out=TopicSender(kefu.app, names.events),
+        commands_out=TopicSender(kefu.app, names.commands),
+        routing_out=TopicSender(kefu.app, names.routing),
+    )
+
+
+class _Rebalances(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: BatchConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._owner.revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._owner.assigned(set(assigned))
+
+
+class BatchConsumer(Service):
+    """Subclasses implement ``apply``; see the module docstring for the order."""
+
+    def __init__(
+        self, streams: StreamsConfig, config: BatchConfig, app: Any, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self._streams = streams
+        self._config = config
+        self._app = app  # the Faust app: its producer sends and is flushed
+        self._consumer: AIOKafkaConsumer | None = None
+        self._lock = asyncio.Lock()  # a batch and a rebalance never overlap
+        self._processed: dict[TopicPartition, int] = {}  # next offset, effects done
+        self._committed: dict[TopicPartition, int] = {}
+        self._sent: list[Any] = []  # delivery futures of this batch's sends
+        self.records = 0  # records applied by this process (tests, metrics)
+
+    # --- what subclasses provide -----------------------------------------------------
+
+    async def apply(self, batch: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+    async def before_commit(self) -> None:
+        """Writes made once per batch, before the flush (a table's changelog)."""
+
+    def held(self, tp: TopicPartition) -> int | None:
+        """The lowest offset of ``tp`` whose work still runs (None: nothing)."""
+        return None
+
+    async def on_assigned(self, tps: set[TopicPartition]) -> None:
+        """Partitions gained (a table recovers them here, before any record of them)."""
+
+    def on_revoked(self, tps: set[TopicPartition]) -> None:
+        """Partitions lost, after their last checkpoint."""
+
+    def track(self, futures: Iterable[Any]) -> None:
+        """Delivery futures of sends this batch made: checked after the flush, so a
+        send the producer gave up on never has its offsets committed."""
+        self._sent.extend(f for f in futures if isinstance(f, asyncio.Future))
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        streams = self._streams
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=streams.broker,
+            group_id=self._config.group_id,
+            client_id=self._config.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=streams.fetch_max_wait_ms,
+            fetch_min_bytes=streams.fetch_min_bytes,
+            session_timeout_ms=int(streams.session_timeout * 1000),
+            heartbeat_interval_ms=int(streams.heartbeat_interval * 1000),
+            rebalance_timeout_ms=int(streams.rebalance_timeout * 1000),
+            # A batch waits for channels (bounded) and Redis (waited out): generous.
+            max_poll_interval_ms=600_000,
+            isolation_level="read_committed"
+            if streams.processing_guarantee == "exactly_once"
+            else "read_uncommitted",
+            **dict(streams.kafka_options),
+        )
+        await self._seed_offsets()
+        await consumer.start()
+        consumer.subscribe(list(self._config.topics), listener=_Rebalances(self))
+        self._consumer = consumer
+
+    async def on_stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        async with self._lock:
+            await self.checkpoint(consumer)
+        await consumer.stop()
+
+    @Service.task
+    async def _read(self) -> None:
+        while not self.should_stop:
+            consumer = self._consumer
+            if consumer is None:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                fetched = await consumer.getmany(
+                    timeout_ms=self._config.poll_ms, max_records=self._config.max_records
+                )
+            except KafkaError as exc:  # the broker away: fetch again
+                log.warning("%s: fetch failed: %r", self._config.group_id, exc)
+                await asyncio.sleep(0.5)
+                continue
+            async with self._lock:
+                owned = consumer.assignment()
+                batch = {tp: records for tp, records in fetched.items() if tp in owned and records}
+                if batch:
+                    await self.apply(batch)
+                    for tp, records in batch.items():
+                        self._processed[tp] = records[-1].offset + 1
+                    self.records += sum(len(records) for records in batch.values())
+                await self.checkpoint(consumer)
+
+    # --- the commit order --------------------------------------------------------------
+
+    async def checkpoint(self, consumer: AIOKafkaConsumer) -> None:
+        """Steps 2-4 of the module docstring (``apply`` has returned). A commit refused
+        by a rebalance is only logged: the records come again to the partition's next
+        owner, and every effect absorbs the repeat."""
+        offsets: dict[TopicPartition, int] = {}
+        for tp, done in self._processed.items():
+            held = self.held(tp)
+            offset = done if held is None else min(done, held)
+            if offset > self._committed.get(tp, -1):
+                offsets[tp] = offset
+        if not offsets:
+            return
+        await self.before_commit()
+        await self._app.producer.flush()
+        sent, self._sent = self._sent, []
+        failed = [f.exception() for f in sent if f.done() and not f.cancelled() and f.exception()]
+        if failed:  # not on the log: nothing past it may count as done; start over
+            group = self._config.group_id
+            raise RuntimeError(f"{group}: {len(failed)} sends failed: {failed[0]!r}")
+        try:
+            await consumer.commit(offsets)
+        except KafkaError as exc:
+            log.warning("%s: commit refused (%r): records come again", self._config.group_id, exc)
+            return
+        self._committed.update(offsets)
+
+    # --- rebalances ------------------------------------------------------------------
+
+    async def revoked(self, gone: set[TopicPartition]) -> None:
+        consumer = self._consumer
+        async with self._lock:  # the batch in flight finishes and commits first
+            if consumer is not None:
+                await self.checkpoint(consumer)
+            for tp in gone:
+                self._processed.pop(tp, None)
+                self._committed.pop(tp, None)
+            self.on_revoked(gone)
+
+    async def assigned(self, gained: set[TopicPartition]) -> None:
+        names = ", ".join(sorted(f"{tp.topic}-{tp.partition}" for tp in gained))
+        log.info("%s assigned %s", self._config.group_id, names or "nothing")
+        async with self._lock:
+            await self.on_assigned(gained)
+
+    def assignment(self) -> set[TopicPartition]:
+        consumer = self._consumer
+        return set(consumer.assignment()) if consumer is not None else set()
+
+    # --- upgrade ---------------------------------------------------------------------
+
+    async def _seed_offsets(self) -> None:
+        """A new group starts where the legacy group (Faust's agents) stopped, not at
+        the beginning: history must not be delivered twice after an upgrade."""
+        legacy = self._config.legacy_group_id
+        if not legacy:
+            return
+        streams = self._streams
+        admin = AIOKafkaAdminClient(bootstrap_servers=streams.broker, **dict(streams.kafka_options))
+        await admin.start()
+        try:
+            if await admin.list_consumer_group_offsets(self._config.group_id):
+                return
+            found = await admin.list_consumer_group_offsets(legacy)
+        except KafkaError as exc:
+            log.warning("could not read the offsets of %s: %r", legacy, exc)
+            return
+        finally:
+            await admin.close()
+        topics = set(self._config.topics)
+        offsets = {
+            tp: meta.offset for tp, meta in found.items() if tp.topic in topics and meta.offset >= 0
+        }
+        if not offsets:
+            return
+        seeder = AIOKafkaConsumer(
+            bootstrap_servers=streams.broker,
+            group_id=self._config.group_id,
+            enable_auto_commit=False,
+            **dict(streams.kafka_options),
+        )
+        await seeder.start()
+        try:
+            seeder.assign(list(offsets))
+            await seeder.commit(offsets)
+            log.info("%s seeded from %s", self._config.group_id, legacy)
+        finally:
+            await seeder.stop()
+
+    # --- figures ---------------------------------------------------------------------
+
+    def lag(self) -> list[tuple[str, int, int]]:
+        """``(topic, partition, records not yet committed)`` per assigned partition."""
+        consumer = self._consumer
+        if consumer is None:
+            return []
+        out = []
+        for tp in sorted(consumer.assignment()):
+            highwater = consumer.highwater(tp)
+            committed = self._committed.get(tp)
+            if highwater is None or committed is None:
+                continue
+            out.append((tp.topic, tp.partition, max(0, highwater - committed)))
+        return out

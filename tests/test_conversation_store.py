@@ -1,0 +1,158 @@
+"""The conversation agent's table (``streams.conversation_store``) against the real
+broker: changes reach the changelog once per batch, a new owner recovers exactly the
+partitions it gains (Faust's changelog format included), and the batch consumer never
+commits past a send the producer gave up on (``streams.batch_consumer``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from kefu.settings import Settings
+from streams.app import StreamsConfig
+from streams.batch_consumer import BatchConfig, BatchConsumer
+from streams.conversation_store import ConversationStore
+from streams.lifecycle import Conversation
+from tests.kafka_helpers import read_records
+
+
+class _Producer:
+    """Faust's producer's ``send``/``flush`` over an aiokafka producer."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+
+    async def send(
+        self, topic: str, key: bytes, value: bytes, partition: int, ts: Any, headers: Any
+    ) -> Any:
+        return await self._producer.send(topic, value, key=key, partition=partition)
+
+    async def flush(self) -> None:
+        await self._producer.flush()
+
+
+async def _topic(settings: Settings, partitions: int = 4) -> str:
+    name = f"test-changelog-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+    return name
+
+
+def _state(conversation_id: str, seq: int) -> Conversation:
+    return Conversation(conversation_id=conversation_id, tenant_id="acme", seq=seq)
+
+
+def test_states_are_changelogged_once_and_recovered_by_partition(pipeline: Settings) -> None:
+    async def scenario() -> None:
+        topic = await _topic(pipeline)
+        producer = AIOKafkaProducer(bootstrap_servers=pipeline.kafka.servers)
+        await producer.start()
+        try:
+            app = SimpleNamespace(producer=_Producer(producer))
+            store = ConversationStore(topic, pipeline.kafka.servers, app)
+            for seq in (1, 2, 3):  # three changes in one batch: one changelog record
+                store.put("c-a", _state("c-a", seq), 0)
+            store.put("c-b", _state("c-b", 1), 1)
+            store.put("c-c", _state("c-c", 5), 2)
+            sent = await store.write_changelog()
+            await producer.flush()
+            assert len(sent) == 3 and all(f.done() and not f.exception() for f in sent)
+            assert await store.write_changelog() == []  # nothing changed since
+            # A record as Faust's table wrote it (raw key, JSON value): still read.
+            faust_state = _state("c-d", 7).to_json()
+            await producer.send_and_wait(
+                topic, json.dumps(faust_state).encode(), key=b"c-d", partition=1
+            )
+            await producer.send_and_wait(topic, None, key=b"c-c", partition=2)  # tombstone
+        finally:
+            await producer.stop()
+
+        records = [r for r in await read_records(pipeline, topic) if r.key == b"c-a"]
+        assert len(records) == 1 and json.loads(records[0].value or b"")["seq"] == 3
+
+        successor = ConversationStore(topic, pipeline.kafka.servers, SimpleNamespace())
+        await successor.recover({0, 1, 2})
+        assert successor.get("c-a") == _state("c-a", 3)
+        assert successor.get("c-b") == _state("c-b", 1)
+        assert successor.get("c-d") == _state("c-d", 7)
+        assert successor.get("c-c") == Conversation()  # deleted
+        assert successor.partitions() == {0, 1, 2}
+        assert dict(successor.items()).keys() == {"c-a", "c-b", "c-d"}
+        successor.forget({0})
+        assert successor.get("c-a") == Conversation() and successor.partitions() == {1, 2}
+
+        only_one = ConversationStore(topic, pipeline.kafka.servers, SimpleNamespace())
+        await only_one.recover({1})
+        assert {k for k, _ in only_one.items()} == {"c-b", "c-d"}
+
+    asyncio.run(scenario())
+
+
+class _Consumer:
+    def __init__(self) -> None:
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+
+
+def _batch_consumer(held: int | None = None) -> tuple[BatchConsumer, Any]:
+    class Held(BatchConsumer):
+        def held(self, tp: TopicPartition) -> int | None:
+            return held
+
+    flushed: list[int] = []
+
+    async def flush() -> None:
+        flushed.append(1)
+
+    app = SimpleNamespace(producer=SimpleNamespace(flush=flush))
+    streams = StreamsConfig("t", "127.0.0.1:1", 4, datadir=None, topics=None)  # type: ignore[arg-type]
+    consumer = Held(streams, BatchConfig("g", ("t",)), app)
+    return consumer, flushed
+
+
+def test_a_checkpoint_flushes_then_commits_what_was_applied_but_not_past_held_work() -> None:
+    async def scenario() -> None:
+        reader, flushed = _batch_consumer(held=None)
+        kafka = _Consumer()
+        tp = TopicPartition("t", 0)
+        reader._processed[tp] = 10
+        await reader.checkpoint(kafka)  # type: ignore[arg-type]
+        assert flushed == [1] and kafka.commits == [{tp: 10}]
+        await reader.checkpoint(kafka)  # type: ignore[arg-type]
+        assert kafka.commits == [{tp: 10}]  # nothing new: no flush, no commit
+
+        waiting, _ = _batch_consumer(held=4)
+        kafka = _Consumer()
+        waiting._processed[tp] = 10
+        await waiting.checkpoint(kafka)  # type: ignore[arg-type]
+        assert kafka.commits == [{tp: 4}]  # a request at offset 4 is still being answered
+
+    asyncio.run(scenario())
+
+
+def test_a_send_the_producer_gave_up_on_stops_the_commit() -> None:
+    async def scenario() -> None:
+        reader, _ = _batch_consumer()
+        kafka = _Consumer()
+        reader._processed[TopicPartition("t", 0)] = 3
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed.set_exception(TimeoutError("no ack"))
+        reader.track([failed])
+        with pytest.raises(RuntimeError, match="sends failed"):
+            await reader.checkpoint(kafka)  # type: ignore[arg-type]
+        assert kafka.commits == []
+
+    asyncio.run(scenario())
