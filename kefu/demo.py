@@ -81,8 +81,9 @@ async def _log_size(settings: Settings) -> int:
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
         if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
+            from streams import faust_private  # imports Faust: only when it is needed
+
+            partitions = await faust_private.topic_partitions(consumer, topic)
         ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
         return sum(ends.values())
     finally:

@@ -17,6 +17,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from schemas import faust_codec
 from schemas.topics import TABLES, TopicNames, changelog_topic
+from streams import faust_private
 from streams.consumer import Consumer
 from streams.conversation_store import ConversationStore
 from streams.recovery import TableManager
@@ -81,20 +82,20 @@ class _Transport(faust_aiokafka.Transport):
     Consumer = Consumer
 
 
-class _App(faust.App):
+class _App(faust_private.HookedApp):
     """A Faust app with our consumer (``streams.consumer``): strict commits, hole
     repair, and the broker fetch's ``fetch_max_wait_ms`` and ``fetch_min_bytes``."""
+
+    transport_class = _Transport
 
     fetch_max_wait_ms: int
     fetch_min_bytes: int
     redeliver_lost_after_s: float
     redeliver_stuck_after_s: float
 
-    def _new_transport(self) -> Any:
-        return _Transport(self.conf.broker_consumer, self)
-
 
 def build_app(config: StreamsConfig) -> KefuApp:
+    faust_private.check_versions()  # the private APIs kefu relies on, at start
     faust_codec.register()
     app = _App(
         config.app_id,

@@ -6,11 +6,12 @@ docs/faults.md "Records skipped around a rebalance"), each handled here:
 - a partition without a committed offset keeps whatever position the fetcher had after
   "seek to committed offsets" (a successor was seen starting at the end of the log):
   ``Consumer.perform_seek`` seeks such partitions to their beginning;
-- the committed offset could move over a record no agent processed: ``_new_offset``
-  tolerated one missing offset at the head of the acks, ``_add_gap`` counted offsets
-  the fetch loop did not see as processed, and acks of records from an earlier
-  generation landed in the new generation's bookkeeping. Here the committed offset
-  only moves over an unbroken run acked in the current generation;
+- the committed offset could move over a record no agent processed: Faust's
+  ``_new_offset`` tolerated one missing offset at the head of the acks, its ``_add_gap``
+  counted offsets the fetch loop did not see as processed, and acks of records from an
+  earlier generation landed in the new generation's bookkeeping. Here the committed
+  offset only moves over an unbroken run acked in the current generation (the hooks
+  ``next_commit_offset`` and ``record_gap`` of ``streams.faust_private.HookedConsumer``);
 - a record cleared from one agent's queue let later ones reach that agent first:
   ``InOrder`` gates each single-actor agent, and ``HoleWatch`` makes the consumer seek a
   partition back to its committed offset when a record stays missing, so it comes
@@ -30,9 +31,11 @@ import time
 from collections.abc import Iterable, Mapping, MutableSequence, Sequence
 from typing import Any, cast
 
-from faust.transport.drivers import aiokafka as faust_aiokafka
+from aiokafka import AIOKafkaConsumer
 from faust.types import TP, Message
 from faust.utils.functional import consecutive_numbers
+
+from streams import faust_private
 
 
 def take_committable(committed: int | None, acked: MutableSequence[int]) -> Sequence[int]:
@@ -110,7 +113,7 @@ class InOrder:
         tp, offset = message.tp, message.offset
         known = self._next.get(tp)
         if known is None or known[0] != message.generation_id:
-            committed = self._consumer._committed_offset.get(tp)
+            committed = faust_private.committed_offsets(self._consumer).get(tp)
             expected = offset if committed is None else committed
         else:
             expected = known[1]
@@ -124,32 +127,34 @@ class InOrder:
         return True
 
 
-class Consumer(faust_aiokafka.Consumer):
+class Consumer(faust_private.HookedConsumer):
     """Faust's aiokafka consumer with strict commits and hole repair (module docstring),
     and the broker fetch wait from the app (``fetch_max_wait_ms``; Faust hard-codes
-    1,500 ms)."""
+    1,500 ms). Faust's private state and methods are reached through
+    ``streams.faust_private`` only."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         app = cast(Any, self.app)  # streams.app._App: its settings, set before this runs
         self._holes = HoleWatch(app.redeliver_lost_after_s, app.redeliver_stuck_after_s)
 
-    def _new_consumer_thread(self) -> Any:
-        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+    def worker_client_created(self, client: AIOKafkaConsumer) -> None:
+        app = cast(Any, self.app)  # streams.app._App
+        faust_private.set_fetch_wait(client, app.fetch_max_wait_ms, app.fetch_min_bytes)
 
     def ack(self, message: Message) -> bool:
         if message.generation_id != self.app.consumer_generation_id:
             # Fetched before the last rebalance: the partition was sought back to its
             # committed offset since, and the record comes again in this generation.
             message.acked = True
-            self._unacked_messages.discard(message)
+            faust_private.unacked_messages(self).discard(message)
             return False
         return bool(super().ack(message))
 
-    def _new_offset(self, tp: TP) -> int | None:
-        acked = self._acked[tp]
-        committed = self._committed_offset[tp]
-        gaps = self._gap[tp]
+    def next_commit_offset(self, tp: TP) -> int | None:
+        acked = faust_private.acked(self)[tp]
+        committed = faust_private.committed_offsets(self)[tp]
+        gaps = faust_private.gaps(self)[tp]
         if acked and gaps:  # transaction markers below the highest ack count as done
             top = max(acked)
             for gap in gaps.overlap(0, top + 1):
@@ -157,7 +162,7 @@ class Consumer(faust_aiokafka.Consumer):
             gaps.chop(0, top + 1)
         run = take_committable(committed, acked)
         if run:
-            self._acked_index[tp].difference_update(run)
+            faust_private.acked_index(self)[tp].difference_update(run)
             self._holes.closed(tp)
             return run[-1] + 1
         if acked and committed is not None:
@@ -166,10 +171,10 @@ class Consumer(faust_aiokafka.Consumer):
             self._holes.closed(tp)
         return None
 
-    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+    async def record_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
         """Offsets the fetch loop skipped are not processed records (module docstring)."""
         if self.in_transaction:  # transaction markers do take offsets
-            await super()._add_gap(tp, offset_from, offset_to)
+            await super().record_gap(tp, offset_from, offset_to)
 
     def _watch_tails(self, in_flight: set[TP]) -> None:
         """A hole with nothing after it: a partition whose committed offset is behind
@@ -180,10 +185,12 @@ class Consumer(faust_aiokafka.Consumer):
         app = cast(Any, self.app)
         if app.rebalancing or getattr(app, "in_recovery", False):
             return  # stream partitions are paused then: their records wait, not lost
+        acked = faust_private.acked(self)
+        committed_offsets = faust_private.committed_offsets(self)
         for tp in self.assignment():
-            if tp in in_flight or self._acked.get(tp) or self._is_changelog_tp(tp):
+            if tp in in_flight or acked.get(tp) or faust_private.is_changelog_tp(self, tp):
                 continue
-            committed = self._committed_offset.get(tp)
+            committed = committed_offsets.get(tp)
             if committed is None:
                 continue
             try:
@@ -193,24 +200,24 @@ class Consumer(faust_aiokafka.Consumer):
             if highwater is not None and highwater > committed:
                 self._holes.seen(tp, committed)
 
-    async def _commit_tps(self, tps: Iterable[TP], start_new_transaction: bool) -> bool:
-        committed = await super()._commit_tps(tps, start_new_transaction)
-        in_flight = {(m.tp, m.offset) for m in self._unacked_messages}
+    async def commit_partitions(self, tps: Iterable[TP], start_new_transaction: bool) -> bool:
+        committed = await super().commit_partitions(tps, start_new_transaction)
+        in_flight = {(m.tp, m.offset) for m in faust_private.unacked_messages(self)}
         self._watch_tails({tp for tp, _ in in_flight})
         if not self._holes:
-            return bool(committed)
+            return committed
         for tp, offset in self._holes.due(in_flight):
-            if tp in self.assignment() and self._committed_offset[tp] == offset:
+            if tp in self.assignment() and faust_private.committed_offsets(self)[tp] == offset:
                 self.log.warning(
                     "Offset %r of %r was fetched but not processed: "
                     "seeking back to deliver it again",
                     offset,
                     tp,
                 )
-                self._acked[tp].clear()
-                self._acked_index[tp].clear()
+                faust_private.acked(self)[tp].clear()
+                faust_private.acked_index(self)[tp].clear()
                 await self.seek(tp, offset)
-        return bool(committed)
+        return committed
 
     async def seek_wait(self, partitions: Mapping[TP, int]) -> None:
         """Table recovery's seek, which also forgets how far each partition was read, as
@@ -219,9 +226,10 @@ class Consumer(faust_aiokafka.Consumer):
         recovered as active from an earlier offset never got its records, and the
         worker hung in recovery ("No event received for active tp", seen in the
         two-worker routing test of a clean-clone CI run)."""
+        read = faust_private.read_offsets(self)
         for tp, offset in partitions.items():
             # Lowered before the seek, so no record from the new position is dropped.
-            self._read_offset[tp] = offset if offset else None
+            read[tp] = offset if offset else None
         await super().seek_wait(partitions)
 
     async def perform_seek(self) -> None:
@@ -230,37 +238,33 @@ class Consumer(faust_aiokafka.Consumer):
         starting at the end of a partition whose dead owner had processed part of it
         and committed nothing), and ``consumer_auto_offset_reset`` does not apply."""
         await super().perform_seek()
+        committed = faust_private.committed_offsets(self)
         fresh = [
             tp
             for tp in self.assignment()
-            if not self._committed_offset[tp] and not self._is_changelog_tp(tp)
+            if not committed[tp] and not faust_private.is_changelog_tp(self, tp)
         ]
         if fresh:
-            await self._thread.seek_to_beginning(*map(faust_aiokafka.ensure_aiokafka_TP, fresh))
+            await faust_private.seek_to_beginning(self, fresh)
+            read = faust_private.read_offsets(self)
             for tp in fresh:
-                self._read_offset[tp] = None
+                read[tp] = None
             names = ", ".join(sorted(f"{tp.topic}-{tp.partition}" for tp in fresh))
             self.log.info("No committed offset: reading %s from the beginning", names)
 
     async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
         # Acks recorded between the revocation and this assignment belong to records of
         # the old generation; this generation starts from the committed offsets.
+        acked = faust_private.acked(self)
+        acked_index = faust_private.acked_index(self)
+        gaps = faust_private.gaps(self)
         for tp in assigned:
-            self._acked.pop(tp, None)
-            self._acked_index.pop(tp, None)
-            self._gap.pop(tp, None)
+            acked.pop(tp, None)
+            acked_index.pop(tp, None)
+            gaps.pop(tp, None)
         self._holes.forget(assigned)
         await super().on_partitions_assigned(assigned, generation_id)
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         self._holes.forget(revoked)
         await super().on_partitions_revoked(revoked)
-
-
-class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport: Any) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        # Read by AIOKafkaConsumer.start() when it builds its fetcher.
-        consumer._fetch_max_wait_ms = cast(Any, self.app).fetch_max_wait_ms
-        consumer._fetch_min_bytes = cast(Any, self.app).fetch_min_bytes
-        return consumer

@@ -147,46 +147,6 @@ async def _decoded(event: Any, expected: type[R], deadletter_topic: Any, consume
         return None
 
 
-async def batches(
-    stream: Any,
-    expected: type[R],
-    deadletter_topic: Any,
-    consumer: str,
-    *,
-    size: int = 500,
-    within: float = 0.005,
-    only: tuple[type[R], ...] | None = None,
-    in_order: bool = True,
-) -> AsyncIterator[list[tuple[Any, R]]]:
-    """Yield lists of ``(faust event, record)``, in log order.
-
-    One Faust hop per event costs several times what a batch from ``take_events``
-    does, and an agent's whole batch is acked when it asks for the next one, so its
-    effects (sends, writes) come before the commit. With ``in_order`` (one actor), each
-    partition's records pass once and in offset order (``streams.consumer.InOrder``:
-    docs/faults.md). With ``only``, records of other types are skipped by their schema
-    fingerprint, never decoded. Undecodable records go to the dead-letter topic.
-
-    (A reader task feeding a queue avoided ``take_events``' polling of quiet topics,
-    but Faust does not clear such a queue on a rebalance as it clears its own buffers:
-    it is not used.)"""
-    gate = InOrder(stream.app.consumer) if in_order else None
-    async for events in stream.take_events(size, within=within):
-        out: list[tuple[Any, R]] = []
-        for event in events:
-            if gate is not None and not gate.admit(event.message):
-                continue
-            if only is not None:
-                kind = CODEC.peek(event.value)
-                if kind is not None and not issubclass(kind, only):
-                    continue
-            record = await _decoded(event, expected, deadletter_topic, consumer)
-            if record is not None:
-                out.append((event, record))
-        if out:
-            yield out
-
-
 def decode_commands(value: bytes) -> list[tuple[bytes, Command]]:
     """The commands a record holds (one, or a ``Commit`` of several), each with its own
     bytes: a command that fails is dead-lettered alone."""

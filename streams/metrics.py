@@ -150,16 +150,22 @@ class _LiveCollector(Collector):
 
 def consumer_lag(app: Any) -> list[tuple[str, int, int]]:
     """``(topic, partition, lag)`` for each assigned partition whose highwater is known."""
+    # Imported here: it imports Faust, which processes that count LLM calls (kefu.ai's
+    # CLI) need not load. Python caches it after the first scrape.
+    from streams import faust_private
+
     try:
         consumer = app.consumer
+        committed_offsets = faust_private.committed_offsets(consumer)
+        read_offsets = faust_private.read_offsets(consumer)
         out = []
         for tp in sorted(consumer.assignment()):
             highwater = consumer.highwater(tp)
             if highwater is None:
                 continue
-            committed = consumer._committed_offset.get(tp)  # next offset to read
+            committed = committed_offsets.get(tp)  # next offset to read
             if committed is None:
-                read = consumer._read_offset.get(tp)
+                read = read_offsets.get(tp)
                 committed = read + 1 if read is not None else None
             if committed is None:
                 continue

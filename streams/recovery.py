@@ -24,24 +24,24 @@ from collections import Counter
 from time import monotonic
 from typing import Any
 
-from faust.tables.manager import TableManager as FaustTableManager
-from faust.tables.recovery import Recovery as FaustRecovery
 from faust.types import TP
 from mode import Service
+
+from streams import faust_private
 
 log = logging.getLogger(__name__)
 
 
-class Recovery(FaustRecovery):
+class Recovery(faust_private.HookedRecovery):
     stall_after_s: float = 10.0
 
-    async def _seek_offsets(
-        self, consumer: Any, tps: Any, offsets: Counter[TP], title: str
+    async def seek_offsets(
+        self, consumer: Any, tps: set[TP], offsets: Counter[TP], title: str
     ) -> None:
         for tp in tps:
             if offsets.get(tp) is None:
                 offsets[tp] = -1  # Faust seeks -1 to the partition's beginning
-        await super()._seek_offsets(consumer, tps, offsets, title)
+        await super().seek_offsets(consumer, tps, offsets, title)
 
     @Service.task
     async def _repair_stalls(self) -> None:
@@ -52,10 +52,10 @@ class Recovery(FaustRecovery):
     async def seek_stalled(self, now: float) -> dict[TP, int]:
         """Seek again the active changelog partitions that are behind and have had no
         record for ``stall_after_s``; returns what it sought."""
-        started = self._recovery_started_at
+        started = faust_private.recovery_started_at(self)
         if started is None:
             return {}
-        received = self._active_events_received_at
+        received = faust_private.active_events_received_at(self)
         stalled: dict[TP, int] = {}
         for tp, remaining in self.active_remaining().items():
             if remaining > 0 and now - received.get(tp, started) >= self.stall_after_s:
@@ -77,9 +77,5 @@ class Recovery(FaustRecovery):
         return stalled
 
 
-class TableManager(FaustTableManager):
-    @property
-    def recovery(self) -> Recovery:
-        if self._recovery is None:
-            self._recovery = Recovery(self.app, self, beacon=self.beacon, loop=self.loop)
-        return self._recovery  # type: ignore[return-value]
+class TableManager(faust_private.HookedTableManager):
+    recovery_class = Recovery

@@ -29,6 +29,7 @@ from mode import Service
 from schemas.codec import CODEC, DecodeError
 from schemas.records import WordListChanged, dead_letter
 from schemas.time import now_ms
+from streams import faust_private
 from streams.app import KefuApp
 from streams.inbox import MAX_RECORD_BYTES
 from streams.moderation import (
@@ -280,14 +281,12 @@ def install(kefu: KefuApp, moderator: Moderator, *, load_timeout: float = 60.0) 
     # start (producer, consumer, agents): they wait for the lists to be loaded.
     kefu.app.add_dependency(follower)
 
-    app = kefu.app
-    commands = kefu.config.topics.commands
+    store = kefu.conversations
 
-    @app.page("/moderation")
+    @kefu.app.page("/moderation")
     async def moderation_status(web: Any, request: Any) -> Any:
         # The commands partitions: the conversations this worker moderates now.
-        owned = app.consumer.assignment() if app.consumer else set()
-        partitions = sorted(tp.partition for tp in owned if tp.topic == commands)
+        partitions = sorted(store.partitions())
         return web.json({**follower.status(), "commands_partitions": partitions})
 
     return follower
@@ -295,8 +294,7 @@ def install(kefu: KefuApp, moderator: Moderator, *, load_timeout: float = 60.0) 
 
 async def _partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     # A fresh metadata fetch: the consumer's own view only knows subscribed topics.
-    cluster = await consumer._client.fetch_all_metadata()
-    return set(cluster.partitions_for_topic(topic) or ())
+    return await faust_private.topic_partitions(consumer, topic)
 
 
 async def _behind(consumer: AIOKafkaConsumer, end: dict[TopicPartition, int]) -> bool:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 
 from schemas.topics import TopicNames
+from streams import faust_private
 from streams.app import StreamsConfig, build_app
 from streams.consumer import Consumer, HoleWatch, InOrder, take_committable
 
@@ -93,39 +94,41 @@ def _message(offset: int, generation_id: int) -> Message:
 
 
 def test_the_consumer_holds_its_commit_at_a_missing_record(consumer: Any) -> None:
-    consumer._committed_offset[COMMANDS] = 90
-    consumer._acked[COMMANDS] = list(range(91, 109))
-    consumer._acked_index[COMMANDS] = set(range(91, 109))
-    assert consumer._new_offset(COMMANDS) is None
+    faust_private.committed_offsets(consumer)[COMMANDS] = 90
+    faust_private.acked(consumer)[COMMANDS] = list(range(91, 109))
+    faust_private.acked_index(consumer)[COMMANDS] = set(range(91, 109))
+    assert consumer.next_commit_offset(COMMANDS) is None
     assert consumer._holes  # watched, to be delivered again if it stays missing
     # Faust's own rule commits over offset 90: the loss this consumer prevents.
-    assert faust_aiokafka.Consumer._new_offset(consumer, COMMANDS) == 109
+    assert faust_private.HookedConsumer.next_commit_offset(consumer, COMMANDS) == 109
 
 
 def test_the_consumer_commits_once_the_missing_record_is_acked(consumer: Any) -> None:
-    consumer._committed_offset[COMMANDS] = 90
-    consumer._acked[COMMANDS] = [*range(91, 109), 90]
-    consumer._acked_index[COMMANDS] = set(range(90, 109))
-    assert consumer._new_offset(COMMANDS) == 109
-    assert not consumer._acked_index[COMMANDS]
+    faust_private.committed_offsets(consumer)[COMMANDS] = 90
+    faust_private.acked(consumer)[COMMANDS] = [*range(91, 109), 90]
+    faust_private.acked_index(consumer)[COMMANDS] = set(range(90, 109))
+    assert consumer.next_commit_offset(COMMANDS) == 109
+    assert not faust_private.acked_index(consumer)[COMMANDS]
     assert not consumer._holes
 
 
 def test_acks_from_an_earlier_generation_do_not_count(consumer: Any) -> None:
     stale = _message(90, generation_id=6)
-    consumer._unacked_messages.add(stale)
+    faust_private.unacked_messages(consumer).add(stale)
     assert consumer.ack(stale) is False
     assert stale.acked
-    assert stale not in consumer._unacked_messages
-    assert not consumer._acked[COMMANDS]
+    assert stale not in faust_private.unacked_messages(consumer)
+    assert not faust_private.acked(consumer)[COMMANDS]
 
 
 async def test_skipped_offsets_are_not_counted_as_processed(consumer: Any) -> None:
-    await consumer._add_gap(COMMANDS, 91, 120)
-    assert not consumer._gap[COMMANDS]
+    await consumer.record_gap(COMMANDS, 91, 120)
+    assert not faust_private.gaps(consumer)[COMMANDS]
 
 
 class _Committed:
+    """What a gate reads of Faust's consumer (its private layout)."""
+
     def __init__(self, offsets: dict[TP, int], in_transaction: bool = False) -> None:
         self._committed_offset = offsets
         self.in_transaction = in_transaction
@@ -172,31 +175,31 @@ def _seek_wait(consumer: Any, seek_wait: Any, offset: int) -> None:
     async def seek_in_thread(partitions: Any) -> None:  # the aiokafka consumer never runs
         pass
 
-    consumer._thread.seek_wait = seek_in_thread
+    cast(Any, faust_private.consumer_thread(consumer)).seek_wait = seek_in_thread
     # On the app's own loop: asyncio.run would orphan the loop the app was built with.
     consumer.loop.run_until_complete(seek_wait(consumer, {CHANGELOG: offset}))
 
 
 def test_recovery_seek_forgets_how_far_the_partition_was_read(consumer: Any) -> None:
     # Read to offset 62 as a standby, then recovered as active from the beginning.
-    consumer._read_offset[CHANGELOG] = 62
+    faust_private.read_offsets(consumer)[CHANGELOG] = 62
     _seek_wait(consumer, faust_aiokafka.Consumer.seek_wait, 0)
     # Faust's keeps the mark: the fetch loop drops offsets 0-61 as already seen.
-    assert consumer._read_offset[CHANGELOG] == 62
+    assert faust_private.read_offsets(consumer)[CHANGELOG] == 62
     _seek_wait(consumer, Consumer.seek_wait, 0)
-    assert consumer._read_offset[CHANGELOG] is None
-    consumer._read_offset[CHANGELOG] = 62
+    assert faust_private.read_offsets(consumer)[CHANGELOG] is None
+    faust_private.read_offsets(consumer)[CHANGELOG] = 62
     _seek_wait(consumer, Consumer.seek_wait, 40)
-    assert consumer._read_offset[CHANGELOG] == 40
+    assert faust_private.read_offsets(consumer)[CHANGELOG] == 40
 
 
 def _tail(consumer: Any, monkeypatch: pytest.MonkeyPatch, highwater: int) -> None:
     monkeypatch.setattr(consumer, "assignment", lambda: {COMMANDS})
     monkeypatch.setattr(consumer, "highwater", lambda tp: highwater)
     # (The app's table manager, which knows the changelogs, would start services.)
-    monkeypatch.setattr(consumer, "_is_changelog_tp", lambda tp: False)
-    consumer._committed_offset[COMMANDS] = 167
-    consumer._watch_tails({m.tp for m in consumer._unacked_messages})
+    monkeypatch.setattr(faust_private, "is_changelog_tp", lambda consumer, tp: False)
+    faust_private.committed_offsets(consumer)[COMMANDS] = 167
+    consumer._watch_tails({m.tp for m in faust_private.unacked_messages(consumer)})
 
 
 def test_a_lost_last_record_is_watched_although_nothing_after_it_is_acked(
@@ -214,10 +217,12 @@ def test_a_partition_at_its_highwater_or_busy_is_not_a_tail(
     _tail(consumer, monkeypatch, highwater=167)  # all processed
     assert not consumer._holes
     held = _message(167, generation_id=7)  # an agent holds it (a weak set: keep a reference)
-    consumer._unacked_messages.add(held)
+    faust_private.unacked_messages(consumer).add(held)
     _tail(consumer, monkeypatch, highwater=170)
     assert not consumer._holes
-    consumer._unacked_messages.clear()
-    consumer._acked[COMMANDS] = [168]  # acked past it: _new_offset's hole rule applies
+    faust_private.unacked_messages(consumer).clear()
+    faust_private.acked(consumer)[COMMANDS] = [
+        168
+    ]  # acked past it: _new_offset's hole rule applies
     _tail(consumer, monkeypatch, highwater=170)
     assert not consumer._holes

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from faust.tables.recovery import Recovery as FaustRecovery
 from faust.types import TP
 
 from schemas.topics import TopicNames
+from streams import faust_private
 from streams.app import StreamsConfig, build_app
 from streams.recovery import Recovery
 
@@ -37,12 +37,14 @@ class SeekingConsumer:
             self.sought[tp] = offset
 
 
-def _seek(recovery_class: type[FaustRecovery], offsets: Counter[TP]) -> SeekingConsumer:
+def _seek(
+    recovery_class: type[faust_private.HookedRecovery], offsets: Counter[TP]
+) -> SeekingConsumer:
     consumer = SeekingConsumer()
-    recovery = recovery_class.__new__(recovery_class)  # _seek_offsets needs no state
+    recovery = recovery_class.__new__(recovery_class)  # seek_offsets needs no state
 
     async def run() -> None:
-        await recovery._seek_offsets(cast(Any, consumer), {KNOWN, LATE}, offsets, "standby")
+        await recovery.seek_offsets(cast(Any, consumer), {KNOWN, LATE}, offsets, "standby")
 
     asyncio.run(run())
     return consumer
@@ -51,13 +53,13 @@ def _seek(recovery_class: type[FaustRecovery], offsets: Counter[TP]) -> SeekingC
 def _offsets() -> Counter[TP]:
     offsets: Counter[TP] = Counter()
     offsets[KNOWN] = 87
-    offsets.setdefault(LATE, None)  # type: ignore[arg-type]  # as Recovery._add leaves it
+    offsets.setdefault(LATE, None)  # type: ignore[arg-type]  # as Faust's Recovery leaves it
     return offsets
 
 
 def test_faust_seeks_a_partition_without_an_offset_to_none_and_fails() -> None:
     with pytest.raises(ValueError, match="positive integer"):
-        _seek(FaustRecovery, _offsets())
+        _seek(faust_private.HookedRecovery, _offsets())  # the hook's default: Faust's
 
 
 def test_ours_reads_such_a_partition_from_its_beginning() -> None:
@@ -88,6 +90,7 @@ def test_a_stalled_partition_is_sought_again_from_the_offset_recovery_needs() ->
     consumer = SeekingConsumer()
     recovery = Recovery.__new__(Recovery)
     recovery.app = cast(Any, FakeApp(consumer))
+    # Faust's private state, as a recovery started at 100 s leaves it.
     recovery._recovery_started_at = 100.0
     recovery.active_highwaters = Counter({KNOWN: 63, LATE: 7, TP("t-changelog", 0): 5})
     recovery.active_offsets = Counter({KNOWN: 40, LATE: -1, TP("t-changelog", 0): 5})
