@@ -265,7 +265,7 @@ class Observer:
                 self._received.retire(event.message_event_id)
                 self._requests.add(event.event_id, index)
                 if math.isnan(t.requested_at[index]):
-                    t.requested_at[index] = now
+                    t.requested_at[index] = now - max(0.0, lag_ms) / 1000
         elif isinstance(event, ReplyProduced):
             index = self._requests.get(event.in_reply_to)
             if index is None:
@@ -274,10 +274,14 @@ class Observer:
                 seen.duplicates += 1
             else:
                 self._requests.retire(event.in_reply_to)
-                t.replied_at[index] = now
+                # When the reply was appended (its record's timestamp, on this
+                # machine's clock), not when this observer got to it: its own fetch
+                # lag is reported apart (``reply_lag_ms``).
+                appended = now - max(0.0, lag_ms) / 1000
+                t.replied_at[index] = appended
                 seen.replies += 1
                 seen.reply_lag_ms.append(lag_ms)
-                t.buckets.add_reply(now, (now - t.sent_at[index]) * 1000)
+                t.buckets.add_reply(now, (appended - t.sent_at[index]) * 1000)
                 self.progress.set()
 
     async def stop(self) -> None:

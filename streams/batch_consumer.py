@@ -5,8 +5,9 @@ bookkeeping per record, fetched by a consumer thread of its own) was measured to
 the wall on the hot path (bench/RESULTS.md "Hot path"). This is the shape that
 replaces it there: an aiokafka consumer in a group of its own, on the Faust app's
 event loop, started with the app as a runtime dependency (after table recovery) and
-stopped before its producer. Each ``getmany`` batch goes through ``apply`` and then
-``checkpoint``, the commit order written out in one function:
+stopped before its producer. Each ``getmany`` batch goes through ``apply``; every
+``commit_interval_s`` (and before partitions are given up) ``checkpoint`` runs, the
+commit order written out in one function:
 
 1. the batch's effects (``apply``: sends handed to the producer, stores written);
 2. ``before_commit``: what a subclass writes once per batch (a table's changelog);
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +52,11 @@ class BatchConfig:
     topics: tuple[str, ...]
     max_records: int = 2000  # per fetch: bounds a batch's effects (and a redelivery)
     poll_ms: int = 100
+    # A checkpoint (changelog, flush, commit) at most this often, not after every
+    # batch: at a steady trickle each batch holds a record or two, and waiting for the
+    # flush and the commit round trips after each put them into every message's
+    # latency. A crash repeats up to this much work, which every effect absorbs.
+    commit_interval_s: float = 0.5
     # Seeds a new group from this one's committed offsets (the Faust group that read
     # these topics before), so an upgrade neither skips nor repeats history.
     legacy_group_id: str = ""
@@ -115,7 +122,8 @@ class BatchConsumer(Service):
         self._lock = asyncio.Lock()  # a batch and a rebalance never overlap
         self._processed: dict[TopicPartition, int] = {}  # next offset, effects done
         self._committed: dict[TopicPartition, int] = {}
-        self._sent: list[Any] = []  # delivery futures of this batch's sends
+        self._sent: list[Any] = []  # delivery futures of the sends since the checkpoint
+        self._checkpoint_due = 0.0  # monotonic
         self.records = 0  # records applied by this process (tests, metrics)
 
     # --- what subclasses provide -----------------------------------------------------
@@ -199,7 +207,8 @@ class BatchConsumer(Service):
                     for tp, records in batch.items():
                         self._processed[tp] = records[-1].offset + 1
                     self.records += sum(len(records) for records in batch.values())
-                await self.checkpoint(consumer)
+                if time.monotonic() >= self._checkpoint_due:
+                    await self.checkpoint(consumer)
 
     # --- the commit order --------------------------------------------------------------
 
@@ -207,6 +216,7 @@ class BatchConsumer(Service):
         """Steps 2-4 of the module docstring (``apply`` has returned). A commit refused
         by a rebalance is only logged: the records come again to the partition's next
         owner, and every effect absorbs the repeat."""
+        self._checkpoint_due = time.monotonic() + self._config.commit_interval_s
         offsets: dict[TopicPartition, int] = {}
         for tp, done in self._processed.items():
             held = self.held(tp)
