@@ -291,7 +291,7 @@ def run_demo(settings: Settings, keep_running: bool = False, workers: int = 1) -
         for name, seconds in stack_up_all(settings).items():
             click.echo(f"  {name:<12} ready after {seconds:.1f} s")
         before = asyncio.run(_log_size(settings))
-        click.echo(f"  the event log already holds {before} events from earlier runs")
+        click.echo(f"  the event log already holds {before} records from earlier runs")
         for name, seconds in services.start(app).items():
             click.echo(f"  {name:<12} ready after {seconds:.1f} s")
     except ProcessError as exc:
@@ -378,7 +378,8 @@ def _show(settings: Settings, run: str, before: int) -> int:
     click.secho("\nClickHouse: customer messages per channel, every run so far", bold=True)
     click.echo(format_table(all_runs.columns, all_runs.rows))
     after = asyncio.run(_log_size(settings))
-    click.echo(f"\nevent log: {before} events before this run, {after} now")
+    # Records, one per decision (a commit of its events): end offsets, not a full read.
+    click.echo(f"\nevent log: {before} records before this run, {after} now")
     if failures:
         click.secho(f"{failures} message(s) got no reply", fg="red")
         return 1

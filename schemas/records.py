@@ -41,11 +41,15 @@ class Record:
         return cls(**{name: data[name] for name in _field_names(cls)})
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def _field_names(cls: type[Record]) -> tuple[str, ...]:
-    names = cls.__dict__.get("_FIELDS_CACHE")
+    # A plain dict: ``cls.__dict__`` builds a mapping proxy on every call (3 % of the
+    # worker's CPU in a profile of the hot path).
+    names = _FIELDS.get(cls)
     if names is None:
-        names = tuple(f.name for f in dataclasses.fields(cls))
-        type.__setattr__(cls, "_FIELDS_CACHE", names)
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
     return names
 
 
@@ -394,6 +398,24 @@ class AssignmentReleased(QueueEvent):
     conversation_id: str
     agent_id: str
     reason: str
+
+
+def projected_ms(type_name: str, occurred_at: int, appended_at: int | None) -> int:
+    """When an event takes effect in the read models. An event's time derives from its
+    command (so a decision made again after a crash has the same bytes), which for an
+    answer given in the same step as the customer's message (``Policy.answer_now``) is
+    the message's own time. A reply is therefore taken at the time its record reached
+    the log (the record's timestamp, stamped by the producer that appended it), so
+    first-response times are real; every other event at its own time."""
+    if type_name == "ReplyProduced" and appended_at is not None and appended_at > occurred_at:
+        return appended_at
+    return occurred_at
+
+
+def as_projected(event: Any, appended_at: int | None) -> Any:
+    """``event`` with the time the read models take it at (``projected_ms``)."""
+    at = projected_ms(type(event).__name__, event.occurred_at, appended_at)
+    return event if at == event.occurred_at else dataclasses.replace(event, occurred_at=at)
 
 
 # --- commits: the events of one decision as one Kafka record ----------------------
