@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from projections.clickhouse_views import view_statements
 from schemas import tracing
 from schemas.codec import CODEC, DecodeError
-from schemas.records import Event, Record, dead_letter
+from schemas.records import Event, Record, dead_letter, projected_ms
 from schemas.time import now_ms
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,20 @@ def is_event(kind: type[Record], fields: Mapping[str, Any]) -> bool:
 
 
 def row_of(
-    kind: type[Record], fields: Mapping[str, Any], partition: int, offset: int, raw: bytes
+    kind: type[Record],
+    fields: Mapping[str, Any],
+    partition: int,
+    offset: int,
+    raw: bytes,
+    appended_at: int | None = None,
 ) -> list[Any]:
     """The row of one event from its fields as decoded (``CODEC.decode_fields``): no
     record is built, and the payload is those fields. ``raw`` is its own bytes on the
-    log (inside a commit too), kept for audits; ``partition``/``offset`` its record's."""
+    log (inside a commit too), kept for audits; ``partition``/``offset`` its record's,
+    ``appended_at`` its record's timestamp: ``occurred_at`` is the time the read
+    models take the event at (``schemas.records.projected_ms``: a reply's is when it
+    reached the log), the payload and the bytes keep the event's own."""
+    occurred_at = projected_ms(kind.__name__, fields["occurred_at"], appended_at)
     return [
         fields["event_id"],
         kind.__name__,
@@ -94,7 +103,7 @@ def row_of(
         fields["seq"],
         # Seconds: DateTime64(3) reads a number as seconds. Exact: the shortest repr
         # of ms / 1000 is the ms with three decimals, which ClickHouse parses as text.
-        fields["occurred_at"] / 1000,
+        occurred_at / 1000,
         str(fields.get("channel") or ""),
         fields["schema_version"],  # as written: old events keep their version
         partition,
@@ -119,7 +128,7 @@ class Poison:
 
 
 def rows_of_record(
-    partition: int, offset: int, value: bytes, max_bytes: int
+    partition: int, offset: int, value: bytes, max_bytes: int, appended_at: int | None = None
 ) -> tuple[list[list[Any]], list[Poison]]:
     """The rows of one Kafka record (one per event, old single-event record or commit)
     and what is poison in it. A bad event inside a commit is dead-lettered alone (its
@@ -144,7 +153,7 @@ def rows_of_record(
             where = f"event {n}{in_commit}: " if in_commit else ""
             poison.append(Poison(where + exc.reason, raw))
             continue
-        rows.append(row_of(kind, fields, partition, offset, raw))
+        rows.append(row_of(kind, fields, partition, offset, raw, appended_at))
     return rows, poison
 
 
@@ -363,7 +372,11 @@ class ClickHouseProjector:
         for record in records:
             value = record.value or b""
             made, poison = rows_of_record(
-                record.partition, record.offset, value, self._config.max_record_bytes
+                record.partition,
+                record.offset,
+                value,
+                self._config.max_record_bytes,
+                record.timestamp,
             )
             rows += made
             for bad in poison:

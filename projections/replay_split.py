@@ -150,6 +150,7 @@ async def _in_children(
     total = ReplayStats()
     for part in parts:
         total.read += part.read
+        total.records += part.records
         total.matched += part.matched
         total.applied += part.applied
         total.undecodable += part.undecodable

@@ -24,7 +24,7 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from schemas.codec import CODEC, DecodeError
-from schemas.records import Event, QueueEvent
+from schemas.records import Event, QueueEvent, as_projected
 from streams import delivery, routing_feed, telemetry
 from streams.app import KefuApp
 from streams.batch_consumer import BatchConfig, BatchConsumer
@@ -104,8 +104,9 @@ class EventReader(BatchConsumer):
                     continue
                 messages.append(message)
                 items.extend((message, event) for event in events)
-        if items:
-            await apply_until_done(self._sink, [event for _, event in items])
+        if items:  # a reply at the time it reached the log (``as_projected``)
+            projected = [as_projected(event, message.timestamp) for message, event in items]
+            await apply_until_done(self._sink, projected)
             telemetry.projected(PROJECTION_STAGE, messages, started)
         conversations = [(m, e) for m, e in items if isinstance(e, Event)]
         receipts = await delivery.deliver_batch(

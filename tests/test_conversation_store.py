@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,6 +17,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from kefu.settings import Settings
+from schemas.topics import TopicNames
 from streams.app import StreamsConfig
 from streams.batch_consumer import BatchConfig, BatchConsumer
 from streams.conversation_store import ConversationStore
@@ -118,7 +120,7 @@ def _batch_consumer(held: int | None = None) -> tuple[BatchConsumer, Any]:
         flushed.append(1)
 
     app = SimpleNamespace(producer=SimpleNamespace(flush=flush))
-    streams = StreamsConfig("t", "127.0.0.1:1", 4, datadir=None, topics=None)  # type: ignore[arg-type]
+    streams = StreamsConfig("t", "127.0.0.1:1", 4, datadir=Path("."), topics=TopicNames())
     consumer = Held(streams, BatchConfig("g", ("t",)), app)
     return consumer, flushed
 
@@ -129,15 +131,15 @@ def test_a_checkpoint_flushes_then_commits_what_was_applied_but_not_past_held_wo
         kafka = _Consumer()
         tp = TopicPartition("t", 0)
         reader._processed[tp] = 10
-        await reader.checkpoint(kafka)  # type: ignore[arg-type]
+        await reader.checkpoint(kafka)
         assert flushed == [1] and kafka.commits == [{tp: 10}]
-        await reader.checkpoint(kafka)  # type: ignore[arg-type]
+        await reader.checkpoint(kafka)
         assert kafka.commits == [{tp: 10}]  # nothing new: no flush, no commit
 
         waiting, _ = _batch_consumer(held=4)
         kafka = _Consumer()
         waiting._processed[tp] = 10
-        await waiting.checkpoint(kafka)  # type: ignore[arg-type]
+        await waiting.checkpoint(kafka)
         assert kafka.commits == [{tp: 4}]  # a request at offset 4 is still being answered
 
     asyncio.run(scenario())
@@ -152,7 +154,7 @@ def test_a_send_the_producer_gave_up_on_stops_the_commit() -> None:
         failed.set_exception(TimeoutError("no ack"))
         reader.track([failed])
         with pytest.raises(RuntimeError, match="sends failed"):
-            await reader.checkpoint(kafka)  # type: ignore[arg-type]
+            await reader.checkpoint(kafka)
         assert kafka.commits == []
 
     asyncio.run(scenario())

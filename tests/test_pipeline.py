@@ -19,11 +19,11 @@ from kefu.settings import Settings
 from projections.clickhouse_query import AnalyticsClient
 from schemas.codec import CODEC, DecodeError
 from schemas.keys import conversation_key, messages_key
-from schemas.records import DeadLetter, ReceiveMessage
+from schemas.records import DeadLetter, MessageReceived, ReceiveMessage, ReplyProduced
 from schemas.time import now_ms
 from schemas.topics import TopicNames
 from tests.conftest import wait_for
-from tests.kafka_helpers import read_topic
+from tests.kafka_helpers import read_records, read_topic
 
 
 def gateway(settings: Settings) -> httpx.Client:
@@ -105,6 +105,17 @@ def test_rest_message_gets_a_reply_redis_state_and_clickhouse_rows(pipeline: Set
         return rows if len(rows) == seq else None
 
     rows = wait_for(stored, what="all events in ClickHouse")
+    # The FAQ answered in the same step as the message: the reply's event carries the
+    # message's time, and the read models take it when its record reached the log.
+    received, appended = asyncio.run(reply_appended(pipeline, conversation))
+    assert appended >= received
+    assert int(state["first_response_ms"]) == appended - received
+    (facts,) = analytics(
+        pipeline,
+        "SELECT first_response_ms FROM kefu.conversation_facts "
+        f"WHERE conversation_id = '{conversation}'",
+    )
+    assert facts[0] == appended - received
     assert [row[0] for row in rows] == list(range(1, seq + 1))
     assert [row[1] for row in rows] == [
         "MessageReceived",
@@ -115,6 +126,20 @@ def test_rest_message_gets_a_reply_redis_state_and_clickhouse_rows(pipeline: Set
         "ReplyProduced",
         "MessageDelivered",
     ]
+
+
+async def reply_appended(settings: Settings, conversation: str) -> tuple[int, int]:
+    """The message's time and the log timestamp of the record holding its reply."""
+    received = appended = -1
+    for record in await read_records(settings, TopicNames(settings.topic_prefix).events):
+        if record.key != conversation.encode():
+            continue
+        for event in CODEC.decode_all(record.value or b""):
+            if isinstance(event, MessageReceived) and received < 0:
+                received = event.occurred_at
+            if isinstance(event, ReplyProduced) and appended < 0:
+                appended = record.timestamp
+    return received, appended
 
 
 def test_resent_message_is_not_duplicated(pipeline: Settings) -> None:
