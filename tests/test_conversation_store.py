@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from kefu.settings import Settings
@@ -156,5 +156,56 @@ def test_a_send_the_producer_gave_up_on_stops_the_commit() -> None:
         with pytest.raises(RuntimeError, match="sends failed"):
             await reader.checkpoint(kafka)
         assert kafka.commits == []
+
+    asyncio.run(scenario())
+
+
+def test_a_new_group_starts_where_the_legacy_group_stopped(pipeline: Settings) -> None:
+    """An upgrade: the hot path's groups are new, and must not read the log from its
+    beginning (every reply would be delivered again): they take the Faust group's
+    committed offsets, once; a group that has offsets of its own keeps them."""
+
+    async def scenario() -> None:
+        topic = await _topic(pipeline, partitions=2)
+        bootstrap = pipeline.kafka.servers
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for n in range(6):
+                await producer.send_and_wait(topic, b"x", key=b"k", partition=n % 2)
+        finally:
+            await producer.stop()
+        legacy, group = f"legacy-{uuid.uuid4().hex[:6]}", f"new-{uuid.uuid4().hex[:6]}"
+        old = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=legacy)
+        await old.start()
+        try:
+            tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
+            old.assign(tps)
+            await old.commit({tps[0]: 2, tps[1]: 3})
+        finally:
+            await old.stop()
+        streams = StreamsConfig(
+            "t", bootstrap, 2, datadir=Path("."), topics=TopicNames(), kafka_options={}
+        )
+        config = BatchConfig(group, (topic,), legacy_group_id=legacy)
+        await BatchConsumer(streams, config, SimpleNamespace())._seed_offsets()
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            seeded = await admin.list_consumer_group_offsets(group)
+            assert {tp.partition: meta.offset for tp, meta in seeded.items()} == {0: 2, 1: 3}
+            # Seeded once: offsets of its own are never overwritten by the legacy ones.
+            mine = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+            await mine.start()
+            try:
+                mine.assign(tps)
+                await mine.commit({tps[0]: 3, tps[1]: 3})
+            finally:
+                await mine.stop()
+            await BatchConsumer(streams, config, SimpleNamespace())._seed_offsets()
+            kept = await admin.list_consumer_group_offsets(group)
+            assert {tp.partition: meta.offset for tp, meta in kept.items()} == {0: 3, 1: 3}
+        finally:
+            await admin.close()
 
     asyncio.run(scenario())
