@@ -9,12 +9,16 @@ stopped before its producer. Each ``getmany`` batch goes through ``apply``; ever
 ``commit_interval_s`` (and before partitions are given up) ``checkpoint`` runs, the
 commit order written out in one function:
 
-1. the batch's effects (``apply``: sends handed to the producer, stores written);
-2. ``before_commit``: what a subclass writes once per batch (a table's changelog);
-3. the producer flushed, and every send of the batch checked: on the log (one the
-   producer gave up on stops the worker before its offsets count as done);
+1. the batches' effects (``apply``: sends handed to the producer, stores written);
+2. the producer flushed and every send checked: the effects are on the log;
+3. ``before_commit``: what a subclass writes once per checkpoint (a table's changelog,
+   only now, so it never records a state whose events are not on the log), flushed
+   and checked too;
 4. the offsets committed, up to what was applied, never past ``held`` (work still
    running in the background).
+
+A send the producer gave up on (after its own retries), or any error escaping
+``apply``, ends the process (``_fail``): its in-memory state is ahead of the log.
 
 A crash anywhere before 4 makes the batch come again, and every effect absorbs a
 repeat (command ids, event seqs, idempotency keys). Each partition arrives in order
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +49,13 @@ from streams import telemetry
 from streams.app import KefuApp, StreamsConfig
 
 log = logging.getLogger(__name__)
+
+
+class HotPathFailed(RuntimeError):
+    """A send of the hot path the producer gave up on."""
+
+
+EXIT_HOT_PATH_FAILED = 70  # EX_SOFTWARE: the supervisor (compose, the tests) restarts it
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +193,10 @@ class BatchConsumer(Service):
         if consumer is None:
             return
         async with self._lock:
-            await self.checkpoint(consumer)
+            try:
+                await self.checkpoint(consumer)
+            except Exception as exc:
+                self._fail(exc)
         await consumer.stop()
 
     @Service.task
@@ -199,16 +214,32 @@ class BatchConsumer(Service):
                 log.warning("%s: fetch failed: %r", self._config.group_id, exc)
                 await asyncio.sleep(0.5)
                 continue
-            async with self._lock:
-                owned = consumer.assignment()
-                batch = {tp: records for tp, records in fetched.items() if tp in owned and records}
-                if batch:
-                    await self.apply(batch)
-                    for tp, records in batch.items():
-                        self._processed[tp] = records[-1].offset + 1
-                    self.records += sum(len(records) for records in batch.values())
-                if time.monotonic() >= self._checkpoint_due:
-                    await self.checkpoint(consumer)
+            try:
+                await self._step(consumer, fetched)
+            except Exception as exc:  # whatever it is, this process must stop
+                self._fail(exc)
+
+    async def _step(self, consumer: AIOKafkaConsumer, fetched: Mapping[Any, Any]) -> None:
+        async with self._lock:
+            owned = consumer.assignment()
+            batch = {tp: records for tp, records in fetched.items() if tp in owned and records}
+            if batch:
+                await self.apply(batch)
+                for tp, records in batch.items():
+                    self._processed[tp] = records[-1].offset + 1
+                self.records += sum(len(records) for records in batch.values())
+            if time.monotonic() >= self._checkpoint_due:
+                await self.checkpoint(consumer)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A batch that cannot complete (a send the producer gave up on, a bug that
+        escaped the per-record dead-lettering) leaves this process's state ahead of
+        the log: it must not go on, nor commit. It exits at once, uncommitted work
+        comes again to the restarted worker (or the partitions' next owner), which
+        recovers its table from the changelog (written only after the events)."""
+        log.critical("%s: the hot path failed; exiting", self._config.group_id, exc_info=exc)
+        logging.shutdown()
+        os._exit(EXIT_HOT_PATH_FAILED)
 
     # --- the commit order --------------------------------------------------------------
 
@@ -225,13 +256,12 @@ class BatchConsumer(Service):
                 offsets[tp] = offset
         if not offsets:
             return
+        # The effects on the log first, then the states that record them: a changelog
+        # never holds a state whose events did not make it (the command would be
+        # dropped as applied when it comes again).
+        await self._flushed()
         await self.before_commit()
-        await self._app.producer.flush()
-        sent, self._sent = self._sent, []
-        failed = [f.exception() for f in sent if f.done() and not f.cancelled() and f.exception()]
-        if failed:  # not on the log: nothing past it may count as done; start over
-            group = self._config.group_id
-            raise RuntimeError(f"{group}: {len(failed)} sends failed: {failed[0]!r}")
+        await self._flushed()
         try:
             await consumer.commit(offsets)
         except KafkaError as exc:
@@ -239,13 +269,26 @@ class BatchConsumer(Service):
             return
         self._committed.update(offsets)
 
+    async def _flushed(self) -> None:
+        """Flush the producer and check every send tracked since: one it gave up on
+        (after its own retries) is fatal (``HotPathFailed``)."""
+        await self._app.producer.flush()
+        sent, self._sent = self._sent, []
+        failed = [f.exception() for f in sent if f.done() and not f.cancelled() and f.exception()]
+        if failed:
+            group = self._config.group_id
+            raise HotPathFailed(f"{group}: {len(failed)} sends failed: {failed[0]!r}")
+
     # --- rebalances ------------------------------------------------------------------
 
     async def revoked(self, gone: set[TopicPartition]) -> None:
         consumer = self._consumer
         async with self._lock:  # the batch in flight finishes and commits first
             if consumer is not None:
-                await self.checkpoint(consumer)
+                try:
+                    await self.checkpoint(consumer)
+                except Exception as exc:  # as in ``_read``: the state is ahead of the log
+                    self._fail(exc)
             for tp in gone:
                 self._processed.pop(tp, None)
                 self._committed.pop(tp, None)
