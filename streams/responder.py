@@ -88,7 +88,10 @@ class ResponderPool:
     ) -> None:
         self._tasks.discard(task)
         held = self._held.get(tp)
-        if held is not None and not task.cancelled():
+        failed = not task.cancelled() and task.exception() is not None
+        if failed:  # neither answered nor dead-lettered: it stays held (comes again)
+            log.error("request at %s[%d]@%d stays unanswered", tp.topic, tp.partition, offset)
+        if held is not None and not task.cancelled() and not failed:
             held[offset] -= 1
             if held[offset] <= 0:
                 del held[offset]
@@ -116,15 +119,24 @@ async def answer(
         )
     except Exception as exc:
         log.exception("responder failed at %s", position(message))
-        # The request alone, not the record it came in (a redrive repeats only it).
-        raw = CODEC.encode(request)
-        await send_dead_letter(kefu.deadletter, message, repr(exc), STAGE, payload=raw)
+        await _dead_letter(kefu, message, request, repr(exc))
         return
     latency_ms = round((time.perf_counter() - started) * 1000)
     command = reply_command(request, answered, now_ms(), latency_ms)
     # The model's answer is paid for: a Kafka hiccup must not lose it. Waiting for the
     # broker's ack keeps the request's offset held until the answer is on the log.
-    sent = await send_in_order(
-        [(kefu.commands_out, request.conversation_id, command)], f"{STAGE} {request.event_id}"
-    )
-    await asyncio.gather(*(f for f in sent if isinstance(f, asyncio.Future)))
+    try:
+        sent = await send_in_order(
+            [(kefu.commands_out, request.conversation_id, command)],
+            f"{STAGE} {request.event_id}",
+        )
+        await asyncio.gather(*(f for f in sent if isinstance(f, asyncio.Future)))
+    except Exception as exc:  # released only once it is kept somewhere: a redrive redoes it
+        log.exception("the answer to %s could not be sent", position(message))
+        await _dead_letter(kefu, message, request, f"answer not sent: {exc!r}")
+
+
+async def _dead_letter(kefu: KefuApp, message: Any, request: ReplyRequested, reason: str) -> None:
+    # The request alone, not the record it came in (a redrive repeats only it).
+    raw = CODEC.encode(request)
+    await send_dead_letter(kefu.deadletter, message, reason, STAGE, payload=raw)
