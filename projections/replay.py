@@ -38,9 +38,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from projections.clickhouse_events import compact_rows, delete_sql, insert_compact_rows, row_of
 from projections.redis_fold import FoldingWriter
 from projections.redis_rebuild import holding_the_model
-from schemas.codec import CODEC, HEADER_SIZE, DecodeError
+from schemas.codec import CODEC, DecodeError
 from schemas.keys import tenant_prefix
-from schemas.records import Commit, Event, QueueEvent, Record, as_projected
+from schemas.records import Event, QueueEvent, Record, as_projected
 from schemas.topics import TopicNames
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def _decode(record: ConsumerRecord[bytes, bytes], stats: ReplayStats) -> list[Lo
     """The events of one Kafka record (one, or a commit's), each with its own bytes."""
     value = record.value or b""
     try:
-        raws = commit_events(value) if CODEC.is_commit(value) else [value]
+        raws = CODEC.unpack(value)
     except DecodeError as exc:
         return _skip(record, stats, exc.reason)
     if not raws:
@@ -270,61 +270,6 @@ def _skip(record: ConsumerRecord[bytes, bytes], stats: ReplayStats, reason: str)
 def _warn(record: ConsumerRecord[bytes, bytes], reason: str) -> None:
     # The live projections dead-lettered it already; a replay only counts it.
     log.warning("replay skips %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
-
-
-def _commit_layout() -> bool:
-    """Whether today's ``Commit`` starts as :func:`commit_events` reads it."""
-    fields = [(f["name"], f["type"]) for f in CODEC.schema_of(Commit.__name__)["fields"]]
-    events = {"type": "array", "items": "bytes"}
-    return fields[:3] == [("tenant_id", "string"), ("key", "string"), ("events", events)]
-
-
-_COMMIT_LAYOUT = _commit_layout()
-
-
-def commit_events(data: bytes) -> list[bytes]:
-    """A ``Commit``'s events (``CODEC.unpack`` of a commit in today's schema), read
-    straight from its Avro body: two strings, then the array of bytes; the fields after
-    it are not read. ~2 µs a commit, where fastavro's decode and the record's
-    construction took ~5 (``tests/test_replay.py`` checks both agree)."""
-    if not _COMMIT_LAYOUT:
-        return CODEC.unpack(data)
-    try:
-        pos = HEADER_SIZE
-        for _ in range(2):  # tenant_id, key
-            size, pos = _long(data, pos)
-            pos += size
-        events: list[bytes] = []
-        while True:
-            count, pos = _long(data, pos)
-            if count == 0:
-                break
-            if count < 0:  # a block with its size in bytes
-                count = -count
-                _, pos = _long(data, pos)
-            for _ in range(count):
-                size, pos = _long(data, pos)
-                if size < 0 or pos + size > len(data):
-                    raise IndexError("an event past the end")
-                events.append(data[pos : pos + size])
-                pos += size
-        return events
-    except IndexError as exc:
-        raise DecodeError("corrupt Commit body (truncated)") from exc
-
-
-def _long(data: bytes, pos: int) -> tuple[int, int]:
-    """Avro's zig-zag varint at ``pos``, and the position after it."""
-    byte = data[pos]
-    pos += 1
-    n = byte & 0x7F
-    shift = 7
-    while byte & 0x80:
-        byte = data[pos]
-        pos += 1
-        n |= (byte & 0x7F) << shift
-        shift += 7
-    return (n >> 1) ^ -(n & 1), pos
 
 
 class Target(Protocol):

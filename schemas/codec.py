@@ -75,6 +75,7 @@ class AvroCodec:
             raise RuntimeError(f"records without a schema: {sorted(missing)}")
         self._headers = {name: MAGIC + s.fingerprint for name, s in self._current.items()}
         self._commit_fingerprint = self._current[Commit.__name__].fingerprint
+        self._commit_layout = self._reads_commits_directly()
 
     def schema_of(self, name: str) -> dict[str, Any]:
         return self._current[name].parsed
@@ -99,9 +100,17 @@ class AvroCodec:
         or the value itself (records written before commits hold one event)."""
         if not self.is_commit(data):
             return [data]
+        if self._commit_layout:
+            return commit_events(data)
         commit = self.decode(data)
         assert isinstance(commit, Commit)
         return commit.events
+
+    def _reads_commits_directly(self) -> bool:
+        """Whether today's ``Commit`` starts as :func:`commit_events` reads it."""
+        fields = [(f["name"], f["type"]) for f in self.schema_of(Commit.__name__)["fields"]]
+        events = {"type": "array", "items": "bytes"}
+        return fields[:3] == [("tenant_id", "string"), ("key", "string"), ("events", events)]
 
     def decode_all(self, data: bytes) -> list[Record]:
         """Every record a Kafka value holds (``unpack``), decoded."""
@@ -135,6 +144,49 @@ class AvroCodec:
         except Exception as exc:  # fastavro raises several types for corrupt bodies
             raise DecodeError(f"corrupt {writer.name} body: {exc!r}") from exc
         return cls, body  # type: ignore[return-value]
+
+
+def commit_events(data: bytes) -> list[bytes]:
+    """A ``Commit``'s events read straight from its Avro body: two strings, then the
+    array of bytes; the fields after it are not read. ~2 µs a commit, where fastavro's
+    decode and the record's construction took ~5 (``tests/test_replay.py`` checks
+    both agree)."""
+    try:
+        pos = HEADER_SIZE
+        for _ in range(2):  # tenant_id, key
+            size, pos = _long(data, pos)
+            pos += size
+        events: list[bytes] = []
+        while True:
+            count, pos = _long(data, pos)
+            if count == 0:
+                break
+            if count < 0:  # a block with its size in bytes
+                count = -count
+                _, pos = _long(data, pos)
+            for _ in range(count):
+                size, pos = _long(data, pos)
+                if size < 0 or pos + size > len(data):
+                    raise IndexError("an event past the end")
+                events.append(data[pos : pos + size])
+                pos += size
+        return events
+    except IndexError as exc:
+        raise DecodeError("corrupt Commit body (truncated)") from exc
+
+
+def _long(data: bytes, pos: int) -> tuple[int, int]:
+    """Avro's zig-zag varint at ``pos``, and the position after it."""
+    byte = data[pos]
+    pos += 1
+    n = byte & 0x7F
+    shift = 7
+    while byte & 0x80:
+        byte = data[pos]
+        pos += 1
+        n |= (byte & 0x7F) << shift
+        shift += 7
+    return (n >> 1) ^ -(n & 1), pos
 
 
 CODEC = AvroCodec()

@@ -38,11 +38,10 @@ from projections.replay import (
     RedisTarget,
     ReplayFilter,
     ReplayStats,
-    commit_events,
     replay,
     replay_topics,
 )
-from schemas.codec import CODEC, DecodeError
+from schemas.codec import CODEC, DecodeError, commit_events
 from schemas.keys import conversation_key, queue_seq_key, tenant_prefix
 from schemas.records import (
     AgentAssigned,
