@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from mode import Service
 
@@ -47,6 +46,7 @@ from schemas.codec import CODEC
 from schemas.records import Record
 from streams import telemetry
 from streams.app import KefuApp, StreamsConfig
+from streams.faust_private import topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -308,40 +308,48 @@ class BatchConsumer(Service):
 
     async def _seed_offsets(self) -> None:
         """A new group starts where the legacy group (Faust's agents) stopped, not at
-        the beginning: history must not be delivered twice after an upgrade."""
+        the beginning: history must not be delivered twice after an upgrade.
+
+        Offsets are read through consumers (the coordinator lookup with its retries),
+        not the admin client: its OffsetFetch ignores a response-level error such as
+        "coordinator loading" and answers "no offsets", which would seed over offsets
+        the group already has."""
         legacy = self._config.legacy_group_id
         if not legacy:
             return
         streams = self._streams
-        admin = AIOKafkaAdminClient(bootstrap_servers=streams.broker, **dict(streams.kafka_options))
-        await admin.start()
-        try:
-            if await admin.list_consumer_group_offsets(self._config.group_id):
-                return
-            found = await admin.list_consumer_group_offsets(legacy)
-        except KafkaError as exc:
-            log.warning("could not read the offsets of %s: %r", legacy, exc)
-            return
-        finally:
-            await admin.close()
-        topics = set(self._config.topics)
-        offsets = {
-            tp: meta.offset for tp, meta in found.items() if tp.topic in topics and meta.offset >= 0
-        }
-        if not offsets:
-            return
+        options = dict(streams.kafka_options)
         seeder = AIOKafkaConsumer(
             bootstrap_servers=streams.broker,
             group_id=self._config.group_id,
             enable_auto_commit=False,
-            **dict(streams.kafka_options),
+            **options,
+        )
+        previous = AIOKafkaConsumer(
+            bootstrap_servers=streams.broker, group_id=legacy, enable_auto_commit=False, **options
         )
         await seeder.start()
+        await previous.start()
         try:
-            seeder.assign(list(offsets))
-            await seeder.commit(offsets)
-            log.info("%s seeded from %s", self._config.group_id, legacy)
-        finally:
+            partitions = [
+                TopicPartition(topic, partition)
+                for topic in self._config.topics
+                for partition in sorted(await topic_partitions(seeder, topic))
+            ]
+            for tp in partitions:
+                if await seeder.committed(tp) is not None:
+                    return  # the group has offsets of its own: never overwrite them
+            offsets = {}
+            for tp in partitions:
+                offset = await previous.committed(tp)
+                if offset is not None:
+                    offsets[tp] = offset
+            if offsets:
+                seeder.assign(list(offsets))
+                await seeder.commit(offsets)
+                log.info("%s seeded from %s", self._config.group_id, legacy)
+        finally:  # an error propagates: starting from scratch would redeliver history
+            await previous.stop()
             await seeder.stop()
 
     # --- figures ---------------------------------------------------------------------
