@@ -214,6 +214,17 @@ def _get(event: Event, name: str, default: Any = "") -> Any:
     return getattr(event, name, default)
 
 
+def _listed_attachments(event: Event) -> list[dict[str, Any]]:
+    """A message's attachments as its list entry shows them: metadata, no URL (the
+    gateway signs a URL per reader when it serves the entry)."""
+    return [a.to_avro() for a in _get(event, "attachments", ())]
+
+
+def _attachment_preview(attachments: list[dict[str, Any]]) -> str:
+    # The conversation list's preview of a message with no text: "[image] name".
+    return " ".join(f"[{a['kind']}] {a['name']}" for a in attachments)
+
+
 def _at(event: Event) -> str:
     return str(event.occurred_at)
 
@@ -245,15 +256,24 @@ def _moderated(event: Event) -> Change:
         return NOTHING
     text = str(_get(event, "text"))
     verdict = str(_get(event, "verdict"))
+    message = {
+        "id": _get(event, "message_event_id"),
+        "role": "customer",
+        "text": text,
+        "at": event.occurred_at,
+        "verdict": verdict,
+    }
+    attachments = _listed_attachments(event)
+    if attachments:  # entries without any stay as they were before attachments
+        message["attachments"] = attachments
+    preview = text or _attachment_preview(attachments)
     return Change(
-        set={"last_message": text[:PREVIEW], "last_message_at": _at(event), "moderation": verdict},
-        message={
-            "id": _get(event, "message_event_id"),
-            "role": "customer",
-            "text": text,
-            "at": event.occurred_at,
-            "verdict": verdict,
+        set={
+            "last_message": preview[:PREVIEW],
+            "last_message_at": _at(event),
+            "moderation": verdict,
         },
+        message=message,
     )
 
 
@@ -279,22 +299,27 @@ def _routed(event: Event) -> Change:
 def _replied(event: Event) -> Change:
     text = str(_get(event, "text"))
     author = str(_get(event, "author"))
+    message = {
+        "id": event.event_id,
+        "role": author if author in ("ai", "system") else "agent",
+        "author": author,
+        "text": text,
+        "at": event.occurred_at,
+    }
+    attachments = _listed_attachments(event)
+    if attachments:
+        message["attachments"] = attachments
+    preview = text or _attachment_preview(attachments)
     return Change(
         set={
-            "last_message": text[:PREVIEW],
+            "last_message": preview[:PREVIEW],
             "last_message_at": _at(event),
             "last_reply_at": _at(event),
             "last_reply_author": author,
             "unread": "0",
         },
         incr=("replies",),
-        message={
-            "id": event.event_id,
-            "role": author if author in ("ai", "system") else "agent",
-            "author": author,
-            "text": text,
-            "at": event.occurred_at,
-        },
+        message=message,
     )
 
 

@@ -53,6 +53,56 @@ def _field_names(cls: type[Record]) -> tuple[str, ...]:
     return names
 
 
+ATTACHMENT_KINDS = ("image", "file", "audio", "video")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attachment:
+    """A file of a message (image, file, voice, video): metadata only. The bytes are in
+    the blob store under ``storage_key`` (tenant-scoped, content-addressed), never in
+    Kafka, so records stay small."""
+
+    kind: str  # one of ATTACHMENT_KINDS
+    mime_type: str  # sniffed from the bytes, never the declared type
+    size: int
+    name: str
+    sha256: str
+    storage_key: str
+    width: int = 0
+    height: int = 0
+    duration_ms: int = 0
+    thumbnail_key: str = ""
+
+    def to_avro(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in _ATTACHMENT_FIELDS}
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> Attachment:
+        return cls(**{f: data[f] for f in _ATTACHMENT_FIELDS})
+
+
+_ATTACHMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Attachment))
+
+
+class _CarriesAttachments:
+    """Messages and replies: ``attachments`` is a tuple of :class:`Attachment` in the
+    record, a list of Avro records on the wire. (Explicit base calls: ``super()`` does
+    not work in a slotted dataclass's methods.)"""
+
+    __slots__ = ()
+
+    def to_avro(self) -> dict[str, Any]:
+        out = Record.to_avro(self)  # type: ignore[arg-type]
+        out["attachments"] = [a.to_avro() for a in out["attachments"]]
+        return out
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> Any:
+        raw = data.get("attachments") or ()
+        fields = {**data, "attachments": tuple(Attachment.from_avro(a) for a in raw)}
+        return Record.from_avro.__func__(cls, fields)  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Command(Record):
     command_id: str
@@ -84,17 +134,19 @@ def event_id_for(command_id: str, index: int, conversation_id: str = "") -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ReceiveMessage(Command):
+class ReceiveMessage(_CarriesAttachments, Command):
+    SCHEMA_VERSION: ClassVar[int] = 2
     channel: str
     customer_id: str
-    text: str
+    text: str  # may be "" when the message is attachments only (version 2)
     channel_message_id: str
     language: str | None = None
+    attachments: tuple[Attachment, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RecordReply(Command):
-    SCHEMA_VERSION: ClassVar[int] = 3
+class RecordReply(_CarriesAttachments, Command):
+    SCHEMA_VERSION: ClassVar[int] = 4
     in_reply_to: str
     text: str
     author: str
@@ -109,6 +161,7 @@ class RecordReply(Command):
     completion_tokens: int = 0
     cost: float = 0.0
     latency_ms: int = 0
+    attachments: tuple[Attachment, ...] = ()  # version 4: an agent's images and files
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,24 +183,29 @@ class CloseConversation(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class MessageReceived(Event):
-    SCHEMA_VERSION: ClassVar[int] = 2
+class MessageReceived(_CarriesAttachments, Event):
+    SCHEMA_VERSION: ClassVar[int] = 3
     channel: str
     customer_id: str
     text: str
     channel_message_id: str
     command_id: str
     language: str | None = None
+    attachments: tuple[Attachment, ...] = ()  # version 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class MessageModerated(Event):
+class MessageModerated(_CarriesAttachments, Event):
+    SCHEMA_VERSION: ClassVar[int] = 2
     message_event_id: str
     direction: str
     verdict: str
     text: str
     categories: list[str] = dataclasses.field(default_factory=list)
     list_version: int = 0
+    # Version 2: what of the message's attachments may be shown (none when blocked), so
+    # the read models list a message from this one event.
+    attachments: tuple[Attachment, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,8 +228,8 @@ class ReplyRequested(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ReplyProduced(Event):
-    SCHEMA_VERSION: ClassVar[int] = 2
+class ReplyProduced(_CarriesAttachments, Event):
+    SCHEMA_VERSION: ClassVar[int] = 3
     in_reply_to: str
     channel: str
     text: str
@@ -188,6 +246,7 @@ class ReplyProduced(Event):
     completion_tokens: int = 0
     cost: float = 0.0
     latency_ms: int = 0
+    attachments: tuple[Attachment, ...] = ()  # version 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

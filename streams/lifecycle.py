@@ -17,6 +17,7 @@ from typing import Any
 
 from schemas.records import (
     AssignConversation,
+    Attachment,
     CloseConversation,
     Command,
     ConversationAssigned,
@@ -42,7 +43,14 @@ from schemas.records import (
     SlaBreached,
     event_id_for,
 )
-from streams.moderation import Moderates, SenderEntry, Verdict, remember, sender_entry
+from streams.moderation import (
+    ACTION_ORDER,
+    Moderates,
+    SenderEntry,
+    Verdict,
+    remember,
+    sender_entry,
+)
 from streams.responders import Answer, reply_command
 from streams.routing import Route
 
@@ -359,7 +367,12 @@ class _Draft:
 
 
 def _moderated(
-    draft: _Draft, message_event_id: str, direction: str, text: str, policy: Policy
+    draft: _Draft,
+    message_event_id: str,
+    direction: str,
+    text: str,
+    policy: Policy,
+    attachments: tuple[Attachment, ...] = (),
 ) -> Verdict:
     if direction == "in":  # the customer's own recent messages feed the spam signals
         verdict = policy.moderator.check(
@@ -367,6 +380,8 @@ def _moderated(
         )
     else:
         verdict = policy.moderator.check(text, draft.command.tenant_id)
+    if attachments:
+        verdict, attachments = _with_file_names(verdict, attachments, draft, policy)
     draft.add(
         MessageModerated,
         message_event_id=message_event_id,
@@ -375,8 +390,28 @@ def _moderated(
         text=verdict.text,
         categories=list(verdict.categories),
         list_version=verdict.list_version,
+        attachments=() if verdict.action == "block" else attachments,
     )
     return verdict
+
+
+def _with_file_names(
+    verdict: Verdict, attachments: tuple[Attachment, ...], draft: _Draft, policy: Policy
+) -> tuple[Verdict, tuple[Attachment, ...]]:
+    """File names are the customer's words too (a caption-less photo named with an
+    insult is still an insult): moderated apart from the caption, so the listed text
+    stays the caption; the stronger action wins and masked names are shown masked."""
+    names = policy.moderator.check("\n".join(a.name for a in attachments), draft.command.tenant_id)
+    if names.action == "pass":
+        return verdict, attachments
+    masked = names.text.split("\n")
+    if len(masked) == len(attachments):  # names carry no newline (connectors.attachments)
+        attachments = tuple(
+            dataclasses.replace(a, name=name) for a, name in zip(attachments, masked, strict=True)
+        )
+    stronger = max(verdict.action, names.action, key=ACTION_ORDER.index)
+    categories = tuple(dict.fromkeys((*verdict.categories, *names.categories)))
+    return verdict._replace(action=stronger, categories=categories), attachments
 
 
 def _receive(draft: _Draft, command: ReceiveMessage, policy: Policy) -> None:
@@ -388,8 +423,10 @@ def _receive(draft: _Draft, command: ReceiveMessage, policy: Policy) -> None:
         channel_message_id=command.channel_message_id,
         command_id=command.command_id,
         language=command.language,
+        attachments=command.attachments,
     )
-    verdict = _moderated(draft, received.event_id, "in", command.text, policy)
+    # File names are the customer's words too: moderated with the caption.
+    verdict = _moderated(draft, received.event_id, "in", command.text, policy, command.attachments)
     if verdict.action == "block":
         # Not passed on; the sender is told, through their own channel, like a reply.
         draft.add(
@@ -479,6 +516,7 @@ def _reply(draft: _Draft, command: RecordReply, policy: Policy) -> None:
         completion_tokens=command.completion_tokens,
         cost=command.cost,
         latency_ms=command.latency_ms,
+        attachments=command.attachments,
     )
     if command.author == "ai":
         failures = state.ai_failures + (command.action != "answer")

@@ -6,6 +6,7 @@ from typing import Any
 
 from schemas.records import (
     AgentAssigned,
+    Attachment,
     AgentPresenceChanged,
     AssignConversation,
     AssignmentReleased,
@@ -66,6 +67,26 @@ QEVT: dict[str, Any] = {
     "occurred_at": 1_700_000_000_000,
 }
 
+PHOTO = Attachment(
+    kind="image",
+    mime_type="image/jpeg",
+    size=102_400,
+    name="破损.jpg",
+    sha256="ab" * 32,
+    storage_key="t1/ab/" + "ab" * 32,
+    width=800,
+    height=600,
+    thumbnail_key="t1/cd/" + "cd" * 32,
+)
+INVOICE = Attachment(
+    kind="file",
+    mime_type="application/pdf",
+    size=2048,
+    name="invoice.pdf",
+    sha256="ef" * 32,
+    storage_key="t1/ef/" + "ef" * 32,
+)
+
 SAMPLES: list[Record] = [
     ReceiveMessage(**CMD, channel="api", customer_id="u1", text="你好 hi", channel_message_id="m1"),
     RecordReply(
@@ -87,6 +108,7 @@ SAMPLES: list[Record] = [
         channel_message_id="m1",
         command_id="c-1",
         language="zh",
+        attachments=(PHOTO, INVOICE),
     ),
     MessageModerated(
         **EVT,
@@ -108,6 +130,7 @@ SAMPLES: list[Record] = [
         responder="offline-faq",
         confidence=1.0,
         customer_id="u1",
+        attachments=(INVOICE,),
     ),
     MessageDelivered(
         **EVT, reply_event_id="e-2", channel="api", status="failed", attempts=5, detail="HTTP 500"

@@ -9,7 +9,7 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from schemas.codec import CODEC, MAGIC, DecodeError
 from schemas.records import RECORD_TYPES, Commit, MessageModerated, MessageReceived, Record
-from tests.samples import EVT
+from tests.samples import EVT, INVOICE, PHOTO
 from tests.samples import SAMPLES as _SAMPLES
 
 _ENV: dict[str, Any] = {
@@ -98,7 +98,7 @@ def test_old_writer_schema_is_read_by_the_new_reader() -> None:
 
     assert isinstance(decoded, MessageReceived)
     assert decoded.text == "hello" and decoded.language is None
-    assert decoded.schema_version == 2
+    assert decoded.schema_version == MessageReceived.SCHEMA_VERSION
 
 
 def test_unknown_fingerprint_is_a_decode_error_with_a_reason() -> None:
@@ -153,3 +153,34 @@ def test_an_empty_commit_holds_no_event_and_a_cut_one_is_a_decode_error() -> Non
     assert CODEC.unpack(empty) == [] and CODEC.decode_all(empty) == []
     with pytest.raises(DecodeError, match="corrupt Commit"):
         CODEC.unpack(COMMIT_V1[:-20])
+
+
+# Frozen bytes of MessageReceived version 3 (two attachments): never regenerate them.
+RECEIVED_V3_WITH_ATTACHMENTS = bytes.fromhex(
+    "c301cb62e12637c857d806652d310c636f6e762d3104743106f6a1abfef9621e4d657373616765526563"
+    "656976656406067765620475310ce98080e6acbe046d3106632d3102047a68040a696d61676514696d61"
+    "67652f6a70656780c00c14e7a0b4e68d9f2e6a7067800161626162616261626162616261626162616261"
+    "626162616261626162616261626162616261626162616261626162616261626162616261626162616261"
+    "6261628c0174312f61622f61626162616261626162616261626162616261626162616261626162616261"
+    "626162616261626162616261626162616261626162616261626162616261626162c00cb009008c017431"
+    "2f63642f6364636463646364636463646364636463646364636463646364636463646364636463646364"
+    "63646364636463646364636463646364636463646364636463640866696c651e6170706c69636174696f"
+    "6e2f706466802016696e766f6963652e7064668001656665666566656665666566656665666566656665"
+    "666566656665666566656665666566656665666566656665666566656665666566656665666566656665"
+    "668c0174312f65662f656665666566656665666566656665666566656665666566656665666566656665"
+    "666566656665666566656665666566656665666566656665666566656665660000000000"
+)
+
+
+def test_frozen_message_with_attachments_reads_with_todays_schema() -> None:
+    """Attachments are metadata records inside the event (never the bytes)."""
+    decoded = CODEC.decode(RECEIVED_V3_WITH_ATTACHMENTS)
+    assert isinstance(decoded, MessageReceived)
+    assert [a.name for a in decoded.attachments] == ["破损.jpg", "invoice.pdf"]
+    assert decoded.attachments == (PHOTO, INVOICE)
+    assert len(RECEIVED_V3_WITH_ATTACHMENTS) < 1024  # a reference, not a file
+
+
+def test_a_message_of_version_2_has_no_attachments() -> None:
+    decoded = CODEC.decode(OLD_RECEIVED)
+    assert isinstance(decoded, MessageReceived) and decoded.attachments == ()
