@@ -10,7 +10,7 @@ frames are bounded by the server's own message size limit.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -37,15 +37,19 @@ async def _refuse(send: Send, status: int, detail: str) -> None:
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int = 1024 * 1024) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int = 1024 * 1024, per_path: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = dict(per_path or {})  # exact paths with a limit of their own (uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = f"request body over {self.max_bytes} bytes"
+        limit = self.per_path.get(scope.get("path", ""), self.max_bytes)
+        too_large = f"request body over {limit} bytes"
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -53,7 +57,7 @@ class BodyLimit:
                 except ValueError:
                     await _refuse(send, 400, "invalid Content-Length")
                     return
-                if declared > self.max_bytes:
+                if declared > limit:
                     await _refuse(send, 413, too_large)
                     return
         chunks: list[bytes] = []
@@ -64,7 +68,7 @@ class BodyLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
+            if size > limit:
                 await _refuse(send, 413, too_large)
                 return
             chunks.append(chunk)

@@ -22,6 +22,7 @@ from typing import Protocol
 import aiohttp
 import redis.asyncio as aioredis
 
+from connectors.attachments import UrlSigner, with_urls
 from connectors.metrics import delivering
 from schemas.keys import outbox_channel
 from schemas.outcomes import DeliveryOutcome as Outcome
@@ -44,8 +45,10 @@ def sign(secret: bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
-def reply_payload(reply: ReplyProduced) -> dict[str, object]:
-    return {
+def reply_payload(reply: ReplyProduced, signer: UrlSigner | None = None) -> dict[str, object]:
+    """The reply as the web chat and webhooks get it; attachments as signed, expiring
+    absolute links (a receiver downloads them; the bytes never ride in the payload)."""
+    payload: dict[str, object] = {
         "type": "reply",
         "event_id": reply.event_id,
         "conversation_id": reply.conversation_id,
@@ -55,6 +58,10 @@ def reply_payload(reply: ReplyProduced) -> dict[str, object]:
         "intent": reply.intent,
         "occurred_at": reply.occurred_at,
     }
+    if reply.attachments and signer is not None:
+        listed = [a.to_avro() for a in reply.attachments]
+        payload["attachments"] = with_urls(listed, signer, absolute=True)
+    return payload
 
 
 class ChannelSender(Protocol):
@@ -74,8 +81,10 @@ class ChannelDeliverer:
         attempts: int = 5,
         backoff: float = 0.2,
         senders: Mapping[str, ChannelSender] | None = None,
+        signer: UrlSigner | None = None,
     ) -> None:
         self._redis = redis
+        self._signer = signer
         self._webhooks = webhooks
         self._session: aiohttp.ClientSession | None = None  # made on first use, in the loop
         self._attempts = attempts
@@ -92,7 +101,7 @@ class ChannelDeliverer:
         sender = self._senders.get(reply.channel)
         if sender is not None:
             return await sender.send(reply)
-        payload = reply_payload(reply)
+        payload = reply_payload(reply, self._signer)
         if reply.channel == "web":
             message = json.dumps(payload, ensure_ascii=False)
             await self._redis.publish(

@@ -8,6 +8,7 @@ or the Redis outbox (WebSockets).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -18,7 +19,8 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from connectors import admin_api, console, dashboard, rest_api, routing_api, webchat
+from connectors import admin_api, console, dashboard, files_api, rest_api, routing_api, webchat
+from connectors.attachments import Quota
 from connectors.auth import AuthConfig, KeyRing
 from connectors.body_limit import BodyLimit
 from connectors.metrics import metrics_endpoint, ready_response
@@ -27,6 +29,7 @@ from connectors.publisher import CommandPublisher
 from connectors.rate_limit import Limits, RateLimited, RateLimiter, rate_limited_response
 from connectors.telegram import TelegramEdge
 from connectors.telegram import router as telegram_router
+from connectors.uploads import Files
 from connectors.wechat import WeChatEdge
 from connectors.wechat import router as wechat_router
 
@@ -58,6 +61,8 @@ class GatewayConfig:
     # what was frozen: see _long_lived_objects.
     gc_freeze_s: float = 0.0
     gc_full_s: float = 3600.0
+    # Attachments: blob store, link signer, policy (None: uploads answer 503).
+    files: Files | None = None
 
 
 async def _long_lived_objects(config: GatewayConfig) -> None:
@@ -102,6 +107,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
         ring = KeyRing(config.auth.with_plain_api_keys(config.api_keys), client)
         app.state.services = Services(publisher, client, ring, outbox)
         app.state.limiter = RateLimiter(client, config.rate_limits, config.tenant_rate_limits)
+        if config.files is not None:
+            quota_bytes = config.files.policy.tenant_quota_bytes
+            quota = Quota(client, config.files.store, quota_bytes) if quota_bytes else None
+            app.state.files = dataclasses.replace(config.files, quota=quota)
         collector = None
         if config.gc_freeze_s > 0:
             collector = asyncio.create_task(_long_lived_objects(config))
@@ -120,10 +129,17 @@ def create_app(config: GatewayConfig) -> FastAPI:
         description="Customer messages in (REST, web chat), replies out.",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    # Uploads may be larger than other bodies: their own limit (the largest channel's,
+    # plus the multipart framing); each channel's own limit is checked per file (413).
+    uploads = {}
+    if config.files is not None:
+        upload_limit = config.files.policy.largest_limit + 64 * 1024
+        uploads = {path: upload_limit for path in files_api.UPLOAD_PATHS}
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, per_path=uploads)
     app.add_middleware(webchat.ChatSocketShortcut)
     app.add_exception_handler(RateLimited, rate_limited_response)
     app.include_router(rest_api.router)
+    app.include_router(files_api.router)
     app.include_router(routing_api.router)
     app.include_router(admin_api.router)
     app.include_router(webchat.router)

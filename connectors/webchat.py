@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from connectors.auth import client_ip, customer_verified, new_visitor, websocket_origin_ok
 from connectors.identity import command_id_for, conversation_id_for
 from connectors.rate_limit import RateLimiter
+from connectors.uploads import UploadRefused, claim_upload_ids, shown_messages
 from schemas.keys import messages_key, outbox_channel
 from schemas.records import ReceiveMessage
 from schemas.time import now_ms
@@ -125,7 +126,7 @@ async def chat_socket(websocket: WebSocket) -> None:
             {
                 "type": "history",
                 "conversation_id": conversation_id,
-                "messages": [json.loads(m) for m in history],
+                "messages": shown_messages(history, websocket.app.state),
             }
         )
         mailbox.open()  # replies that came in meanwhile follow the history
@@ -159,12 +160,19 @@ async def _accept(
         return None
     if not isinstance(data, dict) or data.get("type") != "message":
         return {"type": "error", "reason": 'expected {"type": "message", ...}'}
-    text = data.get("text")
+    text = data.get("text", "")
     message_id = data.get("id") or str(uuid.uuid4())
-    if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
-        return {"type": "error", "id": message_id, "reason": f"text must be 1-{MAX_TEXT} chars"}
+    upload_ids = data.get("attachments") or []
     if not isinstance(message_id, str) or len(message_id) > 128:
         return {"type": "error", "reason": "id must be a string of at most 128 chars"}
+    if not isinstance(upload_ids, list) or not all(isinstance(u, str) for u in upload_ids):
+        return {"type": "error", "id": message_id, "reason": "attachments must be a list of ids"}
+    if not isinstance(text, str) or len(text) > MAX_TEXT or not (text.strip() or upload_ids):
+        return {"type": "error", "id": message_id, "reason": f"text must be 1-{MAX_TEXT} chars"}
+    try:
+        attachments = await claim_upload_ids(services.redis, tenant, conversation_id, upload_ids)
+    except UploadRefused as exc:
+        return {"type": "error", "id": message_id, "reason": exc.reason}
     await services.publisher.publish(
         ReceiveMessage(
             command_id=command_id_for(tenant, CHANNEL, f"{customer}/{message_id}"),
@@ -176,6 +184,7 @@ async def _accept(
             text=text,
             channel_message_id=message_id,
             language=data.get("language") if isinstance(data.get("language"), str) else None,
+            attachments=attachments,
         )
     )
     return {"type": "ack", "id": message_id, "conversation_id": conversation_id}

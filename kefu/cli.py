@@ -127,6 +127,7 @@ def gateway(instance: str, state: str) -> None:
 
     from connectors.gateway import GatewayConfig, create_app
     from kefu.chat_channels import telegram_edge, wechat_edge
+    from kefu.files import files
     from kefu.telemetry import setup_tracing
     from schemas.topics import TopicNames
 
@@ -145,6 +146,7 @@ def gateway(instance: str, state: str) -> None:
         agents=agent_directory(settings),
         gc_freeze_s=settings.gateway.gc_freeze_s,
         gc_full_s=settings.gateway.gc_full_s,
+        files=files(settings),
         **gateway_security(settings),
     )
     g = settings.gateway

@@ -424,6 +424,39 @@ def _default_tenants() -> dict[str, TenantSettings]:
     }
 
 
+class AttachmentSettings(_Frozen):
+    """Attachments (connectors/attachments.py): where the bytes go, what is accepted."""
+
+    store: Literal["local", "s3"] = "local"
+    local_dir: Path | None = None  # default: <state_dir>/blobs
+    # An S3-compatible service (MinIO in docker-compose.yml, AWS S3, ...).
+    s3_endpoint: str = ""
+    s3_bucket: str = "kefu-attachments"
+    s3_region: str = "us-east-1"
+    s3_access_key: SecretStr = SecretStr("")
+    s3_secret_key: SecretStr = SecretStr("")
+    # Largest file per channel in bytes ("*": the others); over it: 413 with the limit.
+    # WeChat's temporary media takes 10 MB, a Telegram bot downloads up to 20 MB.
+    max_bytes: dict[str, int] = Field(
+        default_factory=lambda: {
+            "*": 20 * 1024 * 1024,
+            "web": 10 * 1024 * 1024,
+            "wechat": 10 * 1024 * 1024,
+            "telegram": 20 * 1024 * 1024,
+            "email": 25 * 1024 * 1024,
+        }
+    )
+    allowed_types: list[str] = Field(default_factory=list)  # empty: the built-in list
+    max_image_pixels: int = 40_000_000
+    tenant_quota_bytes: int = 0  # per tenant; 0 = unlimited
+    # Signs download links (per tenant, expiring). Empty: a random key kept in
+    # <state_dir>/attachments.key, shared by the processes of one machine.
+    url_secret: SecretStr = SecretStr("")
+    url_ttl_s: int = 7 * 24 * 3600
+    # How channels and webhook receivers reach the links (default: the gateway's address).
+    public_url: str = ""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KEFU_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -447,6 +480,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = SecuritySettings()
     reliability: ReliabilitySettings = ReliabilitySettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    attachments: AttachmentSettings = AttachmentSettings()
     log_level: str = "INFO"
 
     @property

@@ -18,6 +18,7 @@ from connectors.delivery import ChannelDeliverer, WebhookTarget
 from connectors.metrics import metrics_text
 from kefu.ai import build_responder
 from kefu.channels import channel_senders
+from kefu.files import url_signer
 from kefu.settings import Settings
 from kefu.telemetry import setup_tracing
 from kefu.topics import ensure_topics_blocking
@@ -94,7 +95,9 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     )
     queue_router.install(kefu, sticky=settings.routing.sticky)
     timers.install(kefu, _deadlines(settings), settings.routing.timer_seconds)
-    deliverer = ChannelDeliverer(redis, webhooks, senders=channel_senders(settings))
+    deliverer = ChannelDeliverer(
+        redis, webhooks, senders=channel_senders(settings), signer=url_signer(settings)
+    )
     read_model = RedisConversations(redis)
     sink: RedisConversations | RebuildingRedisModel = read_model
     if settings.reliability.redis_rebuild:  # Redis flushed or replaced: back from the log

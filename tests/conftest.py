@@ -19,6 +19,7 @@ from kefu.processes import free_ports
 from kefu.services import Services
 from kefu.settings import (
     AgentSettings,
+    AttachmentSettings,
     ChannelsSettings,
     ObservabilitySettings,
     RateLimitSettings,
@@ -195,8 +196,23 @@ def isolated_settings(state_dir: Path) -> Settings:
                     "dave": console_agent("dave", team="billing"),
                 },
             ),
+            # Attachments (tests/test_files_api.py, the UI and bench tests): human-only
+            # so nothing answers for the test; files2 for isolation.
+            "files": TenantSettings(
+                api_key=SecretStr("files-test-key"),
+                ai_enabled=False,
+                webhook_url=sink_url,
+                webhook_secret=SecretStr("files-secret"),
+                agents={"fay": console_agent("fay", name="Fay")},
+            ),
+            "files2": TenantSettings(api_key=SecretStr("files2-test-key"), ai_enabled=False),
             **security_tenants(),
         },
+        # Small limits so the tests reach them with small files.
+        attachments=AttachmentSettings(
+            max_bytes={"*": 2 * 1024 * 1024, "web": 1024 * 1024, "api": 1024 * 1024},
+            tenant_quota_bytes=0,
+        ),
         # Spans to <state dir>/traces/*.jsonl (tests/test_tracing.py); the SMTP
         # listener's /metrics on a free port (tests/test_metrics.py).
         observability=ObservabilitySettings(

@@ -1,0 +1,387 @@
+"""Files from strangers: how an upload becomes an :class:`~schemas.records.Attachment`.
+
+Every channel (REST, web chat, console, WeChat, Telegram, email) passes the bytes it
+received through :func:`accept`, which refuses before anything is stored or published:
+
+- over the channel's size limit: 413 with the limit;
+- a type not on the allow-list, sniffed from the bytes (``filetype``), never from the
+  name or the declared type: a ``.exe`` named ``photo.jpg`` is ``application/x-msdownload``
+  and gets 415;
+- an image that does not decode (truncated, corrupt): 422; one with more pixels than
+  ``max_image_pixels`` (a decompression bomb: a few KB that expand to gigabytes): 422,
+  refused from its header before a pixel is decoded.
+
+Images are decoded and re-encoded with Pillow: the stored bytes carry no EXIF (no GPS
+position of the customer's home), orientation applied; a thumbnail for the console is
+stored beside them. SVG and HTML are files, never images: the download route serves them
+as attachments under a CSP that runs nothing (``connectors/files_api.py``).
+
+Download links are signed per tenant and expire (:class:`UrlSigner`): a URL is all a
+customer's browser, a webhook receiver or a channel API needs, and it opens one blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import io
+import re
+import time
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import filetype
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from connectors.blobs import BlobStore, blob_key, tenant_of_key
+from schemas.records import Attachment
+
+IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+DEFAULT_ALLOWED = frozenset(
+    {
+        *IMAGE_TYPES,
+        "application/pdf",
+        "text/plain",
+        "text/csv",
+        "application/zip",
+        "application/msword",
+        "application/vnd.ms-excel",
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+        "audio/amr",
+        "audio/mpeg",
+        "audio/ogg",
+        "audio/x-wav",
+        "audio/mp4",
+        "audio/aac",
+        "video/mp4",
+        "video/quicktime",
+        "video/webm",
+        # Served as downloads only (never inline): see connectors/files_api.py.
+        "image/svg+xml",
+    }
+)
+# Never rendered by the browser from our origin, whatever the allow-list says.
+DOWNLOAD_ONLY = frozenset({"image/svg+xml", "text/html", "application/xhtml+xml"})
+_PILLOW_FORMATS = {
+    "image/jpeg": "JPEG",
+    "image/png": "PNG",
+    "image/gif": "GIF",
+    "image/webp": "WEBP",
+}
+MAX_NAME = 200
+
+
+class AttachmentRejected(ValueError):
+    """Refused at the edge: ``status`` is the HTTP status (413, 415, 422, 507), ``reason``
+    what the sender is told. Nothing was stored or published."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentPolicy:
+    # Per channel ("*": every other); bytes as received.
+    max_bytes: Mapping[str, int] = field(default_factory=lambda: {"*": 20 * 1024 * 1024})
+    allowed_types: frozenset[str] = DEFAULT_ALLOWED
+    max_image_pixels: int = 40_000_000
+    thumbnail_px: int = 320
+    tenant_quota_bytes: int = 0  # 0: no quota
+
+    def limit_for(self, channel: str) -> int:
+        return int(self.max_bytes.get(channel, self.max_bytes.get("*", 20 * 1024 * 1024)))
+
+    @property
+    def largest_limit(self) -> int:
+        return max(self.max_bytes.values(), default=20 * 1024 * 1024)
+
+
+# --- what the bytes are ---------------------------------------------------------------
+
+
+def sniff(data: bytes) -> str:
+    """The MIME type of ``data`` from its bytes alone."""
+    guessed = str(filetype.guess_mime(data) or "")
+    if guessed:
+        return {"audio/x-flac": "audio/flac", "audio/m4a": "audio/mp4"}.get(guessed, guessed)
+    head = data[:2048]
+    try:
+        text = head.decode("utf-8") if b"\x00" not in head else None
+    except UnicodeDecodeError as exc:  # a multi-byte character cut at 2048 is still text
+        text = head[: exc.start].decode("utf-8") if exc.start > len(head) - 4 else None
+    if text is None:
+        return "application/octet-stream"
+    lowered = text.lstrip("\ufeff \t\r\n").lower()
+    if lowered.startswith("<svg") or (lowered.startswith("<?xml") and "<svg" in lowered):
+        return "image/svg+xml"
+    if lowered.startswith(("<!doctype html", "<html", "<script", "<body", "<head")):
+        return "text/html"
+    return "text/plain"
+
+
+def kind_of(mime_type: str) -> str:
+    if mime_type in IMAGE_TYPES:
+        return "image"
+    major = mime_type.split("/", 1)[0]
+    return major if major in ("audio", "video") else "file"
+
+
+def safe_name(name: str, mime_type: str = "") -> str:
+    """A file name fit to show and to moderate: no path, no control characters or
+    newlines, at most MAX_NAME characters; a default from the type when empty."""
+    name = unicodedata.normalize("NFC", name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C").strip(" .")
+    if not name:
+        known = filetype.get_type(mime=mime_type)
+        name = f"attachment.{known.extension if known else 'bin'}"
+    return name[:MAX_NAME]
+
+
+# --- accepting bytes --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What :func:`prepare` made of the bytes: the attachment, and the blobs to store."""
+
+    attachment: Attachment
+    blobs: tuple[tuple[str, bytes, str], ...]  # (key, bytes, content type)
+
+
+def prepare(
+    data: bytes,
+    *,
+    name: str,
+    tenant: str,
+    conversation: str,
+    channel: str,
+    policy: AttachmentPolicy,
+    duration_ms: int = 0,
+) -> Prepared:
+    """Check and normalize an upload (CPU only: run it in a thread)."""
+    limit = policy.limit_for(channel)
+    if len(data) > limit:
+        raise AttachmentRejected(413, f"attachment over {limit} bytes (the {channel} limit)")
+    if not data:
+        raise AttachmentRejected(422, "empty attachment")
+    mime_type = sniff(data)
+    if mime_type not in policy.allowed_types:
+        raise AttachmentRejected(415, f"file type not allowed: {mime_type}")
+    kind = kind_of(mime_type)
+    width = height = 0
+    thumbnail: bytes | None = None
+    thumbnail_type = ""
+    if kind == "image":
+        data, width, height, thumbnail, thumbnail_type = _reencode(data, mime_type, policy)
+    sha256 = hashlib.sha256(data).hexdigest()
+    key = blob_key(tenant, conversation, sha256)
+    blobs = [(key, data, mime_type)]
+    thumbnail_key = ""
+    if thumbnail is not None:
+        thumbnail_key = blob_key(tenant, conversation, sha256, "thumb")
+        blobs.append((thumbnail_key, thumbnail, thumbnail_type))
+    attachment = Attachment(
+        kind=kind,
+        mime_type=mime_type,
+        size=len(data),
+        name=safe_name(name, mime_type),
+        sha256=sha256,
+        storage_key=key,
+        width=width,
+        height=height,
+        duration_ms=max(0, int(duration_ms)),
+        thumbnail_key=thumbnail_key,
+    )
+    return Prepared(attachment, tuple(blobs))
+
+
+def _reencode(
+    data: bytes, mime_type: str, policy: AttachmentPolicy
+) -> tuple[bytes, int, int, bytes, str]:
+    """Decode and re-encode: the bytes served are Pillow's, without EXIF or trailing data."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size  # from the header: nothing decoded yet
+            if width * height > policy.max_image_pixels:
+                raise AttachmentRejected(
+                    422,
+                    f"image too large: {width}x{height} pixels (limit {policy.max_image_pixels})",
+                )
+            frames = getattr(probe, "n_frames", 1)
+            if width * height * frames > policy.max_image_pixels * 4:
+                raise AttachmentRejected(
+                    422, f"animation too large: {frames} frames of {width}x{height}"
+                )
+            probe.load()
+            image = ImageOps.exif_transpose(probe) if mime_type != "image/gif" else probe.copy()
+            out = io.BytesIO()
+            fmt = _PILLOW_FORMATS[mime_type]
+            if fmt == "JPEG":
+                image.convert("RGB").save(out, "JPEG", quality=90, optimize=True)
+            elif fmt == "GIF" and frames > 1:
+                probe.seek(0)
+                probe.save(out, "GIF", save_all=True, loop=probe.info.get("loop", 0))
+            else:
+                image.save(out, fmt)
+            width, height = image.size
+            thumb = image.convert("RGBA" if _has_alpha(image) else "RGB")
+            thumb.thumbnail((policy.thumbnail_px, policy.thumbnail_px))
+            small = io.BytesIO()
+            if thumb.mode == "RGBA":
+                thumb.save(small, "PNG", optimize=True)
+                thumbnail_type = "image/png"
+            else:
+                thumb.save(small, "JPEG", quality=80)
+                thumbnail_type = "image/jpeg"
+    except AttachmentRejected:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise AttachmentRejected(422, f"image too large: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise AttachmentRejected(422, f"image could not be decoded ({type(exc).__name__})") from exc
+    return out.getvalue(), width, height, small.getvalue(), thumbnail_type
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+
+
+class Quota:
+    """A tenant's stored bytes against ``AttachmentPolicy.tenant_quota_bytes``: counted
+    in Redis (one counter per tenant, shared by every gateway), seeded from the store."""
+
+    def __init__(self, redis: Any, store: BlobStore, limit: int) -> None:
+        self._redis = redis
+        self._store = store
+        self.limit = limit
+
+    @staticmethod
+    def key(tenant: str) -> str:
+        return f"kefu:blobs:used:{tenant}"
+
+    async def used(self, tenant: str) -> int:
+        raw = await self._redis.get(self.key(tenant))
+        if raw is None:
+            used = await self._store.usage(f"{tenant}/")
+            await self._redis.set(self.key(tenant), used, nx=True)
+            return used
+        return int(raw)
+
+    async def check(self, tenant: str, size: int) -> None:
+        if self.limit and await self.used(tenant) + size > self.limit:
+            raise AttachmentRejected(
+                507, f"the tenant's storage quota ({self.limit} bytes) is full"
+            )
+
+    async def add(self, tenant: str, size: int) -> None:
+        await self._redis.incrby(self.key(tenant), size)
+
+    async def free(self, tenant: str, size: int) -> None:
+        await self._redis.decrby(self.key(tenant), size)
+
+
+async def accept(
+    store: BlobStore,
+    data: bytes,
+    *,
+    name: str,
+    tenant: str,
+    conversation: str,
+    channel: str,
+    policy: AttachmentPolicy,
+    quota: Quota | None = None,
+    duration_ms: int = 0,
+) -> Attachment:
+    """Check, normalize and store an upload; its attachment, or :class:`AttachmentRejected`."""
+    prepared = await asyncio.to_thread(
+        prepare,
+        data,
+        name=name,
+        tenant=tenant,
+        conversation=conversation,
+        channel=channel,
+        policy=policy,
+        duration_ms=duration_ms,
+    )
+    total = sum(len(blob) for _, blob, _ in prepared.blobs)
+    if quota is not None:
+        await quota.check(tenant, total)
+    added = 0
+    for key, blob, content_type in prepared.blobs:
+        if await store.put(key, blob, content_type):
+            added += len(blob)
+    if quota is not None and added:
+        await quota.add(tenant, added)
+    return prepared.attachment
+
+
+# --- links ------------------------------------------------------------------------------
+
+
+FILES_PATH = "/v1/files/"
+
+
+class UrlSigner:
+    """Expiring download links, signed with a per-tenant key derived from one secret:
+    a link opens one blob until ``exp``; another tenant's key cannot make one."""
+
+    def __init__(self, secret: bytes, ttl_s: int = 3600, base_url: str = "") -> None:
+        if not secret:
+            raise ValueError("a URL signing secret is required")
+        self._secret = secret
+        self.ttl_s = ttl_s
+        self.base_url = base_url.rstrip("/")
+
+    def _tenant_key(self, tenant: str) -> bytes:
+        return hmac.new(self._secret, b"files/" + tenant.encode(), hashlib.sha256).digest()
+
+    def signature(self, key: str, exp: int) -> str:
+        mac = hmac.new(
+            self._tenant_key(tenant_of_key(key)), f"{key}\n{exp}".encode(), hashlib.sha256
+        )
+        return base64.urlsafe_b64encode(mac.digest()[:18]).decode()
+
+    def url(self, key: str, now_s: float | None = None, absolute: bool = False) -> str:
+        exp = int((time.time() if now_s is None else now_s) + self.ttl_s)
+        path = f"{FILES_PATH}{quote(key, safe='/')}?exp={exp}&sig={self.signature(key, exp)}"
+        return f"{self.base_url}{path}" if absolute else path
+
+    def verify(self, key: str, exp: int, sig: str, now_s: float | None = None) -> bool:
+        if exp < (time.time() if now_s is None else now_s):
+            return False
+        return hmac.compare_digest(self.signature(key, exp), sig)
+
+
+def with_urls(
+    attachments: list[dict[str, Any]], signer: UrlSigner, absolute: bool = False
+) -> list[dict[str, Any]]:
+    """Attachment metadata (as in the Redis list or ``Attachment.to_avro``) with a signed
+    ``url`` and, for images, ``thumbnail_url``; storage keys are not shown."""
+    out = []
+    for item in attachments:
+        shown = {
+            k: v for k, v in item.items() if k not in ("storage_key", "thumbnail_key", "sha256")
+        }
+        shown["url"] = signer.url(item["storage_key"], absolute=absolute)
+        if item.get("thumbnail_key"):
+            shown["thumbnail_url"] = signer.url(item["thumbnail_key"], absolute=absolute)
+        out.append(shown)
+    return out
+
+
+_UPLOAD_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+def valid_upload_id(upload_id: str) -> bool:
+    return bool(_UPLOAD_ID.match(upload_id))
