@@ -39,6 +39,7 @@ import filetype
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from connectors.blobs import BlobStore, blob_key, tenant_of_key
+from schemas.keys import blob_usage_key
 from schemas.records import Attachment
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
@@ -268,7 +269,7 @@ class Quota:
 
     @staticmethod
     def key(tenant: str) -> str:
-        return f"kefu:blobs:used:{tenant}"
+        return blob_usage_key(tenant)
 
     async def used(self, tenant: str) -> int:
         raw = await self._redis.get(self.key(tenant))

@@ -68,6 +68,10 @@ class Blob:
 
 
 class BlobStore(Protocol):
+    async def ensure(self) -> None:
+        """Make the store ready to write (its directory, its bucket); idempotent."""
+        ...
+
     async def put(self, key: str, data: bytes, content_type: str) -> bool:
         """Store ``data``; False when the key already held it (content-addressed)."""
         ...
@@ -92,6 +96,9 @@ class LocalBlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    async def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         if not valid_key(key) and not key.endswith("/"):
@@ -191,7 +198,7 @@ class S3BlobStore:
             aws_secret_access_key=secret_key or None,
         )
 
-    async def ensure_bucket(self) -> None:
+    async def ensure(self) -> None:
         """Create the bucket if it is not there (a first start against MinIO)."""
         from botocore.exceptions import ClientError
 

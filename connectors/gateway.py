@@ -108,6 +108,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         app.state.services = Services(publisher, client, ring, outbox)
         app.state.limiter = RateLimiter(client, config.rate_limits, config.tenant_rate_limits)
         if config.files is not None:
+            await config.files.store.ensure()  # a first start against MinIO: the bucket
             quota_bytes = config.files.policy.tenant_quota_bytes
             quota = Quota(client, config.files.store, quota_bytes) if quota_bytes else None
             app.state.files = dataclasses.replace(config.files, quota=quota)

@@ -22,6 +22,7 @@ from connectors.attachments import (
     with_urls,
 )
 from connectors.blobs import BlobStore
+from schemas.keys import upload_key
 from schemas.records import Attachment
 
 UPLOAD_TTL_S = 24 * 3600
@@ -45,8 +46,7 @@ def files_of(request: Request) -> Files:
     return files
 
 
-def _upload_key(tenant: str, upload_id: str) -> str:
-    return f"kefu:upload:{tenant}:{upload_id}"
+_upload_key = upload_key
 
 
 async def _read_limited(upload: UploadFile, limit: int) -> bytes:

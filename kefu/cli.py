@@ -282,6 +282,9 @@ main.add_command(keys)
 from kefu.cli_deadletter import deadletter  # noqa: E402
 
 main.add_command(deadletter)
+from kefu.cli_files import files  # noqa: E402
+
+main.add_command(files)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,16 @@ def agents_key(tenant_id: str) -> str:
 def outbox_channel(tenant_id: str, conversation_id: str) -> str:
     """Pub/sub channel where live sockets of a conversation listen for replies."""
     return f"kefu:{tenant_id}:out:{conversation_id}"
+
+
+# Attachments: outside the read model's ``kefu:<tenant>:`` prefix, so a rebuild of the
+# projection (which clears that prefix) keeps uploads waiting for their message and the
+# tenant's storage count.
+def upload_key(tenant_id: str, upload_id: str) -> str:
+    """An upload waiting for the message that attaches it (JSON; expires)."""
+    return f"kefu-files:{tenant_id}:upload:{upload_id}"
+
+
+def blob_usage_key(tenant_id: str) -> str:
+    """Bytes the tenant has in the blob store (its quota)."""
+    return f"kefu-files:{tenant_id}:used"
