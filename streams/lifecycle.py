@@ -460,9 +460,19 @@ def _receive(draft: _Draft, command: ReceiveMessage, policy: Policy) -> None:
             ReplyRequested,
             message_event_id=received.event_id,
             channel=command.channel,
-            text=verdict.text,
+            text=_for_the_responder(verdict.text, draft),
             language=command.language,
         )
+
+
+def _for_the_responder(text: str, draft: _Draft) -> str:
+    """The responder reads text only: it is told a file came (kind and moderated name),
+    so a photo without a caption is not an empty question."""
+    moderated = next((e for e in reversed(draft.events) if isinstance(e, MessageModerated)), None)
+    if moderated is None or not moderated.attachments:
+        return text
+    sent = [f"[{a.kind}: {a.name}]" for a in moderated.attachments]
+    return "\n".join([text, *sent]) if text else "\n".join(sent)
 
 
 def _answered_at_once(draft: _Draft, policy: Policy) -> list[Event]:

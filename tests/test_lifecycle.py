@@ -21,6 +21,7 @@ from streams.lifecycle import Conversation, Policy, Rejected, decide, evolve, fo
 from streams.moderation import Moderator, WordList
 from streams.responders import OfflineResponder, reply_command
 from streams.routing import TenantRouting, router
+from tests.samples import PHOTO
 
 POLICY = Policy(
     Moderator(), router(lambda tenant: TenantRouting(ai_enabled=tenant != "humans-only"))
@@ -247,3 +248,51 @@ def test_state_is_a_fold_of_the_events_and_survives_json() -> None:
         state = apply(state, events)
     assert fold(log) == state
     assert Conversation.from_json(state.to_json()) == state
+
+
+def _with(command: ReceiveMessage, *names: str) -> ReceiveMessage:
+    files = tuple(dataclasses.replace(PHOTO, name=name) for name in names)
+    return dataclasses.replace(command, attachments=files)
+
+
+def test_a_photo_without_a_caption_is_a_message_the_responder_is_told_of() -> None:
+    events = decide(Conversation(), _with(receive(1, ""), "破损.jpg"), POLICY)
+    received, moderated, *_, request = events
+    assert isinstance(received, MessageReceived) and received.attachments[0].name == "破损.jpg"
+    assert isinstance(moderated, MessageModerated) and moderated.verdict == "pass"
+    assert moderated.attachments == received.attachments  # what the read models list
+    assert isinstance(request, ReplyRequested) and request.text == "[image: 破损.jpg]"
+
+
+def test_file_names_are_moderated_apart_from_the_caption() -> None:
+    events = decide(Conversation(), _with(receive(1, "see photo"), "idiot.jpg", "ok.jpg"), POLICY)
+    moderated = events[1]
+    assert isinstance(moderated, MessageModerated)
+    assert moderated.verdict == "mask" and moderated.text == "see photo"  # caption unchanged
+    assert [a.name for a in moderated.attachments] == ["*****.jpg", "ok.jpg"]
+    blocking = Policy(Moderator(WordList({"spam": ("casino",)}, {"spam": "block"})), POLICY.route)
+    events = decide(Conversation(), _with(receive(1, "hello"), "casino-bonus.png"), blocking)
+    assert [type(e) for e in events] == [MessageReceived, MessageModerated, ReplyProduced]
+    blocked = events[1]
+    assert isinstance(blocked, MessageModerated)
+    assert blocked.verdict == "block" and blocked.attachments == ()  # never shown
+
+
+def test_an_agents_reply_carries_its_attachments() -> None:
+    humans = Policy(Moderator(), router(lambda tenant: TenantRouting(ai_enabled=False)))
+    state = apply(Conversation(), decide(Conversation(), receive(1), humans))
+    state = dataclasses.replace(state, assignee="alice")
+    reply = RecordReply(
+        command_id="r-1",
+        conversation_id="conv-1",
+        tenant_id="t1",
+        issued_at=2000,
+        in_reply_to="",
+        text="",
+        author="alice",
+        responder="console",
+        confidence=1.0,
+        attachments=(PHOTO,),
+    )
+    produced = [e for e in decide(state, reply, humans) if isinstance(e, ReplyProduced)]
+    assert produced and produced[0].attachments == (PHOTO,)
