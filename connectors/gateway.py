@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from connectors import admin_api, console, dashboard, files_api, rest_api, routing_api, webchat
 from connectors.attachments import Quota
@@ -124,7 +125,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
             await publisher.stop()
             await client.aclose()
 
-    app = FastAPI(
+    # /docs and /redoc from the package's own copies of Swagger UI and ReDoc: the
+    # pages work without internet (FastAPI's defaults load them from a CDN).
+    app = FastAPIOffline(
         title="kefu gateway",
         version="0.1.0",
         description="Customer messages in (REST, web chat), replies out.",
