@@ -12,10 +12,18 @@
   is none), so a redelivered mail is the same command and dropped downstream.
 - Text: text/plain preferred, else HTML stripped to text; quoted history ("> " lines
   and their "On … wrote:" line) is cut; at most ``max_text_chars``.
-- Malformed MIME, no From address or no text part: ``550`` with the reason, nothing
-  published. Too large: ``552`` (SMTP SIZE). Kafka or Redis down: ``451`` (the sender
-  retries; dedupe makes that safe). Auto-submitted mail (auto-replies) is accepted
-  and ignored, so two robots never talk to each other forever.
+- Files: every part that is not the text (Content-Disposition attachment or inline,
+  ``cid:`` images of the HTML, a bare image or PDF as the whole mail) goes through
+  :func:`connectors.attachments.accept` with channel "email" (its size limit, the
+  type sniffed from the bytes). A refused file is dropped, named with its reason in
+  the ``250`` reply (the log has the reason, not the name); the text still counts. A
+  mail with a file and no text is a message; one with nothing left (no text, every
+  file refused) gets ``550 5.6.1`` with the reasons.
+- Malformed MIME, no From address, or neither text nor file: ``550`` with the reason,
+  nothing published. Too large: ``552`` (SMTP SIZE). Kafka, Redis or the blob store
+  down: ``451`` (the sender retries; dedupe makes that safe). Auto-submitted mail
+  (auto-replies) is accepted and ignored, so two robots never talk to each other
+  forever.
 - Rate limits per tenant and per sender address (``email.rate_limits``, buckets in
   Redis under ``kefu-rl-mail:``): over them ``451 4.7.1``, so a flood or a loop with
   a robot that does not mark its mail is slowed down by the sender's own retries,
@@ -42,11 +50,14 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from connectors.attachments import AttachmentPolicy, AttachmentRejected, Quota, accept, safe_name
+from connectors.blobs import BlobStore
 from connectors.email_threads import Thread, ThreadStore
 from connectors.identity import command_id_for, conversation_id_for
 from connectors.publisher import CommandPublisher
 from connectors.rate_limit import Limits, RateLimiter
-from schemas.records import Command, ReceiveMessage
+from connectors.uploads import MAX_ATTACHMENTS
+from schemas.records import Attachment, Command, ReceiveMessage
 from schemas.time import now_ms
 
 log = logging.getLogger(__name__)
@@ -71,6 +82,15 @@ class MailRejected(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class MailFile:
+    """A part of the mail that is not its text: bytes as decoded from the MIME part."""
+
+    name: str  # the part's file name, "" when it has none
+    data: bytes
+    inline: bool  # shown in the body (Content-Disposition inline, or a cid: image)
+
+
+@dataclass(frozen=True, slots=True)
 class InboundMail:
     message_id: str  # without angle brackets
     sender: str  # From address, lower case: the customer id
@@ -79,6 +99,7 @@ class InboundMail:
     references: tuple[str, ...]  # References then In-Reply-To, oldest first, unique
     text: str
     auto_submitted: bool
+    files: tuple[MailFile, ...] = ()
 
 
 # ------------------------------------------------------------------------- parsing
@@ -150,6 +171,41 @@ def _text_of(part: Message) -> str:
     return content if isinstance(content, str) else ""
 
 
+def _files_of(msg: EmailMessage, body: Message | None) -> list[MailFile]:
+    """Every leaf part but the text: a text part without a file name that is not an
+    attachment is another rendering of the body (the HTML of a text/plain mail)."""
+    files: list[MailFile] = []
+
+    def visit(part: Message) -> None:
+        content_type = part.get_content_type()
+        if content_type == "message/rfc822":  # a forwarded mail: one file, not its parts
+            try:
+                inner = part.get_payload(0)
+                data = inner.as_bytes() if isinstance(inner, Message) else b""
+            except Exception:  # a broken forwarded mail: an empty file, refused
+                data = b""
+            files.append(MailFile(part.get_filename() or "forwarded.eml", data, False))
+            return
+        if part.is_multipart():
+            for child in part.get_payload():
+                if isinstance(child, Message):
+                    visit(child)
+            return
+        if part is body:
+            return
+        disposition = part.get_content_disposition()
+        name = part.get_filename() or ""
+        if part.get_content_maintype() == "text" and not name and disposition != "attachment":
+            return
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
+        inline = disposition == "inline" or (disposition is None and bool(part["Content-ID"]))
+        files.append(MailFile(name, data, inline))
+
+    visit(msg)
+    return files
+
+
 def parse_mail(data: bytes, max_text_chars: int = 8000) -> InboundMail:
     """Parse raw mail bytes; raises :class:`MailRejected` with a 5xx reply."""
     try:
@@ -171,17 +227,18 @@ def parse_mail(data: bytes, max_text_chars: int = 8000) -> InboundMail:
         body = msg.get_body(preferencelist=("plain", "html"))
         raw_text = _text_of(body) if body is not None else ""
         is_html = body is not None and body.get_content_subtype() == "html"
+        files = _files_of(msg, body)
     except MailRejected:
         raise
     except Exception as exc:  # the email package raises many things on garbage
         raise MailRejected(f"554 5.6.0 malformed message: {type(exc).__name__}") from exc
     if "@" not in sender or len(sender) > 254:
         raise MailRejected("550 5.6.0 malformed message: no valid From address")
-    if body is None:
-        raise MailRejected("550 5.6.0 no text/plain or text/html part")
+    if body is None and not files:
+        raise MailRejected("550 5.6.0 no text/plain or text/html part and no attachment")
     text = strip_quoted(html_to_text(raw_text) if is_html else raw_text)[:max_text_chars]
-    if not text.strip():
-        raise MailRejected("550 5.6.0 the message has no text")
+    if not text.strip() and not files:
+        raise MailRejected("550 5.6.0 the message has no text and no attachment")
     # No Message-ID: a digest of the bytes, so a redelivery still dedupes.
     message_id = message_ids[0] if message_ids else "sha256-" + hashlib.sha256(data).hexdigest()
     return InboundMail(
@@ -190,8 +247,9 @@ def parse_mail(data: bytes, max_text_chars: int = 8000) -> InboundMail:
         reply_to=(reply_to[0] if reply_to and "@" in reply_to[0] else sender).lower(),
         subject=subject,
         references=tuple(r for r in references if r != message_id),
-        text=text,
+        text=text if text.strip() else "",
         auto_submitted=auto,
+        files=tuple(files),
     )
 
 
@@ -229,8 +287,24 @@ async def conversation_for(store: ThreadStore, tenant: str, mail: InboundMail) -
     return conversation_id_for(tenant, CHANNEL, mail.sender)
 
 
+class Refused(Exception):
+    """Nothing of the mail is left to accept; ``reasons`` say why each file was refused."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
+
+
+def _smtp_list(reasons: list[str], limit: int = 300) -> str:
+    """Reasons fit for one SMTP reply line (RFC 5321: 512 octets with the code)."""
+    # ASCII only: the client may not speak SMTPUTF8, and a file name may be Chinese.
+    joined = "; ".join(reasons).encode("ascii", "replace").decode()
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
+
+
 class EmailHandler:
-    """aiosmtpd handler: RCPT checks the mailbox, DATA parses and publishes."""
+    """aiosmtpd handler: RCPT checks the mailbox, DATA parses, stores files, publishes.
+    Without a blob store (``blobs``) every file is refused and the text still counts."""
 
     def __init__(
         self,
@@ -239,12 +313,18 @@ class EmailHandler:
         mailboxes: Mailboxes,
         max_text_chars: int = 8000,
         limiter: RateLimiter | None = None,
+        blobs: BlobStore | None = None,
+        policy: AttachmentPolicy | None = None,
+        quota: Quota | None = None,
     ) -> None:
         self._publisher = publisher
         self._store = store
         self._mailboxes = mailboxes
         self._max_text = max_text_chars
         self._limiter = limiter
+        self._blobs = blobs
+        self._policy = policy or AttachmentPolicy()
+        self._quota = quota
 
     async def handle_RCPT(
         self,
@@ -278,16 +358,71 @@ class EmailHandler:
                 log.info("email rate limited: tenant=%s scope=%s", tenant, limited.scope)
                 wait = math.ceil(limited.retry_after)
                 return f"451 4.7.1 too many messages from this {limited.scope}; retry in {wait} s"
+        refused: dict[str, None] = {}
+        accepted = False
         try:
             for tenant in tenants:
-                await self._accept(tenant, mail)
-        except Exception as exc:  # Kafka or Redis: the sender retries, dedupe holds
+                try:
+                    refused.update(dict.fromkeys(await self._accept(tenant, mail)))
+                    accepted = True
+                except Refused as nothing_left:
+                    refused.update(dict.fromkeys(nothing_left.reasons))
+        except Exception as exc:  # Kafka, Redis, the blob store: the sender retries
             log.warning("email not accepted, sender will retry: %s", type(exc).__name__)
             return "451 4.3.0 temporarily unable to accept the message"
+        if not accepted:
+            return f"550 5.6.1 no text and no acceptable attachment: {_smtp_list(list(refused))}"
+        if refused:
+            return f"250 OK; attachments not accepted: {_smtp_list(list(refused))}"
         return "250 OK"
 
-    async def _accept(self, tenant: str, mail: InboundMail) -> None:
+    async def _attachments(
+        self, tenant: str, conversation: str, files: tuple[MailFile, ...]
+    ) -> tuple[tuple[Attachment, ...], list[str]]:
+        """The files that pass :func:`accept`, stored; and a reason for each refused."""
+        kept: list[Attachment] = []
+        refused: list[str] = []
+        for number, file in enumerate(files):
+            name = safe_name(file.name) if file.name else f"part {number + 1}"
+            if self._blobs is None:
+                refused.append(f"{name}: attachments are not accepted here")
+                continue
+            if len(kept) >= MAX_ATTACHMENTS:
+                refused.append(f"{name}: more than {MAX_ATTACHMENTS} attachments")
+                continue
+            try:
+                attachment = await accept(
+                    self._blobs,
+                    file.data,
+                    name=file.name,
+                    tenant=tenant,
+                    conversation=conversation,
+                    channel=CHANNEL,
+                    policy=self._policy,
+                    quota=self._quota,
+                )
+            except AttachmentRejected as exc:
+                # The status and reason only: a file name is the customer's data.
+                log.info(
+                    "email attachment refused: tenant=%s conversation=%s status=%d reason=%s",
+                    tenant,
+                    conversation,
+                    exc.status,
+                    exc.reason,
+                )
+                refused.append(f"{name}: {exc.reason}")
+                continue
+            if attachment.sha256 not in {a.sha256 for a in kept}:  # a logo twice: once
+                kept.append(attachment)
+        return tuple(kept), refused
+
+    async def _accept(self, tenant: str, mail: InboundMail) -> list[str]:
+        """Publish the mail for ``tenant``; the reasons of refused files, or
+        :class:`Refused` when nothing is left to publish."""
         conversation = await conversation_for(self._store, tenant, mail)
+        attachments, refused = await self._attachments(tenant, conversation, mail.files)
+        if not mail.text and not attachments:
+            raise Refused(refused)
         # Thread state first: a redelivery after a failed publish rewrites the same.
         thread = Thread(mail.reply_to, mail.subject, mail.message_id, mail.references)
         await self._store.remember_inbound(tenant, conversation, mail.message_id, thread)
@@ -300,9 +435,17 @@ class EmailHandler:
             customer_id=mail.sender,
             text=mail.text,
             channel_message_id=mail.message_id,
+            attachments=attachments,
         )
         await self._publisher.publish(command)
-        log.info("email accepted: tenant=%s conversation=%s", tenant, conversation)
+        log.info(
+            "email accepted: tenant=%s conversation=%s attachments=%d refused=%d",
+            tenant,
+            conversation,
+            len(attachments),
+            len(refused),
+        )
+        return refused
 
 
 # -------------------------------------------------------------------------- process
@@ -321,6 +464,8 @@ class ListenerConfig:
     host: str = "127.0.0.1"
     kafka_options: Mapping[str, Any] = field(default_factory=dict)  # SASL/TLS
     limits: Limits | None = None  # None: no limits (kefu passes ``email.rate_limits``)
+    blobs: BlobStore | None = None  # None: attachments refused, the text still accepted
+    policy: AttachmentPolicy = field(default_factory=AttachmentPolicy)
 
 
 async def serve(config: ListenerConfig, stop: asyncio.Event | None = None) -> None:
@@ -331,8 +476,17 @@ async def serve(config: ListenerConfig, stop: asyncio.Event | None = None) -> No
     await publisher.start()
     redis = aioredis.Redis.from_url(config.redis_url)
     limiter = RateLimiter(redis, config.limits, namespace="kefu-rl-mail") if config.limits else None
+    quota_bytes = config.policy.tenant_quota_bytes
+    quota = Quota(redis, config.blobs, quota_bytes) if config.blobs and quota_bytes else None
     handler = EmailHandler(
-        publisher, ThreadStore(redis), config.mailboxes, config.max_text_chars, limiter
+        publisher,
+        ThreadStore(redis),
+        config.mailboxes,
+        config.max_text_chars,
+        limiter,
+        blobs=config.blobs,
+        policy=config.policy,
+        quota=quota,
     )
 
     def factory() -> SMTP:

@@ -4,24 +4,28 @@ A reply answers the customer's latest mail of its conversation (the thread in Re
 kept by ``email_in``): To its Reply-To/From, ``Re:`` its subject, In-Reply-To its
 Message-ID and References the thread. Our Message-ID derives from the reply's event
 id, so a redelivered reply is recognisably the same mail; it is remembered for the
-conversation before sending, so the customer's answer threads back. 4xx and connection
-errors are retried with exponential backoff; a 5xx is final. Failures come back as a
-failed ``DeliveryOutcome``.
+conversation before sending, so the customer's answer threads back. A reply's
+attachments are attached (multipart/mixed) with the blob store's bytes; one missing
+from the store fails the delivery before anything is sent. 4xx and connection errors
+are retried with exponential backoff; a 5xx is final. Failures come back as a failed
+``DeliveryOutcome``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
 
 import aiosmtplib
 
+from connectors.blobs import BlobMissing, BlobStore
 from connectors.email_threads import ThreadStore
 from schemas.outcomes import DeliveryOutcome
-from schemas.records import ReplyProduced
+from schemas.records import Attachment, ReplyProduced
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,9 @@ def build_reply(
     parent: str,
     references: tuple[str, ...],
     hostname: str,
+    files: Sequence[tuple[Attachment, bytes]] = (),
 ) -> EmailMessage:
+    """The reply mail; ``files`` (an attachment and its bytes) make it multipart/mixed."""
     msg = EmailMessage()
     msg["From"] = from_address
     msg["To"] = to
@@ -72,13 +78,37 @@ def build_reply(
         msg["Auto-Submitted"] = "auto-replied"  # RFC 3834: auto-responders stay quiet
     msg["X-Kefu-Conversation"] = reply.conversation_id
     msg.set_content(reply.text)
+    for attachment, data in files:
+        maintype, _, subtype = attachment.mime_type.partition("/")
+        msg.add_attachment(
+            data,
+            maintype=maintype or "application",
+            subtype=subtype or "octet-stream",
+            filename=attachment.name,
+        )
     return msg
 
 
 class EmailSender:
-    def __init__(self, store: ThreadStore, config: RelayConfig) -> None:
+    def __init__(
+        self, store: ThreadStore, config: RelayConfig, blobs: BlobStore | None = None
+    ) -> None:
         self._store = store
         self._config = config
+        self._blobs = blobs
+
+    async def _files(self, reply: ReplyProduced) -> list[tuple[Attachment, bytes]] | str:
+        """Each attachment with its bytes, or why they cannot all be had."""
+        if reply.attachments and self._blobs is None:
+            return "attachments need a blob store"
+        files = []
+        for attachment in reply.attachments:
+            assert self._blobs is not None
+            try:
+                files.append((attachment, (await self._blobs.get(attachment.storage_key)).data))
+            except BlobMissing:
+                return f"attachment missing: {attachment.name}"
+        return files
 
     async def send(self, reply: ReplyProduced) -> DeliveryOutcome:
         c = self._config
@@ -88,6 +118,9 @@ class EmailSender:
         from_address = c.from_addresses.get(reply.tenant_id, "")
         if not from_address:
             return DeliveryOutcome("failed", 0, f"no From address for tenant {reply.tenant_id}")
+        files = await self._files(reply)
+        if isinstance(files, str):  # never a mail without the files it promises
+            return DeliveryOutcome("failed", 0, files)
         msg = build_reply(
             reply,
             from_address,
@@ -96,6 +129,7 @@ class EmailSender:
             thread.last_message_id,
             thread.references,
             c.hostname,
+            files,
         )
         # Before sending: the customer may answer faster than we return.
         await self._store.remember_message(

@@ -6,9 +6,13 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from connectors.delivery import ChannelSender
-from connectors.telegram import TelegramEdge, TelegramSender
-from connectors.wechat import WeChatAccount, WeChatApp, WeChatEdge, WeChatSender
+from connectors.telegram import BotFiles, TelegramEdge, TelegramSender
+from connectors.wechat import WeChatAccount, WeChatApp, WeChatEdge, WeChatMedia, WeChatSender
+from kefu.files import blob_store, url_signer
 from kefu.settings import Settings, WeChatAccountSettings
+
+# WeChat redelivers a callback unanswered after 5 s: the media download inside it is short.
+WECHAT_MEDIA_TIMEOUT_CAP_S = 3.0
 
 
 def _account(s: WeChatAccountSettings) -> WeChatAccount:
@@ -16,6 +20,7 @@ def _account(s: WeChatAccountSettings) -> WeChatAccount:
         token=s.token.get_secret_value(),
         encoding_aes_key=s.encoding_aes_key.get_secret_value(),
         app_id=s.app_id,
+        app_secret=s.app_secret.get_secret_value(),  # to download what customers send
     )
 
 
@@ -29,6 +34,7 @@ def wechat_edge(settings: Settings) -> WeChatEdge:
         max_body=c.max_body_bytes,
         passive_wait=c.wechat_passive_wait_s,
         max_skew=c.wechat_max_skew_s,
+        media=WeChatMedia(c.wechat_api_base, timeout=min(c.timeout_s, WECHAT_MEDIA_TIMEOUT_CAP_S)),
     )
 
 
@@ -40,6 +46,18 @@ def telegram_edge(settings: Settings) -> TelegramEdge:
             if s.telegram.bot_token.get_secret_value()
         },
         max_body=settings.channels.max_body_bytes,
+        bot_tokens={
+            t: s.telegram.bot_token.get_secret_value()
+            for t, s in settings.tenants.items()
+            if s.telegram.bot_token.get_secret_value()
+        },
+        # Customers' files, fetched while Telegram waits (it allows a bot 20 MB).
+        files=BotFiles(
+            settings.channels.telegram_api_base,
+            timeout=30.0,
+            attempts=settings.channels.attempts,
+            backoff=settings.channels.backoff_seconds,
+        ),
     )
 
 
@@ -47,6 +65,8 @@ def chat_senders(settings: Settings) -> dict[str, ChannelSender]:
     c = settings.channels
     tenants = settings.tenants.items()
     redis = aioredis.Redis.from_url(settings.redis.dsn)
+    # WeChat: replies' files uploaded from the store, or sent as signed links.
+    store, signer = blob_store(settings), url_signer(settings)
     return {
         "wechat": WeChatSender(
             {
@@ -59,6 +79,8 @@ def chat_senders(settings: Settings) -> dict[str, ChannelSender]:
             attempts=c.attempts,
             backoff=c.backoff_seconds,
             timeout=c.timeout_s,
+            store=store,
+            signer=signer,
         ),
         "wechat-mp": WeChatSender(
             {
@@ -69,6 +91,9 @@ def chat_senders(settings: Settings) -> dict[str, ChannelSender]:
             attempts=c.attempts,
             backoff=c.backoff_seconds,
             timeout=c.timeout_s,
+            mini_program=True,
+            store=store,
+            signer=signer,
         ),
         "telegram": TelegramSender(
             {t: s.telegram.bot_token.get_secret_value() for t, s in tenants},
@@ -76,5 +101,6 @@ def chat_senders(settings: Settings) -> dict[str, ChannelSender]:
             attempts=c.attempts,
             backoff=c.backoff_seconds,
             timeout=c.timeout_s,
+            store=store,
         ),
     }

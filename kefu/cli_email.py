@@ -13,6 +13,7 @@ from connectors.email_in import ListenerConfig, Mailboxes, serve
 from connectors.email_out import EmailSender, RelayConfig
 from connectors.email_threads import ThreadStore
 from kefu.cli_keys import limits_of
+from kefu.files import attachment_policy, blob_store
 from kefu.runtime import configure_logging
 from kefu.settings import Settings, load_settings
 from kefu.telemetry import ops_app, serve_ops, setup_tracing
@@ -50,6 +51,8 @@ def listener_config(settings: Settings) -> ListenerConfig:
         max_text_chars=e.max_text_chars,
         kafka_options=settings.kafka.client_options(),
         limits=limits_of(e.rate_limits),
+        blobs=blob_store(settings),
+        policy=attachment_policy(settings),
     )
 
 
@@ -68,7 +71,9 @@ def email_sender(settings: Settings) -> EmailSender:
         backoff=e.backoff_seconds,
     )
     # The client connects on first use, inside the worker's event loop.
-    return EmailSender(ThreadStore(aioredis.Redis.from_url(settings.redis.dsn)), config)
+    return EmailSender(
+        ThreadStore(aioredis.Redis.from_url(settings.redis.dsn)), config, blobs=blob_store(settings)
+    )
 
 
 async def _run(config: ListenerConfig, ops: tuple[str, int] = ("", 0)) -> None:

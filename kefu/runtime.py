@@ -41,3 +41,6 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    # httpx logs every request's URL at INFO: Telegram's carry the bot token (and file
+    # downloads put it in more of them), WeChat's the access token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

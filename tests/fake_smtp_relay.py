@@ -1,5 +1,6 @@
 """A local SMTP relay for tests (aiosmtpd in a thread on 127.0.0.1): records every mail
-it accepts, and can be told to answer the next N mails with a 4xx/5xx instead."""
+it accepts with its MIME parts, and can be told to answer the next N mails with a
+4xx/5xx instead."""
 
 from __future__ import annotations
 
@@ -13,11 +14,43 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 
+@dataclass(frozen=True)
+class Part:
+    """A leaf MIME part of a received mail, decoded."""
+
+    content_type: str
+    disposition: str  # attachment, inline, or "" for the body
+    filename: str
+    data: bytes
+
+
 @dataclass
 class Received:
     mail_from: str
     rcpt_tos: list[str]
     message: EmailMessage
+    parts: list[Part] = field(default_factory=list)
+
+    @property
+    def attachments(self) -> list[Part]:
+        return [p for p in self.parts if p.disposition == "attachment"]
+
+
+def parts_of(message: EmailMessage) -> list[Part]:
+    out = []
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        payload = part.get_payload(decode=True)
+        out.append(
+            Part(
+                part.get_content_type(),
+                part.get_content_disposition() or "",
+                part.get_filename() or "",
+                payload if isinstance(payload, bytes) else b"",
+            )
+        )
+    return out
 
 
 @dataclass
@@ -35,7 +68,9 @@ class _Handler:
             message = BytesParser(policy=policy.default).parsebytes(raw)
             assert isinstance(message, EmailMessage)
             self.received.append(
-                Received(str(envelope.mail_from), list(envelope.rcpt_tos), message)
+                Received(
+                    str(envelope.mail_from), list(envelope.rcpt_tos), message, parts_of(message)
+                )
             )
         return "250 OK"
 
@@ -64,3 +99,6 @@ class FakeSmtpRelay:
 
     def to(self, address: str) -> list[EmailMessage]:
         return [r.message for r in self.messages() if address in r.rcpt_tos]
+
+    def received_by(self, address: str) -> list[Received]:
+        return [r for r in self.messages() if address in r.rcpt_tos]

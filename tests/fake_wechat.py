@@ -1,5 +1,14 @@
-"""A local server speaking the WeChat API calls kefu makes: ``GET /cgi-bin/token`` and
-``POST /cgi-bin/message/custom/send``, on a loopback port in a background thread.
+"""A local server speaking the WeChat API calls kefu makes: ``GET /cgi-bin/token``,
+``POST /cgi-bin/message/custom/send`` (text, image, voice, video and link messages),
+``GET /cgi-bin/media/get`` and ``POST /cgi-bin/media/upload``, on a loopback port in a
+background thread.
+
+Media: ``add_media(data, content_type)`` registers bytes a customer "sent" and returns
+their MediaId; media/get serves them (a video, as WeChat does, as JSON with a
+``video_url`` on this server), and answers errcode 40007 for an id it does not know.
+``media_busy_next`` calls of media/get answer errcode -1 (system busy).
+media/upload records each file (``uploads``) and returns a new media_id; a message
+naming a media_id nobody uploaded gets 40007.
 
 Tests register apps (``apps``: app id -> secret), read what was sent (``sent``) and
 steer failures: ``fail_next`` calls of custom/send answer ``fail_with`` (an HTTP status
@@ -11,7 +20,10 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -23,8 +35,25 @@ from tests.fake_http import LoopbackServer, port_of, serve, shutdown
 class Sent:
     app_id: str
     touser: str
-    text: str
+    text: str  # "" for a message other than text
     body: dict[str, Any]
+
+    @property
+    def msgtype(self) -> str:
+        return str(self.body.get("msgtype", ""))
+
+
+@dataclass
+class Upload:
+    app_id: str
+    type: str
+    filename: str
+    content_type: str
+    data: bytes
+    media_id: str
+
+
+_UPLOAD_TYPES = {"image", "voice", "video", "thumb"}
 
 
 @dataclass
@@ -36,6 +65,10 @@ class FakeWeChat:
     fail_next: int = 0
     fail_with: int = -1  # errcode -1: system busy (retryable); 500: HTTP error
     expires_in: int = 7200
+    media: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # id -> bytes, type
+    media_gets: int = 0
+    media_busy_next: int = 0
+    uploads: list[Upload] = field(default_factory=list)
     _tokens: dict[str, str] = field(default_factory=dict)  # token -> app id
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: LoopbackServer | None = None
@@ -68,6 +101,17 @@ class FakeWeChat:
         with self._lock:
             return [s for s in self.sent if s.touser == touser]
 
+    def add_media(self, data: bytes, content_type: str) -> str:
+        """Register what a customer sent; its MediaId."""
+        media_id = f"media-{uuid.uuid4().hex}"
+        with self._lock:
+            self.media[media_id] = (data, content_type)
+        return media_id
+
+    def uploaded(self, media_id: str) -> Upload | None:
+        with self._lock:
+            return next((u for u in self.uploads if u.media_id == media_id), None)
+
 
 class _Handler(BaseHTTPRequestHandler):
     state: FakeWeChat
@@ -84,10 +128,44 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def _bytes(self, data: bytes, content_type: str, filename: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Disposition", f'attachment; filename="{filename}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _media_get(self, query: dict[str, str], cdn: bool = False) -> None:
+        fake = self.state
+        with fake._lock:
+            fake.media_gets += 1
+            if not cdn and query.get("access_token", "") not in fake._tokens:
+                self._json(200, {"errcode": 40001, "errmsg": "invalid credential"})
+                return
+            if fake.media_busy_next > 0:
+                fake.media_busy_next -= 1
+                self._json(200, {"errcode": -1, "errmsg": "system error"})
+                return
+            found = fake.media.get(query.get("media_id", ""))
+        if found is None:
+            self._json(200, {"errcode": 40007, "errmsg": "invalid media_id"})
+            return
+        data, content_type = found
+        if content_type.startswith("video/") and not cdn:
+            url = f"{fake.base_url}/cdn/video?media_id={query['media_id']}"
+            self._json(200, {"video_url": url})
+            return
+        extension = content_type.rsplit("/", 1)[-1]
+        self._bytes(data, content_type, f"{query['media_id']}.{extension}")
+
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         fake = self.state
+        if url.path in ("/cgi-bin/media/get", "/cdn/video"):
+            self._media_get(query, cdn=url.path == "/cdn/video")
+            return
         if url.path != "/cgi-bin/token":
             self._json(404, {"errcode": 404, "errmsg": "no such API"})
             return
@@ -109,6 +187,9 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         fake = self.state
         body_raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if url.path == "/cgi-bin/media/upload":
+            self._upload(query, body_raw)
+            return
         if url.path != "/cgi-bin/message/custom/send":
             self._json(404, {"errcode": 404, "errmsg": "no such API"})
             return
@@ -127,10 +208,65 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             try:
                 body = json.loads(body_raw)
-                text = str(body["text"]["content"])
                 touser = str(body["touser"])
+                msgtype = body.get("msgtype", "text")
+                text = ""
+                if msgtype == "text":
+                    text = str(body["text"]["content"])
+                elif msgtype in ("image", "voice", "video"):
+                    media_id = str(body[msgtype]["media_id"])
+                    if not any(u.media_id == media_id for u in fake.uploads):
+                        self._json(200, {"errcode": 40007, "errmsg": "invalid media_id"})
+                        return
+                elif msgtype == "link":
+                    if not body["link"]["url"] or not body["link"]["title"]:
+                        raise ValueError("link needs a url and a title")
+                else:
+                    self._json(200, {"errcode": 40008, "errmsg": "invalid message type"})
+                    return
             except (ValueError, KeyError, TypeError):
                 self._json(200, {"errcode": 44002, "errmsg": "empty post data"})
                 return
             fake.sent.append(Sent(app_id, touser, text, body))
         self._json(200, {"errcode": 0, "errmsg": "ok"})
+
+    def _upload(self, query: dict[str, str], body_raw: bytes) -> None:
+        """multipart/form-data with the file in the field "media", as WeChat wants it."""
+        fake = self.state
+        head = f"Content-Type: {self.headers.get('Content-Type', '')}\r\n\r\n".encode()
+        form = BytesParser(policy=HTTP).parsebytes(head + body_raw)
+        part = (
+            next(
+                (
+                    p
+                    for p in form.iter_parts()
+                    if p.get_param("name", header="content-disposition") == "media"
+                ),
+                None,
+            )
+            if form.is_multipart()
+            else None
+        )
+        with fake._lock:
+            app_id = fake._tokens.get(query.get("access_token", ""))
+            if app_id is None:
+                self._json(200, {"errcode": 40001, "errmsg": "invalid credential"})
+                return
+            media_type = query.get("type", "")
+            if media_type not in _UPLOAD_TYPES:
+                self._json(200, {"errcode": 40004, "errmsg": "invalid media type"})
+                return
+            if part is None:
+                self._json(200, {"errcode": 41005, "errmsg": "media data missing"})
+                return
+            data = part.get_payload(decode=True)
+            upload = Upload(
+                app_id,
+                media_type,
+                str(part.get_filename() or ""),
+                part.get_content_type(),
+                data if isinstance(data, bytes) else b"",
+                f"up-{uuid.uuid4().hex}",
+            )
+            fake.uploads.append(upload)
+        self._json(200, {"type": media_type, "media_id": upload.media_id, "created_at": 1})

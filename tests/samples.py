@@ -6,10 +6,10 @@ from typing import Any
 
 from schemas.records import (
     AgentAssigned,
-    Attachment,
     AgentPresenceChanged,
     AssignConversation,
     AssignmentReleased,
+    Attachment,
     CloseConversation,
     ConversationAssigned,
     ConversationClosed,

@@ -1,30 +1,47 @@
 """The email channel: MIME parsing and threading (pure), then end to end on the real
-stack: a mail to the SMTP listener gets a threaded reply at a local fake relay."""
+stack: a mail to the SMTP listener gets a threaded reply at a local fake relay; files
+(attached, inline, the whole mail) become attachments, refused ones are dropped with
+their reason, and a reply's attachments reach the relay as MIME attachments."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import smtplib
 import uuid
 from collections.abc import Iterator
 from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, cast
 
 import hypothesis
 import hypothesis.strategies as st
 import pytest
 import redis
 import redis.asyncio as aioredis
+from aiosmtpd.smtp import Envelope
+from PIL import Image
 
-from connectors.email_in import Mailboxes, MailRejected, html_to_text, parse_mail, strip_quoted
+from connectors.attachments import AttachmentPolicy, accept
+from connectors.blobs import LocalBlobStore
+from connectors.email_in import (
+    EmailHandler,
+    Mailboxes,
+    MailRejected,
+    html_to_text,
+    parse_mail,
+    strip_quoted,
+)
 from connectors.email_out import EmailSender, RelayConfig, build_reply
 from connectors.email_threads import Thread, ThreadStore
 from connectors.identity import conversation_id_for
 from kefu.cli_email import from_address
+from kefu.files import blob_store
 from kefu.settings import Settings
 from schemas.keys import messages_key
-from schemas.records import ReplyProduced
+from schemas.records import Attachment, Command, ReceiveMessage, ReplyProduced
 from tests.conftest import wait_for
 from tests.fake_smtp_relay import FakeSmtpRelay
 from tests.samples import SAMPLES
@@ -112,8 +129,8 @@ def test_missing_message_id_is_a_digest_of_the_bytes() -> None:
         b"From: a@x.com\r\nContent-Type: multipart/mixed; boundary=XYZ\r\n\r\nno parts\r\n",
         # no From address
         b"Subject: hi\r\nMessage-ID: <y@x>\r\n\r\nhello\r\n",
-        # only an attachment
-        b"From: a@x.com\r\nContent-Type: application/pdf\r\n\r\n%PDF-1.4\r\n",
+        # only an empty attachment-less multipart
+        b"From: a@x.com\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B--\r\n",
         # nothing to read
         b"From: a@x.com\r\n\r\n   \r\n",
     ],
@@ -141,6 +158,132 @@ def test_reply_headers_thread_to_the_customer_message() -> None:
     assert msg["References"] == "<m1@x> <m2@x>"
     assert msg["Subject"] == "Re: My order"
     assert msg.get_content().strip() == reply.text.strip()
+
+
+def png(width: int = 40, height: int = 30) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 120, 200)).save(out, "PNG")
+    return out.getvalue()
+
+
+PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+EXE = b"MZ\x90\x00" + b"\x00" * 400
+
+
+def with_files(msg: EmailMessage, *files: tuple[str, bytes, str]) -> EmailMessage:
+    for name, data, mime in files:
+        maintype, _, subtype = mime.partition("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg
+
+
+def inline_image_mail(message_id: str, sender: str = "alice@example.com") -> EmailMessage:
+    """An HTML mail showing an image by ``cid:`` (multipart/related), as mail apps send a
+    pasted screenshot."""
+    msg = mail("", html='<p>This error:</p><img src="cid:shot1@x">', message_id=message_id)
+    msg.replace_header("From", f"Alice <{sender}>")
+    html_part = msg.get_body(preferencelist=("html",))
+    assert isinstance(html_part, EmailMessage)
+    html_part.add_related(png(), maintype="image", subtype="png", cid="<shot1@x>")
+    return msg
+
+
+def test_files_of_a_mail_are_its_non_text_parts() -> None:
+    # A photo alone is a message: no text, one file.
+    photo_only = with_files(mail(""), ("IMG_1.png", png(), "image/png"))
+    parsed = parse_mail(photo_only.as_bytes())
+    assert parsed.text == "" and [(f.name, f.inline) for f in parsed.files] == [
+        ("IMG_1.png", False)
+    ]
+    # A bare PDF as the whole mail (no multipart) too.
+    bare = parse_mail(b"From: a@x.com\r\nContent-Type: application/pdf\r\n\r\n" + PDF)
+    assert bare.text == "" and bare.files[0].data.startswith(b"%PDF")
+    # Text with an HTML alternative and a PDF: the alternative is not a file.
+    both = with_files(
+        mail("See attached", html="<p>See attached</p>"), ("a.pdf", PDF, "application/pdf")
+    )
+    parsed = parse_mail(both.as_bytes())
+    assert parsed.text == "See attached" and [f.name for f in parsed.files] == ["a.pdf"]
+    # A text file attached is a file, not the body.
+    notes = with_files(mail("hi"), ("notes.txt", b"line 1\n", "text/plain"))
+    assert [f.name for f in parse_mail(notes.as_bytes()).files] == ["notes.txt"]
+    # An inline cid: image of an HTML mail, the HTML's text kept.
+    parsed = parse_mail(inline_image_mail("i@x").as_bytes())
+    assert parsed.text == "This error:"
+    assert [(f.inline, f.data[:4]) for f in parsed.files] == [(True, b"\x89PNG")]
+
+
+class _Publisher:
+    def __init__(self) -> None:
+        self.published: list[Command] = []
+
+    async def publish(self, command: Command) -> None:
+        self.published.append(command)
+
+
+def test_handler_drops_refused_files_and_refuses_a_mail_with_nothing_left(
+    pipeline: Settings, tmp_path: Path
+) -> None:
+    """The listener's DATA step with the email channel's own size limit."""
+
+    async def run() -> tuple[list[str], list[Command]]:
+        client = aioredis.Redis.from_url(pipeline.redis.dsn)
+        publisher = _Publisher()
+        handler = EmailHandler(
+            publisher,
+            ThreadStore(client),
+            Mailboxes(frozenset({"demo"}), {"help@demo.test": "demo"}),
+            blobs=LocalBlobStore(tmp_path / "blobs"),
+            policy=AttachmentPolicy(max_bytes={"*": 10 * 1024 * 1024, "email": 2000}),
+        )
+        big_pdf = PDF + b"%" * 3000
+        mails = [
+            with_files(mail("text and a pdf"), ("ok.pdf", PDF, "application/pdf")),
+            with_files(
+                mail("text stays"),
+                ("setup.exe", EXE, "application/octet-stream"),
+                ("big.pdf", big_pdf, "application/pdf"),
+            ),
+            with_files(mail(""), ("photo.jpg", EXE, "image/jpeg")),  # an .exe in disguise
+        ]
+        replies = []
+        for n, msg in enumerate(mails):
+            msg.replace_header("Message-ID", f"<h{n}-{uuid.uuid4().hex}@example.com>")
+            envelope = Envelope()
+            envelope.content = msg.as_bytes()
+            envelope.rcpt_tos = ["help@demo.test"]
+            replies.append(await handler.handle_DATA(None, None, envelope))  # type: ignore[arg-type]
+        await client.aclose()
+        return replies, publisher.published
+
+    replies, published = asyncio.run(run())
+    assert replies[0] == "250 OK"
+    assert replies[1].startswith("250 OK; attachments not accepted: setup.exe: file type")
+    assert "big.pdf: attachment over 2000 bytes (the email limit)" in replies[1]
+    assert replies[2].startswith("550 5.6.1 ") and "photo.jpg: file type not allowed" in replies[2]
+    messages = [c for c in published if isinstance(c, ReceiveMessage)]
+    assert [(m.text, [a.name for a in m.attachments]) for m in messages] == [
+        ("text and a pdf", ["ok.pdf"]),
+        ("text stays", []),
+    ]
+    assert messages[0].attachments[0].mime_type == "application/pdf"
+
+
+def test_reply_attachments_are_mime_attachments() -> None:
+    reply = dataclasses.replace(sample_reply(), attachments=())
+    listed = [(_att("r.pdf", "application/pdf"), PDF), (_att("p.png", "image/png"), png())]
+    msg = build_reply(reply, "help@demo.test", "a@x", "Hi", "", (), "h.test", listed)
+    assert msg.get_content_type() == "multipart/mixed"
+    parts = [(p.get_filename(), p.get_content_type()) for p in msg.iter_attachments()]
+    assert parts == [("r.pdf", "application/pdf"), ("p.png", "image/png")]
+    body = msg.get_body(preferencelist=("plain",))
+    assert body is not None and body.get_content().strip() == reply.text.strip()
+
+
+def _att(name: str, mime: str) -> Attachment:
+    return Attachment(
+        kind="file", mime_type=mime, size=1, name=name, sha256="0" * 64, storage_key="k"
+    )
 
 
 _HEADERS = st.sampled_from(
@@ -189,7 +332,7 @@ def test_any_mail_is_parsed_or_rejected_with_a_5xx(
     except MailRejected as rejected:
         assert rejected.reply[:3] in ("550", "554"), rejected.reply
         return
-    assert parsed.text.strip() and "@" in parsed.sender and parsed.message_id
+    assert (parsed.text.strip() or parsed.files) and "@" in parsed.sender and parsed.message_id
 
 
 # --------------------------------------------------------------------- integration
@@ -298,6 +441,7 @@ def test_relay_failures_are_retried_then_reported(pipeline: Settings, relay: Fak
             tenant_id="demo",
             channel="email",
             event_id=str(uuid.uuid4()),
+            attachments=(),  # the sample's file is in no store: the retries are the point
         )
         who = f"r-{uuid.uuid4().hex[:8]}@example.com"
         await store.remember_inbound("demo", conversation, "q1@x", Thread(who, "Help", "q1@x", ()))
@@ -377,3 +521,112 @@ def _sent(settings: Settings, sender: str, to: str, message_id: str) -> bool:
         assert exc.smtp_code == 451, exc
         return False
     return True
+
+
+def attachments_in(settings: Settings, conversation: str) -> list[dict[str, Any]] | None:
+    found = [
+        a
+        for m in history(settings, "demo", conversation)
+        if m["role"] == "customer"
+        for a in cast(list[dict[str, Any]], m.get("attachments", []))
+    ]
+    return found or None
+
+
+def test_a_mail_whose_only_content_is_a_photo_is_accepted(pipeline: Settings) -> None:
+    who = f"p-{uuid.uuid4().hex[:8]}@example.com"
+    photo = with_files(
+        mail("", sender=who, message_id=f"{uuid.uuid4().hex}@example.com"),
+        ("IMG_0042.png", png(200, 100), "image/png"),
+    )
+    send(pipeline, photo)  # 250: smtplib raises on anything else
+    conversation = conversation_id_for("demo", "email", who)
+    (image,) = wait_for(lambda: attachments_in(pipeline, conversation), what="the photo")
+    assert (image["kind"], image["mime_type"], image["name"]) == (
+        "image",
+        "image/png",
+        "IMG_0042.png",
+    )
+    assert (image["width"], image["height"]) == (200, 100)
+    assert image["storage_key"].startswith(f"demo/{conversation}/")
+    store = blob_store(pipeline)
+    assert asyncio.run(store.exists(image["storage_key"]))
+    assert asyncio.run(store.exists(image["thumbnail_key"]))
+
+
+def test_an_inline_image_is_an_attachment_beside_the_text(pipeline: Settings) -> None:
+    who = f"i-{uuid.uuid4().hex[:8]}@example.com"
+    send(pipeline, inline_image_mail(f"{uuid.uuid4().hex}@example.com", sender=who))
+    conversation = conversation_id_for("demo", "email", who)
+    (image,) = wait_for(lambda: attachments_in(pipeline, conversation), what="the inline image")
+    assert image["kind"] == "image" and image["mime_type"] == "image/png"
+    texts = [m["text"] for m in history(pipeline, "demo", conversation) if m["role"] == "customer"]
+    assert texts == ["This error:"]
+
+
+def test_a_mail_with_nothing_acceptable_is_refused(pipeline: Settings) -> None:
+    before = asyncio.run(customer_messages_published(pipeline))
+    exe_only = with_files(mail(""), ("invoice.pdf", EXE, "application/pdf"))
+    with (
+        smtplib.SMTP("127.0.0.1", pipeline.email.port, timeout=30) as client,
+        pytest.raises(smtplib.SMTPDataError) as refused,
+    ):
+        client.send_message(exe_only)
+    assert refused.value.smtp_code == 550
+    assert (
+        b"5.6.1" in refused.value.smtp_error
+        and b"file type not allowed" in refused.value.smtp_error
+    )
+    assert asyncio.run(customer_messages_published(pipeline)) == before
+
+
+def test_a_reply_with_an_attachment_reaches_the_relay_as_mime(
+    pipeline: Settings, relay: FakeSmtpRelay, tmp_path: Path
+) -> None:
+    async def run() -> list[str]:
+        client = aioredis.Redis.from_url(pipeline.redis.dsn)
+        store = ThreadStore(client)
+        blobs = LocalBlobStore(tmp_path / "blobs")
+        conversation = str(uuid.uuid4())
+        kept = [
+            await accept(
+                blobs, data, name=name, tenant="demo", conversation=conversation,
+                channel="console", policy=AttachmentPolicy(),
+            )
+            for name, data in (("label.pdf", PDF), ("map.png", png()))
+        ]  # fmt: skip
+        who = f"o-{uuid.uuid4().hex[:8]}@example.com"
+        await store.remember_inbound("demo", conversation, "q@x", Thread(who, "Help", "q@x", ()))
+        config = RelayConfig(
+            "127.0.0.1", pipeline.email.relay_port, {"demo": "help@demo.test"}, backoff=0.01
+        )
+        sender = EmailSender(store, config, blobs=blobs)
+        reply = dataclasses.replace(
+            sample_reply(),
+            conversation_id=conversation,
+            tenant_id="demo",
+            channel="email",
+            event_id=str(uuid.uuid4()),
+            attachments=tuple(kept),
+        )
+        outcomes = [await sender.send(reply)]
+        gone = dataclasses.replace(kept[0], storage_key=f"demo/{conversation}/{'e' * 64}")
+        missing = dataclasses.replace(reply, event_id=str(uuid.uuid4()), attachments=(gone,))
+        outcomes.append(await sender.send(missing))
+        outcomes.append(await EmailSender(store, config).send(reply))
+        await client.aclose()
+        assert len(relay.received_by(who)) == 1  # the failed ones sent nothing
+        (received,) = relay.received_by(who)
+        files = [(p.filename, p.content_type, p.data) for p in received.attachments]
+        assert files == [
+            ("label.pdf", "application/pdf", PDF),
+            ("map.png", "image/png", (await blobs.get(kept[1].storage_key)).data),
+        ]
+        assert received.message.get_content_type() == "multipart/mixed"
+        return [f"{o.status}: {o.detail}" for o in outcomes]
+
+    assert asyncio.run(run()) == [
+        "delivered: SMTP 250",
+        "failed: attachment missing: label.pdf",
+        "failed: attachments need a blob store",
+    ]

@@ -81,7 +81,7 @@ def private_traffic(
     round_ = uuid.uuid4().hex[:6]
     commands: list[Command] = []
     for n, cid in enumerate(ids):
-        env = {"conversation_id": cid, "tenant_id": tenant}
+        env: dict[str, Any] = {"conversation_id": cid, "tenant_id": tenant}
         for m in range(2):
             commands.append(
                 ReceiveMessage(

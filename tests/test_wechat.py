@@ -1,23 +1,33 @@
 """WeChat: the protocol parts (signatures, safe-mode crypto, XML) as pure functions, the
 sender against the local fake API, and the whole channel through the running pipeline:
 passive replies, later replies through the customer-service API, redeliveries, safe
-mode, the mini-program, and bad callbacks refused with nothing published."""
+mode, the mini-program, and bad callbacks refused with nothing published. Media both
+ways: customers' images and voice downloaded into the conversation, media that cannot
+be kept answered "success" and counted with nothing published; replies' files uploaded
+as temporary media or sent as signed links."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
+import io
 import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 import redis
+from PIL import Image
 
+from connectors.attachments import FILES_PATH, AttachmentPolicy, UrlSigner, accept
+from connectors.blobs import LocalBlobStore, blob_key
 from connectors.identity import command_id_for, conversation_id_for
 from connectors.wechat import (
     WeChatApp,
@@ -32,7 +42,7 @@ from connectors.wechat import (
 )
 from kefu.settings import Settings
 from schemas.keys import conversation_key
-from schemas.records import ReplyProduced
+from schemas.records import Attachment, ReplyProduced
 from tests.conftest import wait_for
 from tests.fake_wechat import FakeWeChat
 from tests.test_pipeline import customer_messages_published
@@ -469,3 +479,282 @@ def test_non_text_messages_are_acknowledged_not_published(pipeline: Settings) ->
         response = http.post("/v1/wechat/wx/callback", params=signed("wx-token"), content=body)
     assert (response.status_code, response.text) == (200, "success")
     assert asyncio.run(customer_messages_published(pipeline)) == before
+
+
+# ---------------------------------------------------------------- media in
+
+
+def png(size: tuple[int, int] = (40, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+AMR = b"#!AMR\n" + bytes(range(256)) * 8
+EXE = b"MZ\x90\x00\x03\x00\x00\x00" + bytes(2048)  # a Windows program
+
+
+def media_xml(who: str, msg_id: str, msg_type: str, media_id: str, **extra: str) -> bytes:
+    fields = "".join(f"<{k}><![CDATA[{v}]]></{k}>" for k, v in extra.items())
+    return (
+        f"<xml><ToUserName><![CDATA[gh_test]]></ToUserName>"
+        f"<FromUserName><![CDATA[{who}]]></FromUserName>"
+        f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[{msg_type}]]></MsgType>"
+        f"<MediaId><![CDATA[{media_id}]]></MediaId>{fields}<MsgId>{msg_id}</MsgId></xml>"
+    ).encode()
+
+
+def msg_id() -> str:
+    return str(uuid.uuid4().int % 10**18)
+
+
+def shown_messages(http: httpx.Client, tenant: str, conversation: str) -> list[dict[str, Any]]:
+    """The conversation's messages as its REST API shows them ([] until it exists)."""
+    got = http.get(
+        f"/v1/conversations/{conversation}", headers={"Authorization": f"Bearer {tenant}-test-key"}
+    )
+    return cast(list[dict[str, Any]], got.json()["messages"]) if got.status_code == 200 else []
+
+
+def customer_message(http: httpx.Client, tenant: str, conversation: str) -> dict[str, Any]:
+    def first() -> dict[str, Any] | None:
+        listed = shown_messages(http, tenant, conversation)
+        return next((m for m in listed if m.get("role") == "customer"), None)
+
+    return wait_for(first, what="the customer's message in the conversation")
+
+
+def refusals(http: httpx.Client, reason: str, tenant: str = "wx") -> float:
+    """The gateway's ``kefu_wechat_media_refused_total`` for ``reason`` (all channels)."""
+    total = 0.0
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("kefu_wechat_media_refused_total{") and (
+            f'reason="{reason}"' in line and f'tenant="{tenant}"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_image_message_lands_in_the_conversation_once(
+    pipeline: Settings, fake_wechat: FakeWeChat
+) -> None:
+    who, image = openid(), png()
+    media_id = fake_wechat.add_media(image, "image/png")
+    body = media_xml(who, msg_id(), "image", media_id, PicUrl="http://mmbiz.qpic.cn/x")
+    conversation = conversation_id_for("wx", "wechat", who)
+    with gateway(pipeline) as http:
+        for _ in range(2):  # WeChat redelivers with the same MsgId
+            response = http.post("/v1/wechat/wx/callback", params=signed("wx-token"), content=body)
+            assert response.status_code == 200, response.text
+        http.post(
+            "/v1/wechat/wx/callback",
+            params=signed("wx-token"),
+            content=text_xml(who, msg_id(), "thanks"),
+        )
+        wait_for(
+            lambda: state(pipeline, "wx", "wechat", who).get("messages") == "2",
+            what="the image and the text, the redelivery dropped",
+        )
+        message = customer_message(http, "wx", conversation)
+        assert message["text"] == ""
+        (attachment,) = message["attachments"]
+        assert (attachment["kind"], attachment["mime_type"]) == ("image", "image/png")
+        assert (attachment["width"], attachment["height"]) == (40, 30)
+        stored = http.get(attachment["url"])
+    assert stored.status_code == 200
+    with Image.open(io.BytesIO(stored.content)) as decoded:
+        assert decoded.size == (40, 30)
+
+
+def test_voice_message_keeps_its_transcript(pipeline: Settings, fake_wechat: FakeWeChat) -> None:
+    who = openid()
+    media_id = fake_wechat.add_media(AMR, "audio/amr")
+    body = media_xml(who, msg_id(), "voice", media_id, Format="amr", Recognition="我的订单在哪里")
+    with gateway(pipeline) as http:
+        response = http.post("/v1/wechat/wx/callback", params=signed("wx-token"), content=body)
+        assert response.status_code == 200, response.text
+        message = customer_message(http, "wx", conversation_id_for("wx", "wechat", who))
+        (attachment,) = message["attachments"]
+        stored = http.get(attachment["url"])
+    assert message["text"] == "我的订单在哪里"
+    assert (attachment["kind"], attachment["mime_type"], attachment["name"]) == (
+        "audio",
+        "audio/amr",
+        "voice.amr",
+    )
+    assert stored.content == AMR
+
+
+def test_mini_program_image_lands_in_the_conversation(
+    pipeline: Settings, fake_wechat: FakeWeChat
+) -> None:
+    who = openid()
+    media_id = fake_wechat.add_media(png((64, 64)), "image/png")
+    message = {
+        "ToUserName": "gh_mp",
+        "FromUserName": who,
+        "CreateTime": int(time.time()),
+        "MsgType": "image",
+        "PicUrl": "http://mmbiz.qpic.cn/y",
+        "MediaId": media_id,
+        "MsgId": int(msg_id()),
+    }
+    with gateway(pipeline) as http:
+        response = http.post(
+            "/v1/wechat-mp/wx/callback",
+            params=signed("wx-mp-token"),
+            content=json.dumps(message).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert (response.status_code, response.text) == (200, "success")
+        shown = customer_message(http, "wx", conversation_id_for("wx", "wechat-mp", who))
+    (attachment,) = shown["attachments"]
+    assert (attachment["kind"], attachment["width"]) == ("image", 64)
+
+
+@pytest.mark.parametrize(
+    ("media", "reason"),
+    [
+        (None, "refused_by_wechat"),  # a MediaId WeChat does not know: errcode 40007
+        ((EXE, "image/jpeg"), "type_not_allowed"),  # a program calling itself a photo
+        ((b"\xff\xd8\xff" + bytes(2 * 1024 * 1024), "image/jpeg"), "too_large"),
+    ],
+)
+def test_media_that_cannot_be_kept_is_acknowledged_counted_and_not_published(
+    pipeline: Settings,
+    fake_wechat: FakeWeChat,
+    media: tuple[bytes, str] | None,
+    reason: str,
+) -> None:
+    media_id = "no-such-media" if media is None else fake_wechat.add_media(*media)
+    before = asyncio.run(customer_messages_published(pipeline))
+    with gateway(pipeline) as http:
+        counted = refusals(http, reason)
+        response = http.post(
+            "/v1/wechat/wx/callback",
+            params=signed("wx-token"),
+            content=media_xml(openid(), msg_id(), "image", media_id),
+        )
+        # "success": WeChat must not redeliver what will never be accepted.
+        assert (response.status_code, response.text) == (200, "success")
+        assert refusals(http, reason) == counted + 1
+    assert asyncio.run(customer_messages_published(pipeline)) == before
+
+
+def test_refused_voice_still_delivers_its_transcript(
+    pipeline: Settings, fake_wechat: FakeWeChat
+) -> None:
+    who = openid()
+    media_id = fake_wechat.add_media(EXE, "audio/amr")
+    body = media_xml(who, msg_id(), "voice", media_id, Format="amr", Recognition="退款进度")
+    with gateway(pipeline) as http:
+        counted = refusals(http, "type_not_allowed")
+        response = http.post("/v1/wechat/wx/callback", params=signed("wx-token"), content=body)
+        assert response.status_code == 200, response.text
+        message = customer_message(http, "wx", conversation_id_for("wx", "wechat", who))
+        assert refusals(http, "type_not_allowed") == counted + 1
+    assert message["text"] == "退款进度"
+    assert not message.get("attachments")
+
+
+def test_busy_download_asks_wechat_to_redeliver(
+    pipeline: Settings, fake_wechat: FakeWeChat
+) -> None:
+    """A failure that may pass is not "success": WeChat redelivers, the MsgId dedupes."""
+    who = openid()
+    media_id = fake_wechat.add_media(png(), "image/png")
+    body = media_xml(who, msg_id(), "image", media_id)
+    before = asyncio.run(customer_messages_published(pipeline))
+    fake_wechat.media_busy_next = 1
+    with gateway(pipeline) as http:
+        busy = http.post("/v1/wechat/wx/callback", params=signed("wx-token"), content=body)
+        assert busy.status_code == 503
+        assert asyncio.run(customer_messages_published(pipeline)) == before
+        again = http.post("/v1/wechat/wx/callback", params=signed("wx-token"), content=body)
+        assert again.status_code == 200, again.text
+        message = customer_message(http, "wx", conversation_id_for("wx", "wechat", who))
+    assert message["attachments"][0]["kind"] == "image"
+
+
+def test_media_message_without_media_id_is_refused(pipeline: Settings) -> None:
+    before = asyncio.run(customer_messages_published(pipeline))
+    with gateway(pipeline) as http:
+        response = http.post(
+            "/v1/wechat/wx/callback",
+            params=signed("wx-token"),
+            content=media_xml(openid(), msg_id(), "image", ""),
+        )
+    assert response.status_code == 400 and "MediaId" in response.json()["detail"]
+    assert asyncio.run(customer_messages_published(pipeline)) == before
+
+
+# ---------------------------------------------------------------- media out (the sender)
+
+
+def _signed_link_opens(signer: UrlSigner, url: str, key: str) -> bool:
+    parts = urlsplit(url)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    return parts.path == FILES_PATH + key and signer.verify(key, int(query["exp"]), query["sig"])
+
+
+def test_sender_uploads_images_and_links_what_wechat_cannot_show(
+    lone_fake: FakeWeChat, tmp_path: Path
+) -> None:
+    store = LocalBlobStore(tmp_path)
+    signer = UrlSigner(b"s" * 32, base_url="https://kefu.example")
+    conversation = conversation_id_for("t", "wechat", "u5")
+    pdf_bytes = b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n"
+
+    async def run() -> tuple[Any, ...]:
+        async def stored_as(data: bytes, name: str) -> Attachment:
+            return await accept(
+                store,
+                data,
+                name=name,
+                tenant="t",
+                conversation=conversation,
+                channel="wechat",
+                policy=AttachmentPolicy(),
+            )
+
+        image = await stored_as(png(), "photo.png")
+        pdf = await stored_as(pdf_bytes, "invoice.pdf")
+        apps = {"t": WeChatApp("app", "secret")}
+        oa = WeChatSender(apps, lone_fake.base_url, backoff=0.01, store=store, signer=signer)
+        mp = WeChatSender(
+            apps, lone_fake.base_url, backoff=0.01, store=store, signer=signer, mini_program=True
+        )
+        reply = dataclasses.replace(_reply("t", "u5", "here you go"), attachments=(image, pdf))
+        sent_oa = await oa.send(reply)
+        sent_mp = await mp.send(dataclasses.replace(reply, channel="wechat-mp", customer_id="u6"))
+        gone = dataclasses.replace(image, storage_key=blob_key("t", conversation, "0" * 64))
+        missing = await oa.send(
+            dataclasses.replace(reply, customer_id="u7", attachments=(image, gone))
+        )
+        stored = (await store.get(image.storage_key)).data
+        await oa.close()
+        await mp.close()
+        return sent_oa, sent_mp, missing, pdf, stored
+
+    sent_oa, sent_mp, missing, pdf, stored = asyncio.run(run())
+    assert sent_oa.status == "delivered", sent_oa.detail
+    oa = lone_fake.sent_to("u5")
+    assert [m.msgtype for m in oa] == ["text", "image", "text"]  # text first, then each
+    upload = lone_fake.uploaded(oa[1].body["image"]["media_id"])
+    assert upload is not None
+    assert (upload.type, upload.content_type, upload.data) == ("image", "image/png", stored)
+    # The Official Account API has no file message: the PDF is a signed link in a text.
+    name, url = oa[2].text.split("\n")
+    assert name == "invoice.pdf" and _signed_link_opens(signer, url, pdf.storage_key)
+
+    assert sent_mp.status == "delivered", sent_mp.detail
+    mini = lone_fake.sent_to("u6")
+    assert [m.msgtype for m in mini] == ["text", "image", "link"]
+    link = mini[2].body["link"]
+    assert link["title"] == "invoice.pdf"
+    assert _signed_link_opens(signer, link["url"], pdf.storage_key)
+
+    # Bytes gone from the store: reported, saying what went out before.
+    assert missing.status == "failed"
+    assert "attachment 2" in missing.detail and "text, image 1" in missing.detail
+    assert [m.msgtype for m in lone_fake.sent_to("u7")] == ["text", "image"]
