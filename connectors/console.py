@@ -6,7 +6,10 @@ with 4401. Then, client → server::
 
     {"type": "presence", "presence": "online" | "away" | "offline"}
     {"type": "open", "conversation_id"}            history + state, kept live
-    {"type": "reply", "conversation_id", "text", "id"}   id: a resend is not a duplicate
+    {"type": "reply", "conversation_id", "text", "id", "attachments"}
+                                     id: a resend is not a duplicate; attachments: the
+                                     ids ``POST /v1/console/uploads`` answered (text
+                                     may then be empty)
     {"type": "transfer", "conversation_id", "team", "agent", "reason"}  team and/or agent
     {"type": "handback", "conversation_id"}         to the AI
     {"type": "close", "conversation_id", "reason"}
@@ -22,12 +25,19 @@ second per socket; the outbox channels of the agent's conversations add the cust
 typing and make a reply show at once. Commands are the ones the REST routing API
 publishes (``connectors.agent_commands``). An agent acts only on conversations assigned
 to them; the pipeline checks the same again.
+
+``POST /v1/console/uploads`` (multipart: ``tenant``, ``agent``, ``conversation_id``,
+``file``; the agent's token as ``Authorization: Bearer``, never in the URL): a file for
+the agent's next reply on a conversation assigned to them, checked and stored like the
+customer's (``connectors.uploads.store_upload``) under the conversation's channel limit.
+Messages the console shows carry their attachments with signed links.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -38,7 +48,18 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import (
+    APIRouter,
+    File,
+    Form,
+    Header,
+    HTTPException,
+    Request,
+    UploadFile,
+    WebSocket,
+    WebSocketDisconnect,
+    status,
+)
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -48,8 +69,15 @@ from connectors.agent_commands import (
     presence_command,
     reply_command,
 )
-from connectors.auth import websocket_origin_ok
+from connectors.auth import client_ip, websocket_origin_ok
 from connectors.rate_limit import RateLimiter
+from connectors.uploads import (
+    MAX_ATTACHMENTS,
+    UploadRefused,
+    claim_upload_ids,
+    shown_messages,
+    store_upload,
+)
 from schemas.keys import (
     agents_key,
     assignee_key,
@@ -143,11 +171,22 @@ class Open(_Frame):
     conversation_id: ConversationId
 
 
+UploadId = Annotated[str, Field(min_length=1, max_length=64)]
+
+
 class Reply(_Frame):
     type: Literal["reply"]
     conversation_id: ConversationId
-    text: str = Field(min_length=1, max_length=8000)
+    text: str = Field(default="", max_length=8000)
     id: str | None = Field(default=None, max_length=128, pattern=_ID)
+    # Upload ids from POST /v1/console/uploads for this conversation.
+    attachments: list[UploadId] = Field(default_factory=list, max_length=MAX_ATTACHMENTS)
+
+    @model_validator(mode="after")
+    def _something(self) -> Reply:
+        if not (self.text.strip() or self.attachments):
+            raise ValueError("a reply needs text or attachments")
+        return self
 
 
 class Transfer(_Frame):
@@ -204,6 +243,46 @@ def _reason(exc: ValueError) -> str:
 @router.get("/console", response_class=HTMLResponse)
 async def console_page() -> str:
     return (resources.files("connectors") / "static" / "console.html").read_text("utf-8")
+
+
+UPLOAD_PATH = "/v1/console/uploads"
+
+
+@router.post(UPLOAD_PATH, status_code=status.HTTP_201_CREATED)
+async def console_upload(
+    request: Request,
+    tenant: Annotated[str, Form(min_length=1, max_length=64)],
+    agent: Annotated[str, Form(min_length=1, max_length=64)],
+    conversation_id: Annotated[str, Form(min_length=1, max_length=128, pattern=_ID)],
+    file: Annotated[UploadFile, File()],
+    authorization: Annotated[str, Header()] = "",
+) -> dict[str, Any]:
+    """A file for the agent's next reply (its id goes in the reply frame's
+    ``attachments``): the agent's token as ``Authorization: Bearer``, and the
+    conversation must be assigned to them (404 if their tenant has no such one)."""
+    directory: AgentDirectory = getattr(request.app.state, "agents", None) or {}
+    scheme, _, token = authorization.partition(" ")
+    presented = token.strip() if scheme.lower() == "bearer" else ""
+    account = authenticate(directory, tenant, agent, presented)
+    limiter: RateLimiter | None = getattr(request.app.state, "limiter", None)
+    if account is None:
+        if limiter is not None:  # guessing tokens costs the caller's IP bucket
+            await limiter.enforce(None, f"ip:{client_ip(request)}")
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown tenant, agent or token")
+    if limiter is not None:
+        await limiter.enforce(tenant, f"agent:{agent}")
+    redis = request.app.state.services.redis
+    assignee, channel = (
+        _text(v) if v is not None else None
+        for v in await redis.hmget(
+            conversation_key(tenant, conversation_id), ["assignee", "channel"]
+        )
+    )
+    if channel is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such conversation")
+    if assignee != agent:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "that conversation is not assigned to you")
+    return await store_upload(request, tenant, conversation_id, channel, file)
 
 
 @router.websocket("/v1/console/ws")
@@ -387,6 +466,22 @@ class ConsoleSession:
             command: Any = reply_command(
                 self.tenant, frame.conversation_id, self.agent, frame.text, frame.id
             )
+            if frame.attachments:
+                try:
+                    attachments = await claim_upload_ids(
+                        self.redis, self.tenant, frame.conversation_id, frame.attachments
+                    )
+                except UploadRefused as exc:
+                    await self.send(
+                        {
+                            "type": "error",
+                            "conversation_id": frame.conversation_id,
+                            "reason": exc.reason,
+                            **({"id": frame.id} if frame.id else {}),
+                        }
+                    )
+                    return
+                command = dataclasses.replace(command, attachments=attachments)
         elif isinstance(frame, Transfer):
             target = frame.agent or frame.team
             command = handoff_command(
@@ -533,7 +628,7 @@ class ConsoleSession:
                 "type": "conversation",
                 "conversation_id": conversation_id,
                 "state": state,
-                "messages": [json.loads(m) for m in raw],
+                "messages": shown_messages(raw, self.websocket.app.state),
             }
         )
         return True

@@ -32,7 +32,8 @@ from connectors.rest_api import Tenant
 from connectors.uploads import files_of, store_upload
 
 router = APIRouter(tags=["attachments"])
-UPLOAD_PATHS = ("/v1/uploads", "/v1/chat/uploads")
+# The console's agent upload (connectors/console.py) shares the larger body limit.
+UPLOAD_PATHS = ("/v1/uploads", "/v1/chat/uploads", "/v1/console/uploads")
 
 
 @router.post("/v1/uploads", status_code=status.HTTP_201_CREATED)

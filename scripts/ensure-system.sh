@@ -10,6 +10,9 @@ command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
 # Headless browser for the dashboard test (Playwright drives it; no browser download).
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+# Chinese glyphs for the pages' zh screenshots (without them: empty boxes).
+[ -d /usr/share/fonts/opentype/noto ] && ls /usr/share/fonts/opentype/noto/NotoSansCJK* >/dev/null 2>&1 \
+    || missing="$missing fonts-noto-cjk"
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
 # The moderation extension (streams/_native) is compiled by `pip install -e .`.
 command -v gcc >/dev/null 2>&1 || missing="$missing gcc"

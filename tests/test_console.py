@@ -67,6 +67,14 @@ def test_login_checks_the_token_hash_in_constant_time() -> None:
         '{"type": "reply", "conversation_id": "c", "text": "' + "x" * 8001 + '"}',
         '{"type": "transfer", "conversation_id": "c"}',
         '{"type": "transfer", "conversation_id": "c", "team": "a b"}',
+        # Attachments: a list of upload ids, at most ten; whitespace alone is no reply.
+        '{"type": "reply", "conversation_id": "c", "text": "  "}',
+        '{"type": "reply", "conversation_id": "c", "text": "", "attachments": []}',
+        '{"type": "reply", "conversation_id": "c", "attachments": "abc"}',
+        '{"type": "reply", "conversation_id": "c", "attachments": [""]}',
+        '{"type": "reply", "conversation_id": "c", "attachments": '
+        + json.dumps(["a" * 20] * 11)
+        + "}",
     ],
 )
 def test_bad_frames_are_refused_with_a_reason(frame: str) -> None:
@@ -78,6 +86,10 @@ def test_good_frames_parse() -> None:
     assert parse_frame('{"type": "presence", "presence": "away"}').type == "presence"
     transfer = parse_frame('{"type": "transfer", "conversation_id": "c", "agent": "dave"}')
     assert transfer.type == "transfer" and transfer.agent == "dave"
+    picture = parse_frame('{"type": "reply", "conversation_id": "c", "attachments": ["u1"]}')
+    assert picture.type == "reply" and picture.text == "" and picture.attachments == ["u1"]
+    both = parse_frame('{"type": "reply", "conversation_id": "c", "text": "see", "id": "r"}')
+    assert both.type == "reply" and both.attachments == []
 
 
 def test_agents_token_prints_a_token_and_its_hash() -> None:

@@ -16,12 +16,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import httpx
 import pytest
 import redis
 import websockets
+from starlette.routing import Mount
 
 from connectors.gateway import GatewayConfig, create_app
 from connectors.identity import conversation_id_for
@@ -54,6 +56,7 @@ PUBLIC = {
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
+    ("MOUNT", "/static-offline-docs"),  # Swagger UI's and ReDoc's own scripts
 }
 
 
@@ -67,6 +70,8 @@ def all_routes() -> set[tuple[str, str]]:
             inner = getattr(route, "original_router", None)
             if inner is not None:
                 walk(list(inner.routes))
+            elif isinstance(route, Mount):
+                found.add(("MOUNT", route.path))
             elif getattr(route, "methods", None):
                 found.update((m, route.path) for m in route.methods if m != "HEAD")
             elif hasattr(route, "path"):
@@ -100,6 +105,11 @@ def redis_client(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis.dsn, decode_responses=True)
 
 
+def queued_at(settings: Settings, conversation: str) -> str | None:
+    value = redis_client(settings).hget(conversation_key(A, conversation), "queued_at")
+    return str(value) if value else None
+
+
 def message_count(settings: Settings, tenant: str, conversation: str) -> int:
     return len(redis_client(settings).lrange(messages_key(tenant, conversation), 0, -1))
 
@@ -129,6 +139,11 @@ def setup(pipeline: Settings) -> Iterator[Setup]:
         web_conversation = conversation_id_for(A, "web", web_customer)
         wait_for(lambda: message_count(pipeline, A, conversation) >= 1, 60, "A's conversation")
         wait_for(lambda: message_count(pipeline, A, web_conversation) >= 1, 60, "A's web chat")
+        # And routed to the end (A is human-only: queued, no agent online), so A's own
+        # router publishes nothing for them while B acts: what the watch then sees
+        # touching A's conversations, B caused.
+        for routed in (conversation, web_conversation):
+            wait_for(partial(queued_at, pipeline, routed), 60, "A's conversation queued")
         yield Setup(
             http,
             conversation,
@@ -336,7 +351,65 @@ def case_console_socket(s: Setup, settings: Settings) -> None:
     asyncio.run(run())
 
 
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 128, 0)).save(out, "PNG")
+    return out.getvalue()
+
+
+def case_files(s: Setup, settings: Settings) -> None:
+    """Uploads and links: an upload id or a link of A's is worth nothing to B."""
+    files = {"file": ("a.png", _png(), "image/png")}
+    mine = s.http.post("/v1/uploads", data={"customer_id": s.customer}, files=files, headers=A_KEY)
+    assert mine.status_code == 201, mine.text
+    a_upload = mine.json()
+    # B attaches A's upload to B's message for the same customer id: unknown to B.
+    got = s.http.post(
+        "/v1/messages",
+        json={"customer_id": s.customer, "attachments": [a_upload["attachment_id"]]},
+        headers=B_KEY,
+    )
+    assert got.status_code == 400 and "unknown" in got.text, got.text
+    # B's own upload and web chat upload go to B's conversations, never A's.
+    theirs = s.http.post(
+        "/v1/uploads", data={"customer_id": s.customer}, files=files, headers=B_KEY
+    ).json()
+    chat = s.http.post(
+        "/v1/chat/uploads", data={"tenant": B, "customer": s.web_customer}, files=files
+    ).json()
+    for upload in (theirs, chat):
+        assert f"/v1/files/{B}/" in upload["url"] and s.conversation not in upload["url"]
+    # B's signature does not open A's blob (the key is in the signature, per tenant).
+    b_path, b_query = theirs["url"].split("?")
+    a_key = a_upload["url"].split("?")[0].split("/v1/files/")[1]
+    forged = s.http.get(f"/v1/files/{a_key}?{b_query}")
+    assert forged.status_code == 403, forged.text
+    assert s.http.get(f"{b_path}?{b_query}").status_code == 200  # B's own link works
+    assert s.http.get(a_upload["url"]).status_code == 200  # and A's, for whoever has it
+
+
+def case_console_upload(s: Setup, settings: Settings) -> None:
+    """B's agent puts no file on A's conversations: A's tenant refuses B's token, and
+    under B's own tenant A's conversation does not exist."""
+    for conversation in (s.conversation, s.web_conversation):
+        for tenant, refused in ((A, 401), (B, 404)):
+            got = s.http.post(
+                "/v1/console/uploads",
+                data={"tenant": tenant, "agent": "bob", "conversation_id": conversation},
+                files={"file": ("b.txt", b"B's file", "text/plain")},
+                headers={"Authorization": "Bearer bob-token"},
+            )
+            assert got.status_code == refused, (tenant, got.status_code, got.text)
+
+
 CASES: dict[tuple[str, str], Any] = {
+    ("POST", "/v1/uploads"): case_files,
+    ("POST", "/v1/chat/uploads"): case_files,
+    ("GET", "/v1/files/{key:path}"): case_files,
     ("POST", "/v1/messages"): case_messages,
     ("GET", "/v1/conversations/{conversation_id}"): case_get_conversation,
     ("PUT", "/v1/agents/{agent_id}/presence"): case_presence,
@@ -366,6 +439,7 @@ CASES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/telegram/{tenant}/webhook"): case_telegram,
     ("WS", "/v1/chat/ws"): case_chat_socket,
     ("WS", "/v1/console/ws"): case_console_socket,
+    ("POST", "/v1/console/uploads"): case_console_upload,
 }
 
 

@@ -8,7 +8,8 @@
  * required when the tenant has one), data-open="true" (open at load), data-title,
  * data-position ("right" | "left"). The chat runs in an iframe served by the gateway,
  * so the page's styles and scripts never touch it. window.kefuWidget.open() / close()
- * / toggle().
+ * / toggle(). Pictures and files come along with no other tag: the chat's attach button,
+ * files dropped on the panel and screenshots pasted into it (uploads go to the gateway).
  */
 (function () {
   "use strict";
@@ -55,6 +56,7 @@
       frame = document.createElement("iframe");
       frame.id = "kefu-widget-frame";
       frame.title = title;
+      frame.allow = "clipboard-read; clipboard-write";  // pasting a screenshot into the chat
       frame.src = origin + "/chat?" + query.toString();
       frame.style.cssText = "flex:1;border:0;width:100%";
       panel.appendChild(frame);
