@@ -35,6 +35,7 @@ class Report:
     values: tuple[str, ...]  # numeric columns drawn
     series: str = ""  # a column splitting lines (volume: channel)
     tokens: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # columns a bar's tooltip adds (on another scale: bytes)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -44,6 +45,7 @@ class Report:
             "label": list(self.label),
             "values": list(self.values),
             "series": self.series,
+            "notes": list(self.notes),
         }
 
 
@@ -145,6 +147,24 @@ REPORTS: dict[str, Report] = {
             ("kind", "priority"),
             ("breaches",),
         ),
+        Report(
+            "attachments",
+            "attachments",
+            "Attachments per channel and type (in / out)",
+            "bar",
+            ("direction", "channel", "kind"),
+            ("attachments",),
+            notes=("bytes", "messages"),
+        ),
+        Report(
+            "attachments-day",
+            "attachments-day",
+            "Attachments per day, tenant, channel and type (in / out)",
+            "bar",
+            ("day", "tenant", "direction", "channel", "kind"),
+            ("attachments",),
+            notes=("bytes", "messages"),
+        ),
     )
 }
 # What the dashboard page shows, in order (one volume chart: the hourly one).
@@ -158,6 +178,7 @@ DASHBOARD = (
     "moderation",
     "utilisation",
     "csat",
+    "attachments",
 )
 
 

@@ -223,8 +223,71 @@ def test_routing_events_by_name(store: ClickHouseStore) -> None:
     assert utilisation["a1"]["utilisation"] == 0.25
 
 
+def attachment(kind: str, mime_type: str, size: int) -> dict[str, Any]:
+    """An attachment as the payload JSON holds it (``Attachment.to_avro``)."""
+    return {
+        "kind": kind,
+        "mime_type": mime_type,
+        "size": size,
+        "name": f"f.{mime_type.rsplit('/', 1)[-1]}",
+        "sha256": "0" * 64,
+        "storage_key": f"t/c/{uuid.uuid4().hex}",
+        "width": 0,
+        "height": 0,
+        "duration_ms": 0,
+        "thumbnail_key": "",
+    }
+
+
+def test_attachments_per_channel_and_type(store: ClickHouseStore) -> None:
+    log = Log("t-files")
+    image, pdf = (
+        attachment("image", "image/jpeg", 100_000),
+        attachment("file", "application/pdf", 5),
+    )
+    # In: two images in one API message, a PDF on the web, a message with none.
+    log.add("c1", "MessageReceived", T0, "api", attachments=[image, image])
+    log.add("c2", "MessageReceived", T0 + MIN, "web", attachments=[pdf])
+    log.add("c2", "MessageReceived", T0 + 2 * MIN, "web", attachments=[])
+    # Out: an agent's image; the AI's reply without any. Moderation results carry the
+    # message's attachments again: not counted twice.
+    log.add("c1", "ReplyProduced", T0 + 3 * MIN, "api", author="a1", attachments=[image])
+    log.add("c1", "ReplyProduced", T0 + 4 * MIN, "api", author="ai")
+    log.add("c1", "MessageModerated", T0, direction="in", verdict="pass", attachments=[image])
+    # The next day (T0 is 14:13 UTC): one more image in.
+    log.add("c1", "MessageReceived", T0 + 10 * 60 * MIN, "api", attachments=[image])
+    insert(store, log.rows)
+    insert(store, log.rows[:2])  # redelivered: no figure moves (FINAL)
+
+    window = query(store, "attachments", "t-files")
+    assert [
+        (r["direction"], r["channel"], r["kind"], r["attachments"], r["bytes"], r["messages"])
+        for r in window
+    ] == [
+        ("in", "api", "image", 3, 300_000, 2),
+        ("in", "web", "file", 1, 5, 1),
+        ("out", "api", "image", 1, 100_000, 1),
+    ]
+    days = query(store, "attachments-day", "t-files")
+    assert [
+        (str(r["day"])[:10], r["tenant"], r["direction"], r["kind"], r["attachments"]) for r in days
+    ] == [
+        ("2026-09-21", "t-files", "in", "image", 2),
+        ("2026-09-21", "t-files", "in", "file", 1),
+        ("2026-09-21", "t-files", "out", "image", 1),
+        ("2026-09-22", "t-files", "in", "image", 1),
+    ]
+    # Per tenant: another tenant's are apart, and "" (every tenant) has both.
+    other = Log("t-files-2")
+    other.add("c9", "MessageReceived", T0, "api", attachments=[pdf])
+    insert(store, other.rows)
+    assert [r["attachments"] for r in query(store, "attachments", "t-files-2")] == [1]
+    tenants = {r["tenant"] for r in query(store, "attachments-day", "")}
+    assert {"t-files", "t-files-2"} <= tenants
+
+
 def test_sql_is_checked_in_and_grafana_uses_it() -> None:
-    assert len(view_statements("kefu")) == 7
+    assert len(view_statements("kefu")) == 8
     for name in REPORTS:
         sql = template(name)
         assert "{database}" in sql and "{tenant}" in sql and "{since}" in sql

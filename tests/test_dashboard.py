@@ -4,11 +4,14 @@ error. Its data endpoints are tenant-scoped by API key. Keeps docs/dashboard.png
 
 from __future__ import annotations
 
+import io
+import re
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
+from PIL import Image
 
 from kefu.settings import Settings
 from projections.clickhouse_query import AnalyticsClient
@@ -26,17 +29,33 @@ def key(settings: Settings, tenant: str) -> str:
     return settings.tenants[tenant].api_key.get_secret_value()
 
 
+def png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (59, 111, 216)).save(out, "PNG")
+    return out.getvalue()
+
+
 def traffic(settings: Settings) -> None:
-    """A few demo conversations through the REST API, one with a moderated word; wait
-    until ClickHouse has their replies."""
+    """A few demo conversations through the REST API, one with a moderated word, one
+    with an uploaded image; wait until ClickHouse has their replies."""
     marker = uuid.uuid4().hex[:8]
     texts = ["Where is my order?", "How do I get a refund?", "you stupid bot, where is it?"]
-    with httpx.Client(base_url=base(settings), timeout=10) as http:
+    auth = {"Authorization": f"Bearer {key(settings, 'demo')}"}
+    with httpx.Client(base_url=base(settings), timeout=10, headers=auth) as http:
         for n, text in enumerate(texts):
+            customer = f"dash-{marker}-{n}"
+            attachments = []
+            if n == 0:
+                upload = http.post(
+                    "/v1/uploads",
+                    data={"customer_id": customer},
+                    files={"file": ("parcel.png", png(), "image/png")},
+                )
+                assert upload.status_code == 201, upload.text
+                attachments = [upload.json()["attachment_id"]]
             response = http.post(
                 "/v1/messages",
-                json={"customer_id": f"dash-{marker}-{n}", "text": text},
-                headers={"Authorization": f"Bearer {key(settings, 'demo')}"},
+                json={"customer_id": customer, "text": text, "attachments": attachments},
             )
             assert response.status_code == 202, response.text
     client = AnalyticsClient(settings.clickhouse_url, settings.clickhouse.query_port)
@@ -94,10 +113,13 @@ def test_dashboard_in_headless_chromium(pipeline: Settings) -> None:
                 " e.querySelectorAll('.mark').length])",
             )
             by_name = {name: (rows, marks) for name, rows, marks in charts}
-            assert len(by_name) == 9
-            for name in ("volume-minute", "first-response", "moderation"):
+            assert len(by_name) == 10
+            for name in ("volume-minute", "first-response", "moderation", "attachments"):
                 rows, marks = by_name[name]
                 assert rows > 0 and marks > 0, (name, rows, marks)
+            # The attachments bars count; their bytes are in the tooltip (notes).
+            tip = page.text_content("section[data-report=attachments] .mark title") or ""
+            assert re.match(r"in api image attachments: [\d,]+, bytes: [\d,]+", tip), tip
             status = page.text_content("#status") or ""
             assert status.startswith("tenant demo:"), status
             SCREENSHOT.parent.mkdir(exist_ok=True)

@@ -10,7 +10,9 @@
 --   queue, priority), ConversationClosed (reason, closed_by),
 --   ConversationQueued (queue, priority, position), ConversationAssigned (assignee,
 --   queue, priority), ConversationHandedOff (from_assignee, to_assignee, reason),
---   AgentPresenceChanged (agent_id, presence, capacity), CsatRated (rating 1-5).
+--   AgentPresenceChanged (agent_id, presence, capacity), CsatRated (rating 1-5);
+--   MessageReceived and ReplyProduced's attachments (kind, mime_type, size: metadata;
+--   the bytes are in the blob store).
 
 -- One row per message, in (customer) or out (AI or agent reply).
 CREATE OR REPLACE VIEW {database}.messages AS
@@ -160,3 +162,33 @@ SELECT
     toUInt8(JSONExtractInt(payload, 'rating')) AS rating
 FROM {database}.events FINAL
 WHERE type = 'CsatRated'
+;
+-- One row per attachment of a message in (customer) or out (AI or agent reply). The
+-- list is extracted once per message row; ARRAY JOIN drops messages without any.
+CREATE OR REPLACE VIEW {database}.attachments AS
+SELECT
+    tenant_id,
+    conversation_id,
+    event_id,
+    occurred_at,
+    channel,
+    direction,
+    author,
+    JSONExtractString(attachment, 'kind') AS kind,
+    JSONExtractString(attachment, 'mime_type') AS mime_type,
+    JSONExtractUInt(attachment, 'size') AS size
+FROM
+(
+    SELECT
+        tenant_id,
+        conversation_id,
+        event_id,
+        occurred_at,
+        channel,
+        if(type = 'MessageReceived', 'in', 'out') AS direction,
+        if(type = 'MessageReceived', 'customer', JSONExtractString(payload, 'author')) AS author,
+        JSONExtractArrayRaw(payload, 'attachments') AS listed
+    FROM {database}.events FINAL
+    WHERE type IN ('MessageReceived', 'ReplyProduced')
+)
+ARRAY JOIN listed AS attachment
