@@ -39,6 +39,7 @@ import filetype
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from connectors.blobs import BlobStore, blob_key, tenant_of_key
+from connectors.sniffing import sniff
 from schemas.keys import blob_usage_key
 from schemas.records import Attachment
 
@@ -108,26 +109,6 @@ class AttachmentPolicy:
 
 
 # --- what the bytes are ---------------------------------------------------------------
-
-
-def sniff(data: bytes) -> str:
-    """The MIME type of ``data`` from its bytes alone."""
-    guessed = str(filetype.guess_mime(data) or "")
-    if guessed:
-        return {"audio/x-flac": "audio/flac", "audio/m4a": "audio/mp4"}.get(guessed, guessed)
-    head = data[:2048]
-    try:
-        text = head.decode("utf-8") if b"\x00" not in head else None
-    except UnicodeDecodeError as exc:  # a multi-byte character cut at 2048 is still text
-        text = head[: exc.start].decode("utf-8") if exc.start > len(head) - 4 else None
-    if text is None:
-        return "application/octet-stream"
-    lowered = text.lstrip("\ufeff \t\r\n").lower()
-    if lowered.startswith("<svg") or (lowered.startswith("<?xml") and "<svg" in lowered):
-        return "image/svg+xml"
-    if lowered.startswith(("<!doctype html", "<html", "<script", "<body", "<head")):
-        return "text/html"
-    return "text/plain"
 
 
 def kind_of(mime_type: str) -> str:

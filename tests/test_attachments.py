@@ -18,7 +18,6 @@ from connectors.attachments import (
     accept,
     prepare,
     safe_name,
-    sniff,
     with_urls,
 )
 from connectors.blobs import (
@@ -30,6 +29,7 @@ from connectors.blobs import (
     conversation_prefix,
     valid_key,
 )
+from connectors.sniffing import sniff
 from kefu.processes import free_ports
 
 POLICY = AttachmentPolicy(max_bytes={"*": 1024 * 1024, "web": 200_000})
