@@ -5,7 +5,9 @@ in kefu/cli.py).
 2. latency: ``bench/pipeline.py`` paced at half the rate step 1 measured, for a fixed
    duration (also reports worker RSS after the warm-up against the end);
 3. replay: ``bench/replay.py`` (rebuild Redis and ClickHouse from the log);
-4. moderation: ``bench/moderation.py`` (µs per message, no stack).
+4. moderation: ``bench/moderation.py`` (µs per message, no stack);
+5. attachments: ``bench/attachments.py`` (text-only against 20 % photo messages at the
+   gateway; upload → visible at 20 photos/s).
 
 The scripts live in ``bench/`` next to the package (a source checkout), so they run as
 subprocesses of this interpreter; each step's output goes to the terminal and to a log
@@ -130,7 +132,7 @@ def _describe(figures: dict[str, Any] | None) -> str:
 @click.option("--step-timeout", default=900.0, show_default=True, help="seconds each step may run")
 @click.option(
     "--only",
-    type=click.Choice(["throughput", "latency", "replay", "moderation"]),
+    type=click.Choice(["throughput", "latency", "replay", "moderation", "attachments"]),
     multiple=True,
     help="run only these steps (repeatable); latency needs throughput's rate or --rate",
 )
@@ -151,7 +153,7 @@ def bench(
     """Run the standard benchmarks (each bounded) and say where the results went."""
     if not (bench_dir() / "pipeline.py").exists():
         raise click.ClickException(f"no {bench_dir()}/pipeline.py: kefu bench needs a checkout")
-    steps = set(only) or {"throughput", "latency", "replay", "moderation"}
+    steps = set(only) or {"throughput", "latency", "replay", "moderation", "attachments"}
     out = out or bench_dir() / "out" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     recording = ["--record"] if record else []
@@ -195,6 +197,11 @@ def bench(
     if "moderation" in steps:
         done = run_step(Step("moderation", "moderation.py", recording, step_timeout), out)
         outcomes.append(_with_figure(done, _log_line(done.log, "by CPU time: check")))
+
+    if "attachments" in steps:
+        args = ["--timeout", f"{step_timeout:g}", *recording]
+        done = run_step(Step("attachments", "attachments.py", args, step_timeout), out)
+        outcomes.append(_with_figure(done, _log_line(done.log, "attachments: mixed")))
 
     click.echo(f"\nkefu bench: results in {out}")
     for o in outcomes:
