@@ -98,9 +98,10 @@ class _CarriesAttachments:
 
     @classmethod
     def from_avro(cls, data: dict[str, Any]) -> Any:
-        raw = data.get("attachments") or ()
-        fields = {**data, "attachments": tuple(Attachment.from_avro(a) for a in raw)}
-        return Record.from_avro.__func__(cls, fields)  # type: ignore[attr-defined]
+        # ``data`` is the decoder's own dict: set in place (no copy per event).
+        raw = data.get("attachments")
+        data["attachments"] = tuple(Attachment.from_avro(a) for a in raw) if raw else ()
+        return Record.from_avro.__func__(cls, data)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -109,6 +109,20 @@ class Conversation:
 _CONVERSATION_FIELDS = tuple(f.name for f in dataclasses.fields(Conversation))
 
 
+_SET = object.__setattr__
+
+
+def _replace(state: Conversation, base: dict[str, Any], **changes: Any) -> Conversation:
+    """``dataclasses.replace`` for the state, cut down: one new object with each field
+    set once, no introspection and no keyword ``__init__`` (3 µs, not 15 for the two
+    replaces ``evolve`` made per event: 10 % of the worker's CPU, py-spy, issue 16)."""
+    changes.update(base)
+    new = object.__new__(Conversation)
+    for name in _CONVERSATION_FIELDS:
+        _SET(new, name, changes[name] if name in changes else getattr(state, name))
+    return new
+
+
 def fold(events: Iterable[Event], state: Conversation | None = None) -> Conversation:
     for event in events:
         state = evolve(state or Conversation(), event)
@@ -116,16 +130,16 @@ def fold(events: Iterable[Event], state: Conversation | None = None) -> Conversa
 
 
 def evolve(state: Conversation, event: Event) -> Conversation:
-    base = dataclasses.replace(
-        state,
-        conversation_id=event.conversation_id,
-        tenant_id=event.tenant_id,
-        seq=event.seq,
-    )
+    base = {
+        "conversation_id": event.conversation_id,
+        "tenant_id": event.tenant_id,
+        "seq": event.seq,
+    }
     match event:
         case MessageReceived():
             reopened = state.status != "open"
-            return dataclasses.replace(
+            return _replace(
+                state,
                 base,
                 status="open",
                 channel=event.channel,
@@ -140,15 +154,16 @@ def evolve(state: Conversation, event: Event) -> Conversation:
                 recent=remember(state.recent, sender_entry(event.text, event.occurred_at)),
             )
         case ConversationRouted():
-            return dataclasses.replace(
-                base, assignee=event.assignee, queue=event.queue, priority=event.priority
+            return _replace(
+                state, base, assignee=event.assignee, queue=event.queue, priority=event.priority
             )
         case ConversationAssigned():
-            return dataclasses.replace(
-                base, assignee=event.assignee, queue=event.queue, last_agent=event.assignee
+            return _replace(
+                state, base, assignee=event.assignee, queue=event.queue, last_agent=event.assignee
             )
         case ConversationHandedOff():
-            return dataclasses.replace(
+            return _replace(
+                state,
                 base,
                 assignee=event.to_assignee,
                 queue=event.queue,
@@ -157,16 +172,17 @@ def evolve(state: Conversation, event: Event) -> Conversation:
                 awaiting_reply=() if event.to_assignee != "ai" else state.awaiting_reply,
             )
         case SlaBreached():
-            return dataclasses.replace(base, breached_since=state.unanswered_since)
+            return _replace(state, base, breached_since=state.unanswered_since)
         case CsatRequested():
-            return dataclasses.replace(base, waiting_for="rating")
+            return _replace(state, base, waiting_for="rating")
         case CsatRated():
-            return dataclasses.replace(base, waiting_for="", rating=event.rating)
+            return _replace(state, base, waiting_for="", rating=event.rating)
         case ReplyRequested():
-            return dataclasses.replace(base, awaiting_reply=(*state.awaiting_reply, event.event_id))
+            return _replace(state, base, awaiting_reply=(*state.awaiting_reply, event.event_id))
         case ReplyProduced():
             failed = event.author == "ai" and event.action != "answer"
-            return dataclasses.replace(
+            return _replace(
+                state,
                 base,
                 replies=state.replies + 1,
                 awaiting_reply=tuple(r for r in state.awaiting_reply if r != event.in_reply_to),
@@ -180,11 +196,14 @@ def evolve(state: Conversation, event: Event) -> Conversation:
                 else _remember(state.applied, event.in_reply_to),
             )
         case MessageDelivered():
-            return dataclasses.replace(
-                base, undelivered=tuple(r for r in state.undelivered if r != event.reply_event_id)
+            return _replace(
+                state,
+                base,
+                undelivered=tuple(r for r in state.undelivered if r != event.reply_event_id),
             )
         case ConversationClosed():
-            return dataclasses.replace(
+            return _replace(
+                state,
                 base,
                 status="closed",
                 assignee="",
@@ -193,7 +212,7 @@ def evolve(state: Conversation, event: Event) -> Conversation:
                 unanswered_since=0,
             )
         case _:
-            return base
+            return _replace(state, base)
 
 
 def _remember(applied: tuple[str, ...], command_id: str) -> tuple[str, ...]:
