@@ -24,6 +24,7 @@ from connectors import admin_api, console, dashboard, files_api, rest_api, routi
 from connectors.attachments import Quota
 from connectors.auth import AuthConfig, KeyRing
 from connectors.body_limit import BodyLimit
+from connectors.config_log import ConfigFollower, SecretBox
 from connectors.metrics import metrics_endpoint, ready_response
 from connectors.outbox_hub import OutboxHub
 from connectors.publisher import CommandPublisher
@@ -33,6 +34,8 @@ from connectors.telegram import router as telegram_router
 from connectors.uploads import Files
 from connectors.wechat import WeChatEdge
 from connectors.wechat import router as wechat_router
+from schemas.config import ConfigState
+from schemas.records import ConfigChanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,12 @@ class GatewayConfig:
     gc_full_s: float = 3600.0
     # Attachments: blob store, link signer, policy (None: uploads answer 503).
     files: Files | None = None
+    # Configuration as events (schemas/config.py): the topic every gateway follows
+    # ("" = none: tests of the bare app), the key that seals secrets, and the entities
+    # to write on a first run (from the environment) when the topic lacks them.
+    config_topic: str = ""
+    config_key: bytes = b""
+    config_seed: tuple[ConfigChanged, ...] = ()
 
 
 async def _long_lived_objects(config: GatewayConfig) -> None:
@@ -94,9 +103,26 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = CommandPublisher(
-            config.bootstrap, config.commands_topic, config.routing_topic, config.kafka_options
+            config.bootstrap,
+            config.commands_topic,
+            config.routing_topic,
+            config.kafka_options,
+            config_topic=config.config_topic,
         )
         await publisher.start()
+        follower = None
+        app.state.config = ConfigState()
+        if config.config_key:
+            app.state.config_box = SecretBox(config.config_key)
+        if config.config_topic:
+            follower = ConfigFollower(
+                config.bootstrap, config.config_topic, app.state.config, config.kafka_options
+            )
+            await follower.start()
+            for record in config.config_seed:  # first run: what the environment says
+                key = (record.tenant_id, record.kind, record.entity_id)
+                if not app.state.config.version(*key):
+                    await publisher.publish_config(record)
         # A burst of sockets opening (limiter, history) waits for a pooled connection
         # instead of failing with "Too many connections".
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -122,6 +148,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
             if collector is not None:
                 collector.cancel()
             await outbox.stop()
+            if follower is not None:
+                await follower.stop()
             await publisher.stop()
             await client.aclose()
 

@@ -10,10 +10,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from connectors.config_log import publish_config
 from connectors.metrics import publishing
 from schemas.codec import CODEC
 from schemas.headers import with_tenant
-from schemas.records import Command, RoutingCommand
+from schemas.records import Command, ConfigChanged, RoutingCommand
 
 
 class CommandPublisher:
@@ -23,9 +24,11 @@ class CommandPublisher:
         topic: str,
         routing_topic: str = "",
         kafka_options: Mapping[str, Any] | None = None,  # SASL/TLS (docs/security.md)
+        config_topic: str = "",
     ) -> None:
         self._topic = topic
         self._routing_topic = routing_topic
+        self._config_topic = config_topic
         self.started = False  # the gateway's /readyz
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
@@ -53,6 +56,10 @@ class CommandPublisher:
                 value=CODEC.encode(command),
                 headers=with_tenant(headers, command.tenant_id),
             )
+
+    async def publish_config(self, record: ConfigChanged) -> None:
+        """An entity's new state on the config topic (``connectors/config_log.py``)."""
+        await publish_config(self._producer, self._config_topic, record)
 
     async def publish(self, command: Command) -> None:
         with publishing(command, self._topic) as headers:

@@ -127,6 +127,7 @@ def gateway(instance: str, state: str) -> None:
 
     from connectors.gateway import GatewayConfig, create_app
     from kefu.chat_channels import telegram_edge, wechat_edge
+    from kefu.config import config_key, seed_records
     from kefu.files import files
     from kefu.telemetry import setup_tracing
     from schemas.topics import TopicNames
@@ -147,6 +148,9 @@ def gateway(instance: str, state: str) -> None:
         gc_freeze_s=settings.gateway.gc_freeze_s,
         gc_full_s=settings.gateway.gc_full_s,
         files=files(settings),
+        config_topic=TopicNames(settings.topic_prefix).config,
+        config_key=config_key(settings),
+        config_seed=seed_records(settings),
         **gateway_security(settings),
     )
     g = settings.gateway

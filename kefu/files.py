@@ -25,15 +25,13 @@ def blob_store(settings: Settings) -> BlobStore:
     return LocalBlobStore(a.local_dir or settings.state_dir / "blobs")
 
 
-def url_secret(settings: Settings) -> bytes:
-    """The configured secret, or this machine's: made once, kept in the state dir."""
-    configured = settings.attachments.url_secret.get_secret_value()
-    if configured:
-        return configured.encode()
-    path = Path(settings.state_dir) / "attachments.key"
+def machine_secret(settings: Settings, name: str) -> bytes:
+    """A random key made once and kept in the state dir (``<name>.key``), shared by the
+    processes of one machine: the default where a setting names no key."""
+    path = Path(settings.state_dir) / f"{name}.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(secrets.token_hex(32))
         tmp.chmod(0o600)
         try:  # two processes starting at once: the first link wins, both read it
@@ -43,6 +41,12 @@ def url_secret(settings: Settings) -> bytes:
         finally:
             tmp.unlink(missing_ok=True)
     return path.read_text().strip().encode()
+
+
+def url_secret(settings: Settings) -> bytes:
+    """The configured secret, or this machine's."""
+    configured = settings.attachments.url_secret.get_secret_value()
+    return configured.encode() if configured else machine_secret(settings, "attachments")
 
 
 def url_signer(settings: Settings) -> UrlSigner:

@@ -274,6 +274,11 @@ class SecuritySettings(_Frozen):
     # WebSockets from a page on loopback (http://127.0.0.1:*, localhost) are allowed
     # besides same-origin pages and each tenant's ``allowed_origins``.
     allow_loopback_origins: bool = True
+    # Seals secrets in the configuration topic (channel secrets, webhook secrets,
+    # password hashes): AES-GCM under a key derived from this. Empty: a random key kept
+    # in <state_dir>/config.key, shared by the processes of one machine. Keep it: the
+    # sealed secrets cannot be read without it.
+    config_key: SecretStr = SecretStr("")
 
 
 class TenantSettings(_Frozen):

@@ -34,6 +34,14 @@ def wanted(settings: Settings) -> list[NewTopic]:
         # The latest list per tenant/category survives compaction; one partition keeps
         # every change in order. Every worker reads it whole (streams.wordlists).
         NewTopic(names.control, 1, 1, topic_configs=COMPACT),
+        # Configuration (schemas.config): the latest record per entity survives; a
+        # month of changes is kept before compaction, so "who changed what" can be read.
+        NewTopic(
+            names.config,
+            1,
+            1,
+            topic_configs={**COMPACT, "min.compaction.lag.ms": str(30 * 86400_000)},
+        ),
         # Faust's own topics, as Faust would declare them (compacted changelogs with the
         # source topics' partitions): made here so that they exist, with leaders,
         # before any worker subscribes (see schemas.topics).

@@ -14,10 +14,12 @@ import faust
 import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from connectors.config_log import shown
 from connectors.delivery import ChannelDeliverer, WebhookTarget
 from connectors.metrics import metrics_text
 from kefu.ai import build_responder
 from kefu.channels import channel_senders
+from kefu.config import ConfigService
 from kefu.files import url_signer
 from kefu.settings import Settings
 from kefu.telemetry import setup_tracing
@@ -25,6 +27,7 @@ from kefu.topics import ensure_topics_blocking
 from projections.redis_rebuild import RebuildingRedisModel, log_rebuild
 from projections.redis_state import RedisConversations
 from projections.replay import replay_topics
+from schemas.config import SINGLE, ConfigState
 from schemas.topics import TopicNames
 from streams import router as queue_router
 from streams import timers, wordlists
@@ -67,13 +70,26 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     )
     kefu = traced_app(kefu)  # sends carry trace context and the origin time (telemetry)
     tenants = settings.tenants
+    # Configuration as events (schemas/config.py): read whole before the agents start,
+    # then followed live; what it says wins over the environment's seed.
+    live = ConfigState()
+    kefu.app.add_dependency(ConfigService(settings, live))
+    _install_config_page(kefu, live)
 
     def tenant_routing(tenant_id: str) -> TenantRouting:
         tenant = tenants.get(tenant_id)
-        if tenant is None:
+        configured = live.get(tenant_id, "tenant")
+        if tenant is None and configured is None:
             return TenantRouting(ai_enabled=False)
+        ai_enabled = tenant.ai_enabled if tenant is not None else False
+        if configured is not None and "ai_enabled" in configured:
+            ai_enabled = bool(configured["ai_enabled"])
+        if configured is not None and configured.get("disabled"):
+            ai_enabled = False
         return TenantRouting(
-            tenant.ai_enabled, frozenset(tenant.vip_customers), frozenset(tenant.urgent_channels)
+            ai_enabled,
+            frozenset(tenant.vip_customers if tenant else ()),
+            frozenset(tenant.urgent_channels if tenant else ()),
         )
 
     redis = aioredis.Redis.from_url(settings.redis.dsn)
@@ -197,6 +213,22 @@ def _install_health(kefu: KefuApp, hot_path: tuple[BatchConsumer, ...]) -> None:
         return web.bytes(metrics_text(), content_type=content_type)
 
     watch_app(app)
+
+
+def _install_config_page(kefu: KefuApp, live: ConfigState) -> None:
+    @kefu.app.page("/config")
+    async def config_status(web: Any, request: Any) -> Any:
+        """What this worker's configuration holds: ``?tenant=&kind=&id=`` for one
+        entity's version and data (secrets only say that they are set)."""
+        query = request.query
+        tenant, kind = query.get("tenant", ""), query.get("kind", "")
+        out: dict[str, Any] = {"applied": live.applied, "applied_at": live.applied_at}
+        if tenant and kind:
+            entity = live.entity(tenant, kind, query.get("id", SINGLE))
+            out["entity"] = (
+                None if entity is None else {"version": entity.version, "data": shown(entity.data)}
+            )
+        return web.json(out)
 
 
 def run_worker(settings: Settings, web_port: int | None = None) -> None:

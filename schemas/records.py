@@ -297,6 +297,21 @@ class WordListChanged(Record):
     changed_by: str = ""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigChanged(Record):
+    """A tenant's configuration entity as it is now (``schemas/config.py`` folds them),
+    on the compacted config topic keyed ``<tenant_id>/<kind>/<entity_id>``."""
+
+    tenant_id: str
+    kind: str
+    entity_id: str
+    data: str  # JSON of the entity's fields; secrets encrypted
+    version: int
+    changed_at: int
+    changed_by: str
+    deleted: bool = False
+
+
 # --- routing: conversation commands and events -----------------------------------
 
 
@@ -539,6 +554,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         *QUEUE_EVENT_TYPES,
         DeadLetter,
         WordListChanged,
+        ConfigChanged,
         Commit,
     )
 }

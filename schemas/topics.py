@@ -38,6 +38,12 @@ class TopicNames:
         all of it, from the beginning (see streams.wordlists)."""
         return f"{self.prefix}.control.wordlists"
 
+    @property
+    def config(self) -> str:
+        """Tenants' configuration (schemas.config), compacted, keyed
+        tenant/kind/entity: every process reads all of it, from the beginning."""
+        return f"{self.prefix}.control.config"
+
 
 # Faust's tables (streams.app) and the internal topics Faust derives from the app id.
 # kefu creates them itself, ahead of the workers (kefu.topics): a changelog Faust

@@ -11,6 +11,7 @@ from schemas.records import (
     AssignmentReleased,
     Attachment,
     CloseConversation,
+    ConfigChanged,
     ConversationAssigned,
     ConversationClosed,
     ConversationEnqueued,
@@ -213,5 +214,14 @@ SAMPLES: list[Record] = [
         version=7,
         changed_at=1_700_000_000_000,
         changed_by="ops",
+    ),
+    ConfigChanged(
+        tenant_id="t1",
+        kind="agent",
+        entity_id="alice",
+        data='{"name": "Alice", "teams": ["billing"], "password": {"enc": "v1:abc"}}',
+        version=3,
+        changed_at=1_700_000_000_000,
+        changed_by="admin",
     ),
 ]
