@@ -206,6 +206,8 @@ def isolated_settings(state_dir: Path) -> Settings:
                 agents={"fay": console_agent("fay", name="Fay")},
             ),
             "files2": TenantSettings(api_key=SecretStr("files2-test-key"), ai_enabled=False),
+            # Configuration as events (tests/test_config.py): changed live by the tests.
+            "cfg": TenantSettings(api_key=SecretStr("cfg-test-key"), ai_enabled=False),
             **security_tenants(),
         },
         # Small limits so the tests reach them with small files.
