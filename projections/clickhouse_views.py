@@ -41,6 +41,7 @@ class Report:
         return {
             "name": self.name,
             "title": self.title,
+            "title_zh": TITLES_ZH.get(self.name, self.title),
             "chart": self.chart,
             "label": list(self.label),
             "values": list(self.values),
@@ -48,6 +49,24 @@ class Report:
             "notes": list(self.notes),
         }
 
+
+# The dashboard's Chinese titles (the page shows Chinese where the browser asks for it).
+TITLES_ZH = {
+    "volume-minute": "各渠道每分钟消息数",
+    "volume-hour": "各渠道每小时消息数",
+    "volume-day": "各渠道每日消息数",
+    "first-response": "首次响应时间（秒）：按渠道、团队、客服",
+    "resolution": "解决时间（秒）：按渠道、团队、客服",
+    "deflection": "AI 拦截率（无人工介入即关闭）",
+    "handoff-rate": "各渠道转人工率",
+    "handoff-reasons": "转人工原因",
+    "moderation": "各类别审核命中",
+    "utilisation": "客服利用率",
+    "csat": "满意度分布",
+    "sla-breaches": "SLA 超时：按类型和优先级",
+    "attachments": "各渠道、类型的附件（收 / 发）",
+    "attachments-day": "每日附件：按租户、渠道、类型（收 / 发）",
+}
 
 REPORTS: dict[str, Report] = {
     r.name: r

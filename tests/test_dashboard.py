@@ -92,7 +92,7 @@ def test_dashboard_in_headless_chromium(pipeline: Settings) -> None:
     with sync_api.sync_playwright() as p:
         browser = launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1400})
+            page = browser.new_page(viewport={"width": 1440, "height": 1400}, locale="en-US")
 
             def on_console(message: Any) -> None:
                 if message.type == "error":
@@ -124,6 +124,26 @@ def test_dashboard_in_headless_chromium(pipeline: Settings) -> None:
             assert status.startswith("tenant demo:"), status
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # Chinese where the browser asks for it; the switch goes back and forth.
+            zh = browser.new_page(viewport={"width": 1440, "height": 1400}, locale="zh-CN")
+            zh.on("console", on_console)
+            zh.on("pageerror", lambda exc: errors.append(str(exc)))
+            zh.goto(f"{base(pipeline)}/dashboard")
+            assert zh.title() == "kefu 数据分析"
+            assert zh.get_attribute("html", "lang") == "zh-CN"
+            zh.fill("#key", key(pipeline, "demo"))
+            zh.click("#load")
+            zh.wait_for_selector("body[data-loaded=true]", timeout=60_000)
+            assert (zh.text_content("#status") or "").startswith("租户 demo")
+            assert zh.text_content("section[data-report=csat] h2") == "满意度分布"
+            zh.screenshot(path=str(SCREENSHOT.with_name("dashboard-zh.png")), full_page=True)
+            zh.click("#lang")
+            assert zh.title() == "kefu analytics"
+            zh.wait_for_function(
+                "document.querySelector('section[data-report=csat] h2')"
+                ".textContent === 'CSAT distribution'"
+            )
         finally:
             browser.close()
     assert errors == []
