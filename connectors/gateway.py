@@ -25,6 +25,7 @@ from connectors.attachments import Quota
 from connectors.auth import AuthConfig, KeyRing
 from connectors.body_limit import BodyLimit
 from connectors.config_log import ConfigFollower, SecretBox
+from connectors.live_agents import LiveAgentDirectory
 from connectors.metrics import metrics_endpoint, ready_response
 from connectors.outbox_hub import OutboxHub
 from connectors.publisher import CommandPublisher
@@ -119,6 +120,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
                 config.bootstrap, config.config_topic, app.state.config, config.kafka_options
             )
             await follower.start()
+            # The console's accounts: the environment's, with the live config on top.
+            app.state.agents = LiveAgentDirectory(app.state.config, config.agents)
             for record in config.config_seed:  # first run: what the environment says
                 key = (record.tenant_id, record.kind, record.entity_id)
                 if not app.state.config.version(*key):

@@ -15,6 +15,8 @@ from aiokafka import AIOKafkaProducer
 from cryptography.exceptions import InvalidTag
 
 from connectors.config_log import SecretBox, config_record, publish_config, shown
+from connectors.console import AgentAccount
+from connectors.live_agents import LiveAgentDirectory
 from kefu.settings import Settings
 from schemas.config import ConfigState, valid_hours, within_hours
 from schemas.topics import TopicNames
@@ -100,3 +102,19 @@ def test_a_change_reaches_the_gateway_and_a_worker_without_a_restart(pipeline: S
     worker_s = time.monotonic() - start
     assert found["version"] == record.version and found["data"]["title"] == "谢谢"
     assert worker_s < 2.0, f"the worker applied it after {worker_s:.2f} s"
+
+
+def test_the_console_directory_follows_the_config() -> None:
+    state = ConfigState()
+    seed = {"t1": {"alice": AgentAccount(token_sha256="ab" * 32, team="default", capacity=3)}}
+    directory = LiveAgentDirectory(state, seed)
+    assert directory["t1"]["alice"].capacity == 3
+    alice = {"name": "Alice", "teams": ["billing"], "capacity": 5, "skills": ["refunds"]}
+    state.apply(config_record("t1", "agent", "alice", alice, "admin"))
+    account = directory["t1"]["alice"]
+    assert (account.team, account.capacity, account.skills) == ("billing", 5, ("refunds",))
+    assert account.token_sha256 == "ab" * 32  # the token still logs her in
+    state.apply(config_record("t1", "agent", "alice", {**alice, "disabled": True}, "admin", 10**13))
+    assert "alice" not in directory["t1"]  # disabled: no login, no routing
+    state.apply(config_record("t2", "tenant", "-", {"name": "t2"}, "admin"))
+    assert "t2" in list(directory)
