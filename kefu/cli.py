@@ -67,9 +67,23 @@ def stack_up_all(settings: Settings) -> dict[str, float]:
 
 
 @stack.command("up")
-def stack_up() -> None:
+@click.option(
+    "--brokers",
+    type=click.IntRange(1, 5),
+    default=None,
+    help="embedded Kafka nodes (3: a KRaft cluster, replication 3, min.insync.replicas 2); "
+    "default: the kafka.brokers setting",
+)
+def stack_up(brokers: int | None) -> None:
     """Start what is not running and wait until it answers."""
     settings = _settings()
+    if brokers is not None and brokers != settings.kafka.brokers:
+        kafka = settings.kafka.model_copy(update={"brokers": brokers})
+        settings = settings.model_copy(update={"kafka": kafka})
+        click.echo(
+            f"kafka: {brokers} brokers on {kafka.servers}; set KEFU_KAFKA__BROKERS={brokers} "
+            "for kefu's other commands (they bootstrap from every node)"
+        )
     try:
         ready = stack_up_all(settings)
     except ProcessError as exc:

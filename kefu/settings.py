@@ -34,6 +34,10 @@ class KafkaSettings(_Frozen):
     # broker's CPU by a third and its start by ~4 s (bench/RESULTS.md "Pipeline").
     jvm_options: tuple[str, ...] = ("-XX:TieredStopAtLevel=1",)
     partitions: int = 4
+    # Embedded brokers: 1, or a KRaft cluster on loopback (3: replication factor 3,
+    # min.insync.replicas 2). Node n > 1 listens on port + 2(n-1) and
+    # controller_port + 2(n-1), its files under <state_dir>/kafka/node-<n>.
+    brokers: int = Field(default=1, ge=1, le=5)
     # Where the broker's jars are cached between runs (filled by Maven from the pom).
     jars_dir: Path = Path.home() / ".cache" / "kefu" / "kafka"
     # An external cluster with TLS and/or SASL (docs/security.md): PLAINTEXT, SSL,
@@ -49,7 +53,20 @@ class KafkaSettings(_Frozen):
 
     @property
     def servers(self) -> str:
-        return self.bootstrap or f"{LOOPBACK}:{self.port}"
+        if self.bootstrap:
+            return self.bootstrap
+        return ",".join(f"{LOOPBACK}:{port}" for port, _ in self.node_ports())
+
+    def node_ports(self) -> list[tuple[int, int]]:
+        """(broker port, controller port) of each embedded node, node 1 first."""
+        return [
+            (self.port + 2 * n, self.controller_port + 2 * n) for n in range(self.brokers)
+        ]
+
+    @property
+    def replication(self) -> int:
+        """Replicas of every topic: three on a cluster, one on a single broker."""
+        return min(self.brokers, 3)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if "SSL" not in self.security_protocol.upper():

@@ -1,9 +1,16 @@
-"""The embedded stack: a single-node Kafka broker (KRaft) and Redis, run from the state dir.
+"""The embedded stack: Kafka (KRaft: one node, or a cluster of ``kafka.brokers``
+nodes on loopback, each broker and controller) and Redis, run from the state dir.
 
 Layout under ``<state dir>``::
 
     kafka/  server.properties  log4j2.properties  cluster.id  data/  server.log  kafka.pid
+    kafka/node-2/  server.properties  data/  server.log  kafka-2.pid   (a cluster's nodes)
     redis/  redis.conf  appendonlydir/  redis.log  redis.pid
+
+A cluster (``kefu stack up --brokers 3``) has replication factor 3 and
+min.insync.replicas 2 for every topic (``kefu/topics.py``); producers send acks=all
+and idempotently, so a broker can be SIGKILLed without losing or duplicating an
+acknowledged write (``tests/test_kafka_cluster.py``).
 
 The broker's jars come from Maven Central through ``kefu/kafka/pom.xml`` into
 ``<settings.kafka.jars_dir>/<version>`` and are shared by every state dir. Both
@@ -27,6 +34,7 @@ import uuid
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -104,14 +112,28 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-async def _kafka_metadata(servers: str) -> bool:
+async def _kafka_metadata(servers: str, brokers: int = 1) -> bool:
     admin = AIOKafkaAdminClient(bootstrap_servers=servers, request_timeout_ms=3000)
     try:
         await admin.start()
         cluster = await admin.describe_cluster()
-        return bool(cluster.get("brokers"))
+        return len(cluster.get("brokers") or ()) >= brokers
     finally:
         await admin.close()
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaNode:
+    """One embedded broker (a KRaft node that is broker and controller)."""
+
+    node_id: int
+    port: int
+    controller_port: int
+    dir: Path  # node 1: <state>/kafka (as a single broker always had); n: kafka/node-<n>
+
+    @property
+    def name(self) -> str:
+        return "kafka" if self.node_id == 1 else f"kafka-{self.node_id}"
 
 
 class Stack:
@@ -136,13 +158,29 @@ class Stack:
         return not self.settings.redis.url
 
     @property
+    def kafka_nodes(self) -> list[KafkaNode]:
+        return [
+            KafkaNode(
+                n + 1, port, controller, self.kafka_dir / f"node-{n + 1}" if n else self.kafka_dir
+            )
+            for n, (port, controller) in enumerate(self.settings.kafka.node_ports())
+        ]
+
+    @property
     def kafka_daemon(self) -> Daemon:
-        """The broker as a :class:`Daemon` (for pid, status, stop)."""
+        """The (first) broker as a :class:`Daemon` (for pid, status, stop)."""
         return self._kafka_daemon(shutil.which("java") or "java")
 
-    def _kafka_daemon(self, java: str) -> Daemon:
+    @property
+    def kafka_daemons(self) -> list[Daemon]:
+        """Every embedded broker, node 1 first."""
+        java = shutil.which("java") or "java"
+        return [self._kafka_daemon(java, node) for node in self.kafka_nodes]
+
+    def _kafka_daemon(self, java: str, node: KafkaNode | None = None) -> Daemon:
         kafka = self.settings.kafka
-        props = self.kafka_dir / "server.properties"
+        node = node or self.kafka_nodes[0]
+        props = node.dir / "server.properties"
         argv = [
             java,
             f"-Xmx{kafka.heap}",
@@ -156,18 +194,18 @@ class Stack:
             *self._class_archive_flags(java),
             *kafka.jvm_options,
             f"-Dlog4j2.configurationFile={self.kafka_dir / 'log4j2.properties'}",
-            f"-Dkafka.logs.dir={self.kafka_dir}",
+            f"-Dkafka.logs.dir={node.dir}",
             "-cp",
             f"{self.jars_dir}/*",
             "kafka.Kafka",
             str(props),
         ]
         return Daemon(
-            name="kafka",
+            name=node.name,
             argv=argv,
-            run_dir=self.kafka_dir,
+            run_dir=node.dir,
             env=child_env(),
-            log_path=self.kafka_dir / "server.log",
+            log_path=node.dir / "server.log",
             # The absolute config path is unique to this state dir.
             marker=str(props),
         )
@@ -331,21 +369,26 @@ class Stack:
         def left() -> float:
             return max(deadline - time.monotonic(), 0.0)
 
-        kafka = self.kafka_daemon if self.embedded_kafka else None
+        nodes = self.kafka_nodes if self.embedded_kafka else []
+        brokers = self.kafka_daemons if self.embedded_kafka else []
         redis_ = self.redis_daemon if self.embedded_redis else None
-        start_kafka = kafka is not None and not kafka.is_running()
+        to_start = [node for node, d in zip(nodes, brokers, strict=True) if not d.is_running()]
         start_redis = redis_ is not None and not redis_.is_running()
         # Everything that can fail fast (missing tool, busy port) before starting.
         java = ""
-        if start_kafka:
+        if to_start:
             self.fetch_kafka_jars()
             java = _require("java", _SETUP_HINT)
-            kafka_ = self.settings.kafka
-            self._check_free("Kafka", kafka_.port, "KEFU_KAFKA__PORT")
-            self._check_free(
-                "Kafka controller", kafka_.controller_port, "KEFU_KAFKA__CONTROLLER_PORT"
-            )
-            self._write_kafka_config()
+            for node in to_start:
+                self._check_free(f"Kafka node {node.node_id}", node.port, "KEFU_KAFKA__PORT")
+                self._check_free(
+                    f"Kafka controller {node.node_id}",
+                    node.controller_port,
+                    "KEFU_KAFKA__CONTROLLER_PORT",
+                )
+            self._write_log4j()
+            for node in nodes:
+                self._write_kafka_config(node)
         if start_redis:
             _require("redis-server", _REDIS_HINT)
             self._check_free("Redis", self.settings.redis.port, "KEFU_REDIS__PORT")
@@ -361,17 +404,17 @@ class Stack:
                     redis_.start()
                 redis_.wait_ready(self._redis_answers, left(), "Redis")
                 ready["redis"] = time.monotonic() - start
-            if kafka is not None:
-                if start_kafka:
-                    self._format_kafka(java)
-                    kafka = self._kafka_daemon(java)  # with this start's JVM flags
-                    started.append(kafka)
-                    kafka.start()
+            for node in to_start:  # a cluster's nodes start together: the quorum needs them
+                self._format_kafka(java, node)
+                daemon = self._kafka_daemon(java, node)  # with this start's JVM flags
+                started.append(daemon)
+                daemon.start()
+            if brokers:
                 with _quiet("aiokafka"):
-                    kafka.wait_ready(self._kafka_answers, left(), "Kafka")
+                    brokers[0].wait_ready(self._kafka_answers, left(), "Kafka")
                 ready["kafka"] = time.monotonic() - start
         except BaseException as exc:
-            kafka_died = kafka is not None and kafka in started and not kafka.is_running()
+            kafka_died = any(d.name.startswith("kafka") and not d.is_running() for d in started)
             for daemon in reversed(started):
                 daemon.stop(timeout=10.0)
             archive = self._class_archive(java) if kafka_died else None
@@ -396,9 +439,10 @@ class Stack:
     def _down(self) -> dict[str, str]:
         result: dict[str, str] = {}
         if self.embedded_kafka:
-            pid = self.kafka_daemon.stop(timeout=60.0)
+            for daemon in reversed(self.kafka_daemons):
+                pid = daemon.stop(timeout=60.0)
+                result[daemon.name] = f"stopped pid {pid}" if pid else "not running"
             self._keep_class_archive()
-            result["kafka"] = f"stopped pid {pid}" if pid else "not running"
         if self.embedded_redis:
             pid = self.redis_daemon.stop(timeout=30.0)
             result["redis"] = f"stopped pid {pid}" if pid else "not running"
@@ -409,8 +453,10 @@ class Stack:
         result: dict[str, str] = {}
         kafka, redis_ = self.settings.kafka, self.settings.redis
         if self.embedded_kafka:
-            pid = self.kafka_daemon.pid()
-            result["kafka"] = f"running pid {pid} on {kafka.servers}" if pid else "stopped"
+            for node, daemon in zip(self.kafka_nodes, self.kafka_daemons, strict=True):
+                pid = daemon.pid()
+                where = kafka.servers if kafka.brokers == 1 else f"{LOOPBACK}:{node.port}"
+                result[daemon.name] = f"running pid {pid} on {where}" if pid else "stopped"
         else:
             result["kafka"] = f"external {kafka.bootstrap}"
         if self.embedded_redis:
@@ -434,9 +480,9 @@ class Stack:
 
     def _kafka_answers(self) -> bool:
         kafka = self.settings.kafka
-        if not port_open(kafka.port):
+        if not all(port_open(port) for port, _ in kafka.node_ports()):
             return False
-        return _run_in_thread(_kafka_metadata(kafka.servers))
+        return _run_in_thread(_kafka_metadata(kafka.servers, kafka.brokers))
 
     def _redis_answers(self) -> bool:
         client = redis.Redis.from_url(
@@ -448,16 +494,21 @@ class Stack:
         finally:
             client.close()
 
-    def _write_kafka_config(self) -> None:
+    def _write_kafka_config(self, node: KafkaNode) -> None:
         kafka = self.settings.kafka
-        data = self.kafka_dir / "data"
+        data = node.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
-        plain = f"PLAINTEXT://{LOOPBACK}:{kafka.port}"
+        plain = f"PLAINTEXT://{LOOPBACK}:{node.port}"
+        voters = ",".join(f"{n.node_id}@{LOOPBACK}:{n.controller_port}" for n in self.kafka_nodes)
+        # One node: every internal topic has one replica. A cluster: three, and a write
+        # is acknowledged once two have it (producers send acks=all).
+        replicas = str(kafka.replication)
+        in_sync = "2" if kafka.replication >= 3 else "1"
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@{LOOPBACK}:{kafka.controller_port}",
-            "listeners": f"{plain},CONTROLLER://{LOOPBACK}:{kafka.controller_port}",
+            "node.id": str(node.node_id),
+            "controller.quorum.voters": voters,
+            "listeners": f"{plain},CONTROLLER://{LOOPBACK}:{node.controller_port}",
             "advertised.listeners": plain,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
@@ -466,13 +517,19 @@ class Stack:
             "num.partitions": str(kafka.partitions),
             # Topics are created explicitly, with their partition counts and configs.
             "auto.create.topics.enable": "false",
-            # One node: every internal topic has one replica.
-            "offsets.topic.replication.factor": "1",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
-            "min.insync.replicas": "1",
+            "default.replication.factor": replicas,
+            "offsets.topic.replication.factor": replicas,
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": in_sync,
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": in_sync,
+            "min.insync.replicas": in_sync,
+            # No unclean leader election: a replica that missed writes never leads.
+            "unclean.leader.election.enable": "false",
+            # A dead broker is fenced (its partitions get new leaders) after 3 s, not
+            # the default 9: on loopback heartbeats are not delayed by a network.
+            "broker.heartbeat.interval.ms": "1000",
+            "broker.session.timeout.ms": "3000",
             # A group starts consuming at once instead of waiting 3 s for more members.
             "group.initial.rebalance.delay.ms": "0",
             # The log is the truth: never expire it by age or size.
@@ -481,7 +538,10 @@ class Stack:
         }
         text = "# Written by kefu on every start; edits here are overwritten.\n"
         text += "".join(f"{key}={_java_escape(value)}\n" for key, value in props.items())
-        (self.kafka_dir / "server.properties").write_text(text, encoding="latin-1")
+        (node.dir / "server.properties").write_text(text, encoding="latin-1")
+
+    def _write_log4j(self) -> None:
+        self.kafka_dir.mkdir(parents=True, exist_ok=True)
         # Everything to stdout, which the launcher sends to server.log: one file,
         # which also gets what the JVM itself prints (a crash, a bad flag).
         log4j = [
@@ -506,9 +566,10 @@ class Stack:
         ]
         (self.kafka_dir / "log4j2.properties").write_text("\n".join(log4j) + "\n")
 
-    def _format_kafka(self, java: str) -> None:
-        """Format the storage once; later starts reuse it (and so keep the log)."""
-        data = self.kafka_dir / "data"
+    def _format_kafka(self, java: str, node: KafkaNode) -> None:
+        """Format the storage once; later starts reuse it (and so keep the log). The
+        nodes of a cluster share the cluster id."""
+        data = node.dir / "data"
         if (data / "meta.properties").exists():
             return
         id_file = self.kafka_dir / "cluster.id"
@@ -531,7 +592,7 @@ class Stack:
             "-t",
             cluster_id,
             "-c",
-            str(self.kafka_dir / "server.properties"),
+            str(node.dir / "server.properties"),
         ]
 
         def run() -> subprocess.CompletedProcess[str]:
@@ -541,7 +602,7 @@ class Stack:
                 text=True,
                 timeout=120,
                 env=child_env(),
-                cwd=self.kafka_dir,
+                cwd=node.dir,
             )
 
         proc = run()

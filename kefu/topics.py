@@ -18,38 +18,48 @@ log = logging.getLogger(__name__)
 
 KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 COMPACT = {"cleanup.policy": "compact"}
+WEEK = {"retention.ms": str(7 * 86400_000)}  # commands and routing commands
 LEADERS_TIMEOUT_S = 30.0
 
 
-def wanted(settings: Settings) -> list[NewTopic]:
+def wanted(settings: Settings, replication: int = 1) -> list[NewTopic]:
+    """The topics, with ``replication`` replicas each (three on a cluster: a write is
+    acknowledged once two have it, so one broker can die without losing it)."""
     names = TopicNames(settings.topic_prefix)
     partitions = settings.kafka.partitions
+    rf = replication
+    isr = {"min.insync.replicas": "2"} if rf >= 3 else {}
     return [
         # The log is the truth: events are kept forever (replay, audit).
-        NewTopic(names.events, partitions, 1, topic_configs=KEEP_FOREVER),
-        NewTopic(names.commands, partitions, 1, topic_configs={"retention.ms": str(7 * 86400_000)}),
-        NewTopic(names.deadletter, 1, 1, topic_configs=KEEP_FOREVER),
-        NewTopic(names.routing, partitions, 1, topic_configs={"retention.ms": str(7 * 86400_000)}),
-        NewTopic(names.queue_events, partitions, 1, topic_configs=KEEP_FOREVER),
+        NewTopic(names.events, partitions, rf, topic_configs={**KEEP_FOREVER, **isr}),
+        NewTopic(names.commands, partitions, rf, topic_configs={**WEEK, **isr}),
+        NewTopic(names.deadletter, 1, rf, topic_configs={**KEEP_FOREVER, **isr}),
+        NewTopic(names.routing, partitions, rf, topic_configs={**WEEK, **isr}),
+        NewTopic(names.queue_events, partitions, rf, topic_configs={**KEEP_FOREVER, **isr}),
         # The latest list per tenant/category survives compaction; one partition keeps
         # every change in order. Every worker reads it whole (streams.wordlists).
-        NewTopic(names.control, 1, 1, topic_configs=COMPACT),
+        NewTopic(names.control, 1, rf, topic_configs={**COMPACT, **isr}),
         # Configuration (schemas.config): the latest record per entity survives; a
         # month of changes is kept before compaction, so "who changed what" can be read.
         NewTopic(
             names.config,
             1,
-            1,
-            topic_configs={**COMPACT, "min.compaction.lag.ms": str(30 * 86400_000)},
+            rf,
+            topic_configs={**COMPACT, "min.compaction.lag.ms": str(30 * 86400_000), **isr},
         ),
         # Faust's own topics, as Faust would declare them (compacted changelogs with the
         # source topics' partitions): made here so that they exist, with leaders,
         # before any worker subscribes (see schemas.topics).
         *(
-            NewTopic(changelog_topic(settings.app_id, table), partitions, 1, topic_configs=COMPACT)
+            NewTopic(
+                changelog_topic(settings.app_id, table),
+                partitions,
+                rf,
+                topic_configs={**COMPACT, **isr},
+            )
             for table in TABLES
         ),
-        NewTopic(leader_topic(settings.app_id), 1, 1),
+        NewTopic(leader_topic(settings.app_id), 1, rf, topic_configs=isr),
     ]
 
 
@@ -60,7 +70,9 @@ async def ensure_topics(settings: Settings) -> list[str]:
     )
     await admin.start()
     try:
-        topics = wanted(settings)
+        # As many replicas as the cluster allows, up to three (one broker: one).
+        brokers = len((await admin.describe_cluster()).get("brokers") or ()) or 1
+        topics = wanted(settings, min(brokers, 3))
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t.name not in existing]
         if missing:
