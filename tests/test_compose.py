@@ -28,7 +28,18 @@ from kefu.settings import KafkaSettings, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-SERVICES = {"kafka", "redis", "clickhouse", "topics", "projector", "worker", "gateway", "smtp"}
+SERVICES = {
+    "kafka",
+    "kafka-2",
+    "kafka-3",
+    "redis",
+    "clickhouse",
+    "topics",
+    "projector",
+    "worker",
+    "gateway",
+    "smtp",
+}
 KEFU_SERVICES = {"topics", "projector", "worker", "gateway", "smtp"}
 LOOPBACK = "127.0.0.1"
 YAML_TO_JSON = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
@@ -203,7 +214,7 @@ def test_kefu_service_environment_loads_into_settings(
         monkeypatch.setenv(var, value)
     settings = Settings()
     # Everything external: nothing embedded, nothing on the container's loopback.
-    assert settings.kafka.servers == "kafka:9092"
+    assert settings.kafka.servers == "kafka:9092,kafka-2:9092,kafka-3:9092"
     assert settings.redis.dsn.startswith("redis://redis:")
     assert not settings.embedded_clickhouse
     assert settings.tenants
