@@ -59,9 +59,7 @@ class KafkaSettings(_Frozen):
 
     def node_ports(self) -> list[tuple[int, int]]:
         """(broker port, controller port) of each embedded node, node 1 first."""
-        return [
-            (self.port + 2 * n, self.controller_port + 2 * n) for n in range(self.brokers)
-        ]
+        return [(self.port + 2 * n, self.controller_port + 2 * n) for n in range(self.brokers)]
 
     @property
     def replication(self) -> int:
@@ -296,6 +294,11 @@ class SecuritySettings(_Frozen):
     # in <state_dir>/config.key, shared by the processes of one machine. Keep it: the
     # sealed secrets cannot be read without it.
     config_key: SecretStr = SecretStr("")
+    # Keys the audit chain (HMAC per tenant, derived from this) and signs its
+    # checkpoints: someone who can write the events topic but lacks it cannot make a
+    # rewritten history verify. Empty: a random key in <state_dir>/audit.key. Keep it
+    # apart from the Kafka credentials; without it nothing can be verified.
+    audit_key: SecretStr = SecretStr("")
 
 
 class TenantSettings(_Frozen):
