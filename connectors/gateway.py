@@ -20,7 +20,17 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
-from connectors import admin_api, console, dashboard, files_api, rest_api, routing_api, webchat
+from connectors import (
+    accounts,
+    admin_api,
+    admin_config,
+    console,
+    dashboard,
+    files_api,
+    rest_api,
+    routing_api,
+    webchat,
+)
 from connectors.attachments import Quota
 from connectors.auth import AuthConfig, KeyRing
 from connectors.body_limit import BodyLimit
@@ -177,6 +187,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
     app.include_router(files_api.router)
     app.include_router(routing_api.router)
     app.include_router(admin_api.router)
+    # Accounts (sign-in, sessions) and live administration (/admin, /v1/admin/config).
+    app.include_router(accounts.router)
+    app.include_router(admin_config.router)
+    app.include_router(admin_config.pages)
+    app.state.bootstrap = config.bootstrap  # admin_config reads the word-list topic
+    app.state.kafka_options = config.kafka_options
     app.include_router(webchat.router)
     app.include_router(dashboard.router)
     app.include_router(wechat_router)
