@@ -26,7 +26,14 @@ from connectors.attachments import UrlSigner, with_urls
 from connectors.metrics import delivering
 from schemas.keys import outbox_channel
 from schemas.outcomes import DeliveryOutcome as Outcome
-from schemas.records import ConversationQueued, ReplyProduced
+from schemas.records import (
+    ConversationClosed,
+    ConversationQueued,
+    CsatRated,
+    Event,
+    MessageReceived,
+    ReplyProduced,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,16 @@ TENANT_HEADER = "X-Kefu-Tenant"
 class WebhookTarget:
     url: str
     secret: bytes
+
+
+# The frame type of each notice (``streams.delivery.noticed``) on the outbox.
+NOTICE_TYPES = {
+    "ConversationQueued": "queue",
+    "MessageReceived": "received",
+    "ConversationClosed": "closed",
+    "CsatRequested": "csat",
+    "CsatRated": "rated",
+}
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -115,16 +132,23 @@ class ChannelDeliverer:
             return await self._post(target, payload, reply.event_id, reply.tenant_id)
         return Outcome("failed", 0, f"no delivery for channel {reply.channel!r}")
 
-    async def notify(self, event: ConversationQueued) -> None:
+    async def notify(self, event: Event) -> None:
         # Live sockets show it; other channels see it in GET /v1/conversations/{id}.
-        message = json.dumps(
-            {
-                "type": "queue",
-                "conversation_id": event.conversation_id,
-                "position": event.position,
-                "event_id": event.event_id,
-            }
-        )
+        # "type" first: the gateway keeps the newer kinds from sockets of clients that
+        # did not ask for them by this prefix (connectors/webchat.py NOTICE_PREFIXES).
+        frame: dict[str, object] = {"type": NOTICE_TYPES.get(event.type, event.type)}
+        frame["conversation_id"] = event.conversation_id
+        frame["event_id"] = event.event_id
+        frame["at"] = event.occurred_at
+        if isinstance(event, ConversationQueued):
+            frame["position"] = event.position
+        elif isinstance(event, MessageReceived):
+            frame["message_id"] = event.event_id  # the id the ack and the history give it
+        elif isinstance(event, ConversationClosed):
+            frame["reason"] = event.reason
+        elif isinstance(event, CsatRated):
+            frame["rating"] = event.rating
+        message = json.dumps(frame, ensure_ascii=False)
         await self._redis.publish(outbox_channel(event.tenant_id, event.conversation_id), message)
 
     async def _post(

@@ -19,7 +19,16 @@ from typing import Any, Protocol
 
 from schemas.codec import CODEC
 from schemas.outcomes import DeliveryOutcome as Outcome
-from schemas.records import ConversationQueued, Event, RecordDelivery, ReplyProduced
+from schemas.records import (
+    ConversationClosed,
+    ConversationQueued,
+    CsatRated,
+    CsatRequested,
+    Event,
+    MessageReceived,
+    RecordDelivery,
+    ReplyProduced,
+)
 from schemas.time import now_ms
 from streams import telemetry
 from streams.inbox import each_conversation, outlasting, position, send_dead_letter
@@ -32,8 +41,22 @@ STAGE = "delivery"
 class Deliverer(Protocol):
     async def deliver(self, reply: ReplyProduced) -> Outcome: ...
 
-    async def notify(self, event: ConversationQueued) -> None:
-        """Tell a waiting customer their place in line (best effort, no receipt)."""
+    async def notify(self, event: Event) -> None:
+        """Tell the customer's live sockets (best effort, no receipt) one of
+        ``noticed``: their place in line, that their message is listed, that the
+        conversation closed, that a rating is asked for or was recorded."""
+
+
+# Notices for the web chat's live sockets. A chat message's MessageReceived is
+# delivered after its batch was projected (``event_reader.apply``), so its notice
+# honestly says "the read model lists it: agents and the AI see it".
+NOTICES = (ConversationQueued, ConversationClosed, CsatRequested, CsatRated)
+
+
+def noticed(event: Event) -> bool:
+    if isinstance(event, MessageReceived):
+        return event.channel == "web"  # only the web chat shows delivered marks
+    return isinstance(event, NOTICES)
 
 
 def delivery_command_id(reply_event_id: str) -> str:
@@ -72,28 +95,28 @@ async def deliver_batch(
     bound their calls (timeouts, retries), so a slow one holds a batch for a bounded
     time; Redis down (the web chat's outbox) is waited out for up to
     ``TRANSIENT_BUDGET_S`` before the reply is dead-lettered."""
-    wanted = [(m, e) for m, e in items if isinstance(e, ReplyProduced | ConversationQueued)]
+    wanted = [(m, e) for m, e in items if isinstance(e, ReplyProduced) or noticed(e)]
     receipts: list[Receipt] = []
 
     async def handle(message: Any, event: Event) -> None:
         with telemetry.hop(STAGE, message, event):
-            if isinstance(event, ConversationQueued):
-                await _notify(deliverer, event)
-            elif isinstance(event, ReplyProduced):
+            if isinstance(event, ReplyProduced):
                 receipt = await _deliver(deliverer, message, event, deadletter)
                 if receipt is not None:  # the hop's trace goes on with the receipt
                     receipts.append(Receipt(message, receipt, telemetry.carried()))
+            else:
+                await _notify(deliverer, event)
 
     if wanted:
         await each_conversation(wanted, handle, concurrency)
     return receipts
 
 
-async def _notify(deliverer: Deliverer, event: ConversationQueued) -> None:
+async def _notify(deliverer: Deliverer, event: Event) -> None:
     try:
         await deliverer.notify(event)
-    except Exception:  # best effort: the position is in the read model too
-        log.warning("queue notice for %s failed", event.conversation_id, exc_info=True)
+    except Exception:  # best effort: what it says is in the read model too
+        log.warning("%s notice for %s failed", event.type, event.conversation_id, exc_info=True)
 
 
 async def _deliver(
