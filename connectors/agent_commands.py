@@ -1,4 +1,4 @@
-"""The commands a human agent issues (presence, reply, handoff, close), built in one
+"""The commands a human agent issues (presence, reply, note, handoff, close), built in one
 place so the REST routing API and the console's WebSocket publish the same records
 with the same id derivations."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from schemas.records import CloseConversation, HandOff, RecordReply, SetAgentPresence
+from schemas.records import AddNote, CloseConversation, HandOff, RecordReply, SetAgentPresence
 from schemas.time import now_ms
 
 
@@ -45,6 +45,21 @@ def reply_command(
         author=agent_id,
         responder="agent",
         confidence=1.0,
+    )
+
+
+def note_command(
+    tenant: str, conversation_id: str, agent_id: str, text: str, note_id: str | None
+) -> AddNote:
+    # As a reply's: the id derives from the agent's own note id, so a resend is dropped.
+    note_id = note_id or str(uuid.uuid4())
+    return AddNote(
+        command_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{tenant}/{agent_id}/note/{note_id}")),
+        conversation_id=conversation_id,
+        tenant_id=tenant,
+        issued_at=now_ms(),
+        author=agent_id,
+        text=text,
     )
 
 

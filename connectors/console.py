@@ -1,8 +1,15 @@
 """The human-agent console: the ``/console`` page and its WebSocket ``/v1/console/ws``.
 
-The first frame logs in: ``{"type": "login", "tenant", "agent", "token"}`` (the token
-never travels in the URL, so it stays out of access logs); a bad one closes the socket
-with 4401. Then, client → server::
+The first frame logs in, one of two ways (a bad one closes the socket with 4401):
+
+- ``{"type": "login", "tenant", "agent", "token"}``: the agent's token (integrations,
+  and agents configured with one). It never travels in the URL, so it stays out of
+  access logs.
+- ``{"type": "login"}``: the ``kefu_session`` cookie the handshake carried (signed in
+  with email and password, ``connectors.accounts``). Only from the gateway's own
+  origin: a site a tenant lists for its widget must not ride an agent's session.
+
+Then, client → server::
 
     {"type": "presence", "presence": "online" | "away" | "offline"}
     {"type": "open", "conversation_id"}            history + state, kept live
@@ -10,26 +17,36 @@ with 4401. Then, client → server::
                                      id: a resend is not a duplicate; attachments: the
                                      ids ``POST /v1/console/uploads`` answered (text
                                      may then be empty)
+    {"type": "note", "conversation_id", "text", "id"}  an internal note (any agent of
+                                     the tenant; never sent to the customer)
     {"type": "transfer", "conversation_id", "team", "agent", "reason"}  team and/or agent
     {"type": "handback", "conversation_id"}         to the AI
     {"type": "close", "conversation_id", "reason"}
     {"type": "typing", "conversation_id"}           shown to the customer
+    {"type": "search", "query", "id"}               the tenant's conversations (ClickHouse)
+    {"type": "profile", "conversation_id"}          its customer and their past conversations
 
-and server → client: ``welcome``, ``snapshot`` (presence, assigned and queued
-conversations, sent when it changes), ``conversation`` (the open one's state and recent
-messages, sent when its seq moves), ``typing`` (the customer), ``ack`` (the command is
-durable in Kafka) and ``error`` (bad frame; the socket stays open).
+and server → client: ``welcome`` (who, and the tenant's canned responses), ``snapshot``
+(presence, assigned and queued conversations, sent when it changes), ``conversation``
+(the open one's state and recent messages, notes included, sent when its seq moves),
+``canned`` (the canned responses again when an admin changed them), ``typing`` (the
+customer), ``search`` and ``profile`` (answers), ``ack`` (the command is durable in
+Kafka) and ``error`` (bad frame; the socket stays open).
 
 Live state comes from the Redis read model (``schemas.keys``), polled about once a
 second per socket; the outbox channels of the agent's conversations add the customer's
 typing and make a reply show at once. Commands are the ones the REST routing API
 publishes (``connectors.agent_commands``). An agent acts only on conversations assigned
-to them; the pipeline checks the same again.
+to them (a note: on any of their tenant's); the pipeline checks the same again. Search
+and profiles read ClickHouse through the gateway's analytics (``app.state.dashboard``'s
+``select``), with every value a bound query parameter and the tenant always the
+agent's own.
 
 ``POST /v1/console/uploads`` (multipart: ``tenant``, ``agent``, ``conversation_id``,
-``file``; the agent's token as ``Authorization: Bearer``, never in the URL): a file for
-the agent's next reply on a conversation assigned to them, checked and stored like the
-customer's (``connectors.uploads.store_upload``) under the conversation's channel limit.
+``file``; the agent's token as ``Authorization: Bearer``, never in the URL, or the
+session cookie with its CSRF token in ``X-CSRF-Token``): a file for the agent's next
+reply on a conversation assigned to them, checked and stored like the customer's
+(``connectors.uploads.store_upload``) under the conversation's channel limit.
 Messages the console shows carry their attachments with signed links.
 """
 
@@ -63,9 +80,11 @@ from fastapi import (
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from connectors.accounts import COOKIE, CSRF_HEADER, Session, csrf_ok, session_of
 from connectors.agent_commands import (
     close_command,
     handoff_command,
+    note_command,
     presence_command,
     reply_command,
 )
@@ -78,6 +97,8 @@ from connectors.uploads import (
     shown_messages,
     store_upload,
 )
+from connectors.webchat import profile_key
+from schemas.config import ConfigState
 from schemas.keys import (
     agents_key,
     assignee_key,
@@ -109,7 +130,93 @@ SUMMARY_FIELDS = (
     "moderation",
     "sla_breached",
     "seq",
+    "messages",
+    "created_at",
+    "updated_at",
 )
+SEARCH_LIMIT = 50
+HISTORY_LIMIT = 50
+# The tenant's conversations whose moderated messages (what agents may read: masked,
+# blocked ones left out), notes, customer id or conversation id contain the query.
+# Every value is a bound parameter ({name:Type}); only {database} is filled in here.
+SEARCH_SQL = """
+SELECT
+    conversation_id,
+    anyIf(channel, type = 'MessageReceived') AS channel,
+    anyIf(JSONExtractString(payload, 'customer_id'), type = 'MessageReceived') AS customer_id,
+    toUnixTimestamp64Milli(max(occurred_at)) AS last_at,
+    countIf(matched) AS hits,
+    argMaxIf(text, seq, matched) AS snippet,
+    argMaxIf(type, seq, matched) AS snippet_type
+FROM
+(
+    SELECT
+        conversation_id, channel, type, seq, occurred_at, payload,
+        JSONExtractString(payload, 'text') AS text,
+        type IN ('MessageModerated', 'NoteAdded')
+            AND JSONExtractString(payload, 'verdict') != 'block'
+            AND positionCaseInsensitiveUTF8(text, {q:String}) > 0 AS matched
+    FROM {database}.events
+    WHERE tenant_id = {tenant:String}
+)
+GROUP BY conversation_id
+HAVING hits > 0
+    OR positionCaseInsensitiveUTF8(customer_id, {q:String}) > 0
+    OR conversation_id = {q:String}
+ORDER BY last_at DESC
+LIMIT {limit:UInt32}
+"""
+# A customer's conversations in the tenant (on any channel), one row per session: a
+# conversation id is one customer on one channel and reopens after a close, so a
+# session starts at the first message after a close (events after the close, such as
+# the rating, stay with the session they close).
+PROFILE_SQL = """
+SELECT
+    conversation_id,
+    session,
+    anyIf(channel, type = 'MessageReceived') AS channel,
+    toUnixTimestamp64Milli(min(occurred_at)) AS started_at,
+    countIf(type = 'ConversationClosed') > 0 AS closed,
+    toUnixTimestamp64Milli(maxIf(occurred_at, type = 'ConversationClosed')) AS closed_at,
+    argMaxIf(JSONExtractString(payload, 'reason'), seq, type = 'ConversationClosed')
+        AS closed_reason,
+    countIf(type = 'MessageReceived') AS messages,
+    argMinIf(JSONExtractString(payload, 'text'), seq,
+             type = 'MessageModerated' AND JSONExtractString(payload, 'direction') = 'in'
+             AND JSONExtractString(payload, 'verdict') != 'block') AS first_message,
+    arrayStringConcat(arrayDistinct(groupArrayIf(JSONExtractString(payload, 'author'),
+        type = 'ReplyProduced' AND JSONExtractString(payload, 'author') NOT IN ('ai', 'system'))),
+        ', ') AS agents,
+    maxIf(JSONExtractInt(payload, 'rating'), type = 'CsatRated') AS rating
+FROM
+(
+    SELECT
+        *,
+        max(if(type = 'MessageReceived', closes_before, 0)) OVER (
+            PARTITION BY conversation_id ORDER BY seq
+            ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
+        ) AS session
+    FROM
+    (
+        SELECT
+            conversation_id, channel, type, seq, occurred_at, payload,
+            sum(type = 'ConversationClosed') OVER (
+                PARTITION BY conversation_id ORDER BY seq
+                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING
+            ) AS closes_before
+        FROM {database}.events FINAL
+        WHERE tenant_id = {tenant:String}
+          AND conversation_id IN (
+            SELECT DISTINCT conversation_id FROM {database}.events
+            WHERE tenant_id = {tenant:String} AND type = 'MessageReceived'
+              AND JSONExtractString(payload, 'customer_id') = {customer:String}
+          )
+    )
+)
+GROUP BY conversation_id, session
+ORDER BY started_at DESC
+LIMIT {limit:UInt32}
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +238,30 @@ _NO_HASH = "0" * 64
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def live_account(
+    config: ConfigState | None, tenant: str, agent: str, base: AgentAccount | None
+) -> AgentAccount | None:
+    """How routing sees the agent now: the live configuration's entity (team, skills,
+    capacity, name, as /admin last set them) over the token directory's entry. None
+    when the configuration disables the agent, or knows them nowhere."""
+    data = config.get(tenant, "agent", agent) if config is not None else None
+    if data is None:
+        return base
+    if data.get("disabled"):
+        return None
+    base = base or AgentAccount(token_sha256="")
+    teams = [str(t) for t in data.get("teams") or () if t]
+    skills = data.get("skills")
+    capacity = data.get("capacity")
+    return AgentAccount(
+        token_sha256=base.token_sha256,
+        team=teams[0] if teams else base.team,
+        skills=tuple(str(x) for x in skills) if isinstance(skills, list) else base.skills,
+        capacity=capacity if isinstance(capacity, int) and capacity > 0 else base.capacity,
+        name=str(data.get("name") or base.name),
+    )
 
 
 def authenticate(
@@ -159,6 +290,12 @@ class Login(_Frame):
     tenant: str = Field(min_length=1, max_length=64)
     agent: str = Field(min_length=1, max_length=64)
     token: str = Field(min_length=1, max_length=256)
+
+
+class SessionLogin(_Frame):
+    """Log in with the session cookie the handshake carried."""
+
+    type: Literal["login"]
 
 
 class Presence(_Frame):
@@ -220,7 +357,37 @@ class Typing(_Frame):
     conversation_id: ConversationId
 
 
-AnyFrame = Presence | Open | Reply | Transfer | HandBack | Close | Typing
+class Note(_Frame):
+    type: Literal["note"]
+    conversation_id: ConversationId
+    text: str = Field(max_length=8000)
+    id: str | None = Field(default=None, max_length=128, pattern=_ID)
+
+    @model_validator(mode="after")
+    def _something(self) -> Note:
+        if not self.text.strip():
+            raise ValueError("a note needs text")
+        return self
+
+
+class Search(_Frame):
+    type: Literal["search"]
+    query: str = Field(max_length=200)
+    id: str | None = Field(default=None, max_length=128, pattern=_ID)
+
+    @model_validator(mode="after")
+    def _something(self) -> Search:
+        if len(self.query.strip()) < 2:
+            raise ValueError("search for at least two characters")
+        return self
+
+
+class Profile(_Frame):
+    type: Literal["profile"]
+    conversation_id: ConversationId
+
+
+AnyFrame = Presence | Open | Reply | Note | Transfer | HandBack | Close | Typing | Search | Profile
 _FRAMES: TypeAdapter[AnyFrame] = TypeAdapter(Annotated[AnyFrame, Field(discriminator="type")])
 
 
@@ -256,14 +423,28 @@ async def console_upload(
     conversation_id: Annotated[str, Form(min_length=1, max_length=128, pattern=_ID)],
     file: Annotated[UploadFile, File()],
     authorization: Annotated[str, Header()] = "",
+    x_csrf_token: Annotated[str, Header(alias=CSRF_HEADER)] = "",
 ) -> dict[str, Any]:
     """A file for the agent's next reply (its id goes in the reply frame's
-    ``attachments``): the agent's token as ``Authorization: Bearer``, and the
-    conversation must be assigned to them (404 if their tenant has no such one)."""
+    ``attachments``): the agent's token as ``Authorization: Bearer`` (or their session
+    cookie, with its CSRF token in ``X-CSRF-Token``), and the conversation must be
+    assigned to them (404 if their tenant has no such one)."""
     directory: AgentDirectory = getattr(request.app.state, "agents", None) or {}
+    config: ConfigState | None = getattr(request.app.state, "config", None)
     scheme, _, token = authorization.partition(" ")
     presented = token.strip() if scheme.lower() == "bearer" else ""
-    account = authenticate(directory, tenant, agent, presented)
+    account: AgentAccount | None = None
+    if presented:
+        account = authenticate(directory, tenant, agent, presented)
+        account = live_account(config, tenant, agent, account) if account else None
+    else:
+        session = await session_of(request.app, request.cookies.get(COOKIE))
+        if session is not None and (session.tenant, session.agent) == (tenant, agent):
+            # The cookie goes with any request to this origin: the token proves the
+            # request comes from the console's own script.
+            if not csrf_ok(session, x_csrf_token):
+                raise HTTPException(status.HTTP_403_FORBIDDEN, f"missing or wrong {CSRF_HEADER}")
+            account = live_account(config, tenant, agent, directory.get(tenant, {}).get(agent))
     limiter: RateLimiter | None = getattr(request.app.state, "limiter", None)
     if account is None:
         if limiter is not None:  # guessing tokens costs the caller's IP bucket
@@ -285,30 +466,59 @@ async def console_upload(
     return await store_upload(request, tenant, conversation_id, channel, file)
 
 
+_LOGINS: TypeAdapter[Login | SessionLogin] = TypeAdapter(Login | SessionLogin)
+
+
+def _same_origin(headers: Mapping[str, str]) -> bool:
+    """The handshake comes from a page of this gateway (or from no browser at all)."""
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    netloc = origin.strip().lower().rstrip("/").partition("://")[2]
+    return bool(netloc) and netloc == (headers.get("host") or "").strip().lower()
+
+
 @router.websocket("/v1/console/ws")
 async def console_socket(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
         raw = await asyncio.wait_for(websocket.receive_text(), LOGIN_SECONDS)
-        login = Login.model_validate_json(raw)
+        login = _LOGINS.validate_json(raw)
     except WebSocketDisconnect:
         return
     except (TimeoutError, ValueError):
         await websocket.close(code=4400, reason="first frame must be a login")
         return
-    directory: AgentDirectory = getattr(websocket.app.state, "agents", None) or {}
-    account = authenticate(directory, login.tenant, login.agent, login.token)
-    limiter: RateLimiter | None = getattr(websocket.app.state, "limiter", None)
+    app = websocket.app
+    directory: AgentDirectory = getattr(app.state, "agents", None) or {}
+    config: ConfigState | None = getattr(app.state, "config", None)
+    limiter: RateLimiter | None = getattr(app.state, "limiter", None)
+    signed_in: Session | None = None
+    account: AgentAccount | None = None
+    guessed = True  # a wrong token or cookie costs the caller's IP bucket
+    if isinstance(login, Login):
+        tenant, agent = login.tenant, login.agent
+        account = authenticate(directory, tenant, agent, login.token)
+        account = live_account(config, tenant, agent, account) if account else None
+        origin_ok = websocket_origin_ok(app, websocket.headers, tenant)
+    else:
+        cookie = websocket.cookies.get(COOKIE)
+        guessed = cookie is not None  # no cookie: the page just asks whether it has one
+        signed_in = await session_of(app, cookie)
+        tenant, agent = (signed_in.tenant, signed_in.agent) if signed_in else ("", "")
+        if signed_in is not None:
+            account = live_account(config, tenant, agent, directory.get(tenant, {}).get(agent))
+        origin_ok = _same_origin(websocket.headers)
     if account is None:
-        if limiter is not None:  # guessing tokens costs the caller's IP bucket
+        if limiter is not None and guessed:
             ip = websocket.client.host if websocket.client else "unknown"
             await limiter.check(None, f"ip:{ip}")
         await websocket.close(code=4401, reason="unknown tenant, agent or token")
         return
-    if not websocket_origin_ok(websocket.app, websocket.headers, login.tenant):
+    if not origin_ok:
         await websocket.close(code=4403, reason="origin not allowed")
         return
-    session = ConsoleSession(websocket, login.tenant, login.agent, account)
+    session = ConsoleSession(websocket, tenant, agent, account, signed_in)
     await session.run()
 
 
@@ -328,13 +538,22 @@ def _sessions(websocket: WebSocket) -> Counter[tuple[str, str]]:
 
 class ConsoleSession:
     def __init__(
-        self, websocket: WebSocket, tenant: str, agent: str, account: AgentAccount
+        self,
+        websocket: WebSocket,
+        tenant: str,
+        agent: str,
+        account: AgentAccount,
+        signed_in: Session | None = None,
     ) -> None:
         self.websocket = websocket
         self.tenant = tenant
         self.agent = agent
         self.account = account
+        self.signed_in = signed_in  # the accounts session, when the cookie logged in
         self.services = websocket.app.state.services
+        self.config: ConfigState | None = getattr(websocket.app.state, "config", None)
+        self.last_canned: list[dict[str, Any]] = []
+        self._jobs: set[asyncio.Task[None]] = set()  # searches and profiles under way
         self.redis = self.services.redis
         self.presence_set: str | None = None  # what this socket last published
         self.open_id: str | None = None
@@ -357,17 +576,26 @@ class ConsoleSession:
         sessions = _sessions(self.websocket)
         sessions[key] += 1
         log.info("console login tenant=%s agent=%s", self.tenant, self.agent)
-        await self.send(
-            {
-                "type": "welcome",
-                "tenant": self.tenant,
-                "agent": self.agent,
-                "name": self.account.name or self.agent,
-                "team": self.account.team,
-                "skills": list(self.account.skills),
-                "capacity": self.account.capacity,
-            }
-        )
+        self.last_canned = self._canned()
+        profile = (self.config.get(self.tenant, "agent", self.agent) if self.config else None) or {}
+        welcome: dict[str, Any] = {
+            "type": "welcome",
+            "tenant": self.tenant,
+            "agent": self.agent,
+            "name": self.account.name or self.agent,
+            "avatar": str(profile.get("avatar") or ""),
+            "team": self.account.team,
+            "skills": list(self.account.skills),
+            "capacity": self.account.capacity,
+            "canned": self.last_canned,
+            "via": "session" if self.signed_in else "token",
+        }
+        if self.signed_in is not None:
+            # For the uploads the page makes with the cookie (this socket is the
+            # same-origin page's own: the token goes to nobody else).
+            welcome["role"] = self.signed_in.role
+            welcome["csrf"] = self.signed_in.csrf
+        await self.send(welcome)
         pubsub = self.redis.pubsub()
         tasks = [
             asyncio.create_task(self._receive()),
@@ -387,6 +615,7 @@ class ConsoleSession:
                 with contextlib.suppress(Exception):
                     await self.websocket.close(code=1011, reason="try again")
         finally:
+            tasks.extend(self._jobs)
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -444,15 +673,50 @@ class ConsoleSession:
                 )
             self._wake.set()
             return
-        # Everything else acts on a conversation: it must be this agent's.
+        if isinstance(frame, Search | Profile):
+            # ClickHouse may take a while: answered by a task, so replies never wait.
+            job = asyncio.create_task(
+                self._search(frame) if isinstance(frame, Search) else self._profile(frame)
+            )
+            self._jobs.add(job)
+            job.add_done_callback(self._jobs.discard)
+            return
+        # Everything else acts on a conversation of the agent's tenant; all but a note
+        # on one assigned to them.
         state = await self._summary(frame.conversation_id)
-        if state is None or state.get("assignee") != self.agent:
+        if isinstance(frame, Note):
+            if state is None:
+                await self.send(
+                    {
+                        "type": "error",
+                        "conversation_id": frame.conversation_id,
+                        "reason": "no such conversation",
+                        **({"id": frame.id} if frame.id else {}),
+                    }
+                )
+                return
+        elif state is None or state.get("assignee") != self.agent:
             await self.send(
                 {
                     "type": "error",
                     "conversation_id": frame.conversation_id,
                     "reason": "that conversation is not assigned to you",
                     **({"id": frame.id} if isinstance(frame, Reply) and frame.id else {}),
+                }
+            )
+            return
+        if isinstance(frame, Note):
+            note = note_command(
+                self.tenant, frame.conversation_id, self.agent, frame.text, frame.id
+            )
+            await publisher.publish(note)
+            await self.send(
+                {
+                    "type": "ack",
+                    "command": "note",
+                    "command_id": note.command_id,
+                    "conversation_id": frame.conversation_id,
+                    **({"id": frame.id} if frame.id else {}),
                 }
             )
             return
@@ -580,6 +844,10 @@ class ConsoleSession:
         if snapshot != self.last_snapshot:
             self.last_snapshot = snapshot
             await self.send(snapshot)
+        canned = self._canned()
+        if canned != self.last_canned:  # an administrator changed them: live
+            self.last_canned = canned
+            await self.send({"type": "canned", "canned": canned})
         if self.open_id:
             await self._send_conversation()
         wanted = {outbox_channel(self.tenant, c): c for c in assigned_ids}
@@ -628,7 +896,126 @@ class ConsoleSession:
                 "type": "conversation",
                 "conversation_id": conversation_id,
                 "state": state,
-                "messages": shown_messages(raw, self.websocket.app.state),
+                "messages": shown_messages(raw, self.websocket.app.state, notes=True),
             }
         )
         return True
+
+    # --- canned responses, search, profiles ----------------------------------------
+
+    def _canned(self) -> list[dict[str, Any]]:
+        """The tenant's canned responses as the config topic holds them now."""
+        if self.config is None:
+            return []
+        return [
+            {
+                "id": str(c.get("id", "")),
+                "title": str(c.get("title") or ""),
+                "shortcut": str(c.get("shortcut") or ""),
+                "text": str(c.get("text") or ""),
+            }
+            for c in self.config.canned(self.tenant)
+            if c.get("text")
+        ]
+
+    async def _select(self, sql: str, parameters: dict[str, str]) -> list[dict[str, Any]] | None:
+        """Rows of a ClickHouse query as dicts; None when this gateway has no analytics."""
+        data = getattr(self.websocket.app.state, "dashboard", None)
+        select = getattr(data, "select", None)
+        if select is None:
+            return None
+        columns, rows = await asyncio.to_thread(select, sql, parameters)
+        return [dict(zip(columns, row, strict=True)) for row in rows]
+
+    async def _search(self, frame: Search) -> None:
+        query = frame.query.strip()
+        answer: dict[str, Any] = {"type": "search", "query": frame.query}
+        if frame.id:
+            answer["id"] = frame.id
+        try:
+            rows = await self._select(
+                SEARCH_SQL, {"tenant": self.tenant, "q": query, "limit": str(SEARCH_LIMIT)}
+            )
+        except Exception as exc:  # the store's trouble: say so, keep the socket
+            log.warning("console search failed tenant=%s: %r", self.tenant, exc)
+            rows = None
+        if rows is None:
+            await self.send({**answer, "type": "error", "reason": "search is not available"})
+            return
+        # Where each one is now (status, assignee) from the live read model.
+        live = await self._summaries([str(r["conversation_id"]) for r in rows])
+        answer["results"] = [
+            {
+                "conversation_id": r["conversation_id"],
+                "channel": r["channel"] or live.get(r["conversation_id"], {}).get("channel", ""),
+                "customer_id": r["customer_id"],
+                "last_at": r["last_at"],
+                "hits": r["hits"],
+                "snippet": str(r["snippet"] or "")[:200],
+                "note": r["snippet_type"] == "NoteAdded",
+                "status": live.get(r["conversation_id"], {}).get("status", ""),
+                "assignee": live.get(r["conversation_id"], {}).get("assignee", ""),
+            }
+            for r in rows
+        ]
+        await self.send(answer)
+
+    async def _profile(self, frame: Profile) -> None:
+        conversation_id = frame.conversation_id
+        state = await self._summary(conversation_id)
+        if state is None:
+            await self.send(
+                {
+                    "type": "error",
+                    "conversation_id": conversation_id,
+                    "reason": "no such conversation",
+                }
+            )
+            return
+        customer = state.get("customer_id", "")
+        told = await self.redis.hmget(profile_key(self.tenant, conversation_id), "name", "email")
+        name, email = (_text(v) if v is not None else "" for v in told)
+        answer: dict[str, Any] = {
+            "type": "profile",
+            "conversation_id": conversation_id,
+            "customer_id": customer,
+            "channel": state.get("channel", ""),
+            "name": name,
+            "email": email,
+            # This conversation's own first event until the analytics say otherwise.
+            "first_seen": int(state.get("created_at") or 0),
+            "conversations": 1,
+            "history": [],
+            "analytics": True,
+        }
+        try:
+            rows = await self._select(
+                PROFILE_SQL,
+                {"tenant": self.tenant, "customer": customer, "limit": str(HISTORY_LIMIT)},
+            )
+        except Exception as exc:
+            log.warning("console profile failed tenant=%s: %r", self.tenant, exc)
+            rows = None
+        if rows is None:
+            answer["analytics"] = False
+        elif rows:
+            answer["history"] = [
+                {
+                    "conversation_id": r["conversation_id"],
+                    "session": r["session"],
+                    "channel": r["channel"],
+                    "started_at": r["started_at"],
+                    "closed": bool(r["closed"]),
+                    "closed_at": r["closed_at"] if r["closed"] else None,
+                    "closed_reason": r["closed_reason"],
+                    "messages": r["messages"],
+                    "first_message": str(r["first_message"] or "")[:200],
+                    "agents": r["agents"],
+                    "rating": r["rating"] or None,
+                    "current": r["conversation_id"] == conversation_id and not r["closed"],
+                }
+                for r in rows
+            ]
+            answer["conversations"] = len(rows)
+            answer["first_seen"] = min(int(r["started_at"]) for r in rows)
+        await self.send(answer)

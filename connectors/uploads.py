@@ -126,12 +126,16 @@ async def claim_uploads(
         raise HTTPException(status.HTTP_400_BAD_REQUEST, exc.reason) from exc
 
 
-def shown_messages(stored: list[bytes], state: Any) -> list[dict[str, Any]]:
-    """The Redis list's messages as a reader gets them: attachments with signed links."""
+def shown_messages(stored: list[bytes], state: Any, notes: bool = False) -> list[dict[str, Any]]:
+    """The Redis list's messages as a reader gets them: attachments with signed links.
+    Agents' internal notes (role "note") only where ``notes`` (the agent console): by
+    default, so a customer-facing reader never shows one."""
     files = getattr(state, "files", None)
     out = []
     for raw in stored:
         message = json.loads(raw)
+        if message.get("role") == "note" and not notes:
+            continue
         if files is not None and message.get("attachments"):
             message["attachments"] = with_urls(message["attachments"], files.signer, absolute=True)
         out.append(message)

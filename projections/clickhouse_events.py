@@ -229,10 +229,15 @@ class ClickHouseStore:
     async def command(self, sql: str) -> None:
         await self._run(lambda: self._connect().command(sql))
 
-    async def query(self, sql: str, readonly: bool = True) -> tuple[list[str], list[list[Any]]]:
+    async def query(
+        self, sql: str, readonly: bool = True, parameters: Mapping[str, Any] | None = None
+    ) -> tuple[list[str], list[list[Any]]]:
+        """``parameters`` fill the SQL's ``{name:Type}`` placeholders server-side (the
+        engine binds them: values never become SQL text)."""
+
         def query() -> tuple[list[str], list[list[Any]]]:
             settings = {"readonly": 1} if readonly else {}
-            result = self._connect().query(sql, settings=settings)
+            result = self._connect().query(sql, parameters=parameters, settings=settings)
             return list(result.column_names), [list(r) for r in result.result_rows]
 
         result: tuple[list[str], list[list[Any]]] = await self._run(query)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +49,14 @@ def query_app(store: ClickHouseStore) -> Starlette:
         sql = (await request.body()).decode("utf-8", "replace").strip()
         if not sql or len(sql) > MAX_SQL:
             return JSONResponse({"error": f"send 1-{MAX_SQL} bytes of SQL"}, status_code=400)
+        # Query parameters as ClickHouse's own HTTP interface takes them: param_<name>.
+        parameters = {
+            k.removeprefix("param_"): v
+            for k, v in request.query_params.items()
+            if k.startswith("param_")
+        }
         try:
-            columns, rows = await store.query(sql, readonly=True)
+            columns, rows = await store.query(sql, readonly=True, parameters=parameters or None)
         except Exception as exc:  # ClickHouse's own message is the useful answer
             return JSONResponse({"error": str(exc).strip()[:2000]}, status_code=400)
         return JSONResponse({"columns": columns, "rows": _jsonable(rows)})
@@ -105,16 +112,21 @@ class AnalyticsClient:
         self._url = url
         self._timeout = timeout
 
-    def query(self, sql: str) -> QueryResult:
+    def query(self, sql: str, parameters: Mapping[str, str] | None = None) -> QueryResult:
+        """``parameters`` fill ``{name:Type}`` placeholders, bound by ClickHouse itself
+        (so a reader's input is never spliced into SQL text)."""
         if self._embedded:
-            response = httpx.post(self._endpoint, content=sql.encode(), timeout=self._timeout)
+            params = {f"param_{k}": v for k, v in (parameters or {}).items()}
+            response = httpx.post(
+                self._endpoint, content=sql.encode(), params=params, timeout=self._timeout
+            )
             body = response.json()
             if response.status_code != 200:
                 raise QueryError(body.get("error", response.text))
             return QueryResult(body["columns"], body["rows"])
         client = clickhouse_connect.get_client(dsn=self._url)
         try:
-            result = client.query(sql, settings={"readonly": 1})
+            result = client.query(sql, parameters=dict(parameters or {}), settings={"readonly": 1})
         except Exception as exc:
             raise QueryError(str(exc)) from exc
         finally:

@@ -288,7 +288,8 @@ class ReportRunner:
     """Runs named reports through any ``sql -> result`` function: the CLI's and the
     gateway's (the dashboard) are both this, over ``AnalyticsClient.query``."""
 
-    def __init__(self, query: Callable[[str], QueryResultLike], database: str) -> None:
+    def __init__(self, query: Callable[..., QueryResultLike], database: str) -> None:
+        # ``query(sql)`` for reports, ``query(sql, parameters)`` for ``select``.
         self._query = query
         self._database = database
 
@@ -299,6 +300,13 @@ class ReportRunner:
         self, name: str, tenant: str, since_ms: int, until_ms: int
     ) -> tuple[list[str], list[list[Any]]]:
         result = self._query(render(name, self._database, tenant, since_ms, until_ms))
+        return result.columns, result.rows
+
+    def select(self, sql: str, parameters: Mapping[str, str]) -> tuple[list[str], list[list[Any]]]:
+        """A read-only query of another reader (the agent console's search and customer
+        profile): ``{database}`` is this runner's; every value is a ``{name:Type}``
+        placeholder in ``parameters``, bound by ClickHouse, never spliced into the SQL."""
+        result = self._query(sql.replace("{database}", self._database), parameters)
         return result.columns, result.rows
 
 

@@ -413,6 +413,23 @@ def _csat(event: Event) -> Change:
     return Change(set={"csat": str(_get(event, "rating"))})
 
 
+@on("NoteAdded")
+def _note(event: Event) -> Change:
+    # In the message list with its own role, which every customer-facing reader drops
+    # (connectors.uploads.shown_messages); no preview, unread or reply field moves, so
+    # the conversation list and the customer's state look as if it were not there.
+    author = str(_get(event, "author"))
+    return Change(
+        message={
+            "id": event.event_id,
+            "role": "note",
+            "author": author,
+            "text": str(_get(event, "text")),
+            "at": event.occurred_at,
+        }
+    )
+
+
 # --- the sink ------------------------------------------------------------------------
 
 

@@ -180,6 +180,14 @@ class CloseConversation(Command):
     closed_by: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AddNote(Command):
+    """An agent's internal note: for the team only, never sent to the customer."""
+
+    author: str
+    text: str
+
+
 # --- events ----------------------------------------------------------------------
 
 
@@ -260,6 +268,16 @@ class MessageDelivered(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class NoteAdded(Event):
+    """An internal note on the log (audited, replayed), which no channel delivers:
+    delivery reads ``ReplyProduced`` only, and customers' views drop ``note`` entries."""
+
+    author: str
+    text: str
+    command_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ConversationClosed(Event):
     SCHEMA_VERSION: ClassVar[int] = 2
     reason: str
@@ -310,6 +328,19 @@ class ConfigChanged(Record):
     changed_at: int
     changed_by: str
     deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditCheckpoint(Record):
+    """A conversation's keyed chain head at ``seq``, signed with the tenant's audit key
+    (``projections/audit_keyed.py``), on the checkpoints topic keyed by conversation."""
+
+    tenant_id: str
+    conversation_id: str
+    seq: int
+    head: str
+    checkpointed_at: int
+    signature: str
 
 
 # --- routing: conversation commands and events -----------------------------------
@@ -518,6 +549,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     HandOff,
     RateConversation,
     FlagSlaBreach,
+    AddNote,
 )
 EVENT_TYPES: tuple[type[Event], ...] = (
     MessageReceived,
@@ -533,6 +565,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SlaBreached,
     CsatRequested,
     CsatRated,
+    NoteAdded,
 )
 ROUTING_COMMAND_TYPES: tuple[type[RoutingCommand], ...] = (
     SetAgentPresence,
@@ -555,6 +588,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         DeadLetter,
         WordListChanged,
         ConfigChanged,
+        AuditCheckpoint,
         Commit,
     )
 }

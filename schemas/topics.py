@@ -39,6 +39,11 @@ class TopicNames:
         return f"{self.prefix}.control.wordlists"
 
     @property
+    def audit_checkpoints(self) -> str:
+        """Signed heads of conversations' keyed audit chains, kept forever."""
+        return f"{self.prefix}.audit-checkpoints"
+
+    @property
     def config(self) -> str:
         """Tenants' configuration (schemas.config), compacted, keyed
         tenant/kind/entity: every process reads all of it, from the beginning."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.records import (
+    AddNote,
     AssignConversation,
     Attachment,
     CloseConversation,
@@ -33,6 +34,7 @@ from schemas.records import (
     MessageDelivered,
     MessageModerated,
     MessageReceived,
+    NoteAdded,
     QueueConversation,
     RateConversation,
     ReceiveMessage,
@@ -201,6 +203,10 @@ def evolve(state: Conversation, event: Event) -> Conversation:
                 base,
                 undelivered=tuple(r for r in state.undelivered if r != event.reply_event_id),
             )
+        case NoteAdded():
+            # For the team only: no activity with the customer (idle and SLA clocks
+            # stay as they were); the command id is remembered so a resend is dropped.
+            return _replace(state, base, applied=_remember(state.applied, event.command_id))
         case ConversationClosed():
             return _replace(
                 state,
@@ -321,6 +327,16 @@ def decide(state: Conversation, command: Command, policy: Policy) -> list[Event]
                     comment=command.comment[:2000],
                     assignee=state.last_agent,
                 )
+        case AddNote():
+            _require_known(state)
+            # Any agent of the conversation's tenant (the tenant check above) may add
+            # one, in any status: a note after close ("call back on Monday") is normal.
+            text = command.text.strip()
+            if not text or not command.author or command.author in ("ai", "system"):
+                raise Rejected("a note needs text and an agent as its author")
+            draft.add(
+                NoteAdded, author=command.author, text=text[:8000], command_id=command.command_id
+            )
         case FlagSlaBreach():
             if state.unanswered_since and state.breached_since != state.unanswered_since:
                 draft.add(

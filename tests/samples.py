@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from schemas.records import (
+    AddNote,
     AgentAssigned,
     AgentPresenceChanged,
     AssignConversation,
     AssignmentReleased,
     Attachment,
+    AuditCheckpoint,
     CloseConversation,
     ConfigChanged,
     ConversationAssigned,
@@ -26,6 +28,7 @@ from schemas.records import (
     MessageDelivered,
     MessageModerated,
     MessageReceived,
+    NoteAdded,
     QueueConversation,
     RateConversation,
     ReceiveMessage,
@@ -165,6 +168,9 @@ SAMPLES: list[Record] = [
     SlaBreached(**EVT, kind="next", due_at=1, assignee="a1", priority="normal"),
     CsatRequested(**EVT),
     CsatRated(**EVT, rating=4, assignee="a1"),
+    # Internal notes: on the log, never delivered.
+    AddNote(**CMD, author="a1", text="客户是老用户，先补发"),
+    NoteAdded(**EVT, author="a1", text="VIP: refund approved", command_id="c-1"),
     SetAgentPresence(**ROUTING, agent_id="a1", presence="online", capacity=2, skills=["en"]),
     RequestAssignment(**ROUTING, conversation_id="conv-1", priority="vip", requested_at=5),
     ReleaseAssignment(**ROUTING, conversation_id="conv-1", reason="closed"),
@@ -214,6 +220,14 @@ SAMPLES: list[Record] = [
         version=7,
         changed_at=1_700_000_000_000,
         changed_by="ops",
+    ),
+    AuditCheckpoint(
+        tenant_id="t1",
+        conversation_id="conv-1",
+        seq=7,
+        head="ab" * 32,
+        checkpointed_at=1_700_000_000_000,
+        signature="cd" * 32,
     ),
     ConfigChanged(
         tenant_id="t1",
