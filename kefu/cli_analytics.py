@@ -311,11 +311,66 @@ def audit_verify(conversation: str, export_file: Path | None, source: str, as_js
         if verdict.ok:
             verdict = compare(history, _history(settings, conversation, "archive"))
         what = "the log against the archive"
+    signed = _against_checkpoints(settings, conversation, history) if verdict.ok else None
+    if signed is not None and not signed.ok:
+        verdict, what = signed, "the log against its signed checkpoints"
     if as_json:
         click.echo(json.dumps(verdict.to_json()))
     elif verdict.ok:
         click.echo(f"ok: {what}: {verdict.events} events, chain head {verdict.head}")
+        if signed is not None:
+            click.echo(f"ok: the keyed chain reaches every signed checkpoint ({signed.head})")
     else:
         click.echo(f"BROKEN: {what}: seq {verdict.broken_at}: {verdict.reason}")
     if not verdict.ok:
         sys.exit(1)
+
+
+def audit_master_key(settings: Settings) -> bytes:
+    from kefu.files import machine_secret
+
+    configured = settings.security.audit_key.get_secret_value()
+    return configured.encode() if configured else machine_secret(settings, "audit")
+
+
+def _against_checkpoints(settings: Settings, conversation: str, history: list[Any]) -> Any:
+    """The keyed chain against the conversation's signed checkpoints (None: none yet)."""
+    from projections.audit_keyed import read_checkpoints, tenant_key, verify_keyed
+    from schemas.codec import CODEC
+    from schemas.topics import TopicNames
+
+    found = asyncio.run(
+        read_checkpoints(
+            settings.kafka.servers,
+            TopicNames(settings.topic_prefix).audit_checkpoints,
+            conversation,
+            settings.kafka.client_options(),
+        )
+    )
+    if not found:
+        return None
+    tenant = found[0].tenant_id if not history else CODEC.decode(history[0].raw).tenant_id  # type: ignore[attr-defined]
+    return verify_keyed(history, found, tenant_key(audit_master_key(settings), tenant))
+
+
+@audit.command("checkpoint")
+@click.option("--tenant", default=None, help="only this tenant's conversations")
+def audit_checkpoint(tenant: str | None) -> None:
+    """Sign the head of every conversation whose history grew (run it on a schedule:
+    a rewritten, removed or cut history below a checkpoint then fails verify)."""
+    from projections.audit_keyed import checkpoint_log
+    from schemas.topics import TopicNames
+
+    settings = _settings()
+    names = TopicNames(settings.topic_prefix)
+    written = asyncio.run(
+        checkpoint_log(
+            settings.kafka.servers,
+            names.events,
+            names.audit_checkpoints,
+            audit_master_key(settings),
+            settings.kafka.client_options(),
+            tenant,
+        )
+    )
+    click.echo(f"{written} checkpoint(s) signed")

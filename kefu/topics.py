@@ -36,6 +36,9 @@ def wanted(settings: Settings, replication: int = 1) -> list[NewTopic]:
         NewTopic(names.deadletter, 1, rf, topic_configs={**KEEP_FOREVER, **isr}),
         NewTopic(names.routing, partitions, rf, topic_configs={**WEEK, **isr}),
         NewTopic(names.queue_events, partitions, rf, topic_configs={**KEEP_FOREVER, **isr}),
+        # Signed audit checkpoints (projections/audit_keyed.py): never compacted or
+        # expired, so a cut or rewritten history is checked against every one.
+        NewTopic(names.audit_checkpoints, 1, rf, topic_configs={**KEEP_FOREVER, **isr}),
         # The latest list per tenant/category survives compaction; one partition keeps
         # every change in order. Every worker reads it whole (streams.wordlists).
         NewTopic(names.control, 1, rf, topic_configs={**COMPACT, **isr}),
