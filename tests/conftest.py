@@ -196,6 +196,26 @@ def isolated_settings(state_dir: Path) -> Settings:
                     "dave": console_agent("dave", team="billing"),
                 },
             ),
+            # The console's features (tests/test_console_features.py): desk3 for the
+            # protocol (gina; hal in another team), desk4/desk5 for Chromium in zh/en.
+            "desk3": TenantSettings(
+                api_key=SecretStr("desk3-test-key"),
+                ai_enabled=False,
+                agents={
+                    "gina": console_agent("gina", name="Gina"),
+                    "hal": console_agent("hal", team="billing", name="Hal"),
+                },
+            ),
+            "desk4": TenantSettings(
+                api_key=SecretStr("desk4-test-key"),
+                ai_enabled=False,
+                agents={"hank": console_agent("hank", name="韩梅")},
+            ),
+            "desk5": TenantSettings(
+                api_key=SecretStr("desk5-test-key"),
+                ai_enabled=False,
+                agents={"iris": console_agent("iris", name="Iris")},
+            ),
             # Attachments (tests/test_files_api.py, the UI and bench tests): human-only
             # so nothing answers for the test; files2 for isolation.
             "files": TenantSettings(
@@ -206,8 +226,28 @@ def isolated_settings(state_dir: Path) -> Settings:
                 agents={"fay": console_agent("fay", name="Fay")},
             ),
             "files2": TenantSettings(api_key=SecretStr("files2-test-key"), ai_enabled=False),
+            # The widget and chat page (tests/test_widget_ui.py): human-only, its widget
+            # settings and business hours changed live by the tests.
+            "wid": TenantSettings(
+                api_key=SecretStr("wid-test-key"),
+                ai_enabled=False,
+                agents={"wendy": console_agent("wendy", name="王芳")},
+            ),
             # Configuration as events (tests/test_config.py): changed live by the tests.
             "cfg": TenantSettings(api_key=SecretStr("cfg-test-key"), ai_enabled=False),
+            # Accounts and live administration (tests/test_accounts.py,
+            # test_admin_config.py, test_admin_ui.py): admin keys "<tenant>-admin-key";
+            # their webhooks go to the sink, signed with "<tenant>-webhook-secret".
+            **{
+                tenant: TenantSettings(
+                    api_key=SecretStr(f"{tenant}-test-key"),
+                    admin_keys={"main": key_hash(f"{tenant}-admin-key")},
+                    ai_enabled=False,
+                    webhook_url=sink_url,
+                    webhook_secret=SecretStr(f"{tenant}-webhook-secret"),
+                )
+                for tenant in ("acct", "adm", "adm2", "admui")
+            },
             **security_tenants(),
         },
         # Small limits so the tests reach them with small files.

@@ -57,6 +57,8 @@ PUBLIC = {
     ("GET", "/readyz"),
     ("GET", "/metrics"),
     ("MOUNT", "/static-offline-docs"),  # Swagger UI's and ReDoc's own scripts
+    ("GET", "/admin"),
+    ("GET", "/login"),
 }
 
 
@@ -303,8 +305,22 @@ def case_chat_socket(s: Setup, settings: Settings) -> None:
             await socket.send(json.dumps({"type": "message", "id": "b1", "text": "B web"}))
             while json.loads(await asyncio.wait_for(socket.recv(), 30))["type"] != "ack":
                 pass
+            # A rating from B's socket can only be of B's own (open) conversation.
+            await socket.send(json.dumps({"type": "rate", "id": "b-rate", "rating": 1}))
+            while (frame := json.loads(await asyncio.wait_for(socket.recv(), 30)))["type"] != (
+                "error"
+            ):
+                pass
+            assert frame["id"] == "b-rate"
 
     asyncio.run(run())
+
+
+def case_chat_settings(s: Setup, settings: Settings) -> None:
+    """The chat page's public settings: B's list B's agents only, never A's."""
+    got = s.http.get("/v1/chat/settings", params={"tenant": B})
+    assert got.status_code == 200 and got.json()["tenant"] == B, got.text
+    assert set(got.json()["agents"]) == {"bob"} and A not in got.text
 
 
 def case_console_socket(s: Setup, settings: Settings) -> None:
@@ -345,7 +361,21 @@ def case_console_socket(s: Setup, settings: Settings) -> None:
                 ):
                     await socket.send(json.dumps(frame))
                     assert "not assigned" in (await expect("error"))["reason"]
-            assert not any(f["type"] == "conversation" for f in frames)
+                # A note or a profile needs the conversation in B's own tenant.
+                for frame in (
+                    {"type": "note", "conversation_id": conversation, "text": "B", "id": "n"},
+                    {"type": "profile", "conversation_id": conversation},
+                ):
+                    await socket.send(json.dumps(frame))
+                    assert (await expect("error"))["reason"] == "no such conversation"
+                # Search reads B's rows only: none of A's conversations is found (B's
+                # own conversations for the same customer ids may be: B made them).
+                for query in (conversation, s.customer, s.web_customer):
+                    await socket.send(json.dumps({"type": "search", "query": query}))
+                    found = (await expect("search"))["results"]
+                    mine = {s.conversation, s.web_conversation}
+                    assert not [r for r in found if r["conversation_id"] in mine], found
+            assert not any(f["type"] in ("conversation", "profile") for f in frames)
             assert s.conversation not in json.dumps([f for f in frames if f["type"] == "snapshot"])
 
     asyncio.run(run())
@@ -406,6 +436,107 @@ def case_console_upload(s: Setup, settings: Settings) -> None:
             assert got.status_code == refused, (tenant, got.status_code, got.text)
 
 
+def case_admin_config(s: Setup, settings: Settings) -> None:
+    """B's admin neither reads nor changes A's configuration: B's lists hold nothing of
+    A's, A's ids under B are B's (none), and naming A (?tenant=) is refused."""
+    http, tag = s.http, uuid.uuid4().hex[:6]
+    a_team, a_agent, a_faq = f"a-team-{tag}", f"a-agent-{tag}", f"a-faq-{tag}"
+    config = "/v1/admin/config"
+    paths = (f"{config}/team/{a_team}", f"{config}/agent/{a_agent}", f"{config}/faq/{a_faq}")
+    made = http.put(paths[0], json={"version": 0, "data": {"name": "A's"}}, headers=A_ADMIN)
+    assert made.status_code == 200, made.text
+    invited = http.post(
+        f"{config}/agent/{a_agent}/invite",
+        json={"name": "A", "email": f"{a_agent}@a.example", "teams": [a_team]},
+        headers=A_ADMIN,
+    )
+    assert invited.status_code == 201, invited.text
+    faq = {"question": "A's question", "answer": "A's private answer", "keywords": ["zebra"]}
+    assert http.put(paths[2], json={"version": 0, "data": faq}, headers=A_ADMIN).status_code == 200
+    a_key = http.post(f"{config}/keys", json={"label": "a"}, headers=A_ADMIN).json()
+    before = [http.get(p, headers=A_ADMIN).json() for p in paths]
+    for kind in ("team", "agent", "faq", "canned", "channel", "webhook", "hours", "widget"):
+        got = http.get(f"{config}/{kind}", headers=B_ADMIN)
+        assert got.status_code == 200 and got.json()["tenant"] == B, got.text
+        assert tag not in got.text and A not in got.text
+    tried = http.post(f"{config}/faq/try", json={"question": "zebra"}, headers=B_ADMIN)
+    assert tried.status_code == 200 and "private" not in tried.text
+    assert a_key["id"] not in http.get(f"{config}/keys", headers=B_ADMIN).text
+    assert http.delete(f"{config}/keys/{a_key['id']}", headers=B_ADMIN).status_code == 404
+    # A's ids, under B: B's own, which do not exist.
+    for path in paths:
+        assert http.get(path, headers=B_ADMIN).status_code == 404
+        assert http.delete(f"{path}?version=1", headers=B_ADMIN).status_code == 404
+    reset = http.post(f"{config}/agent/{a_agent}/password", json={}, headers=B_ADMIN)
+    assert reset.status_code == 404
+    # Naming A: refused on every route.
+    at_a = f"tenant={A}"
+    named: list[tuple[str, str, dict[str, Any] | None]] = [
+        ("GET", f"{config}/team?{at_a}", None),
+        ("GET", f"{paths[0]}?{at_a}", None),
+        ("PUT", f"{paths[0]}?{at_a}", {"version": 0, "data": {"name": "B"}}),
+        ("DELETE", f"{paths[0]}?{at_a}&version=1", None),
+        ("POST", f"{config}/agent/{a_agent}/password?{at_a}", {}),
+        ("POST", f"{config}/agent/b-{tag}/invite?{at_a}", {"name": "B", "email": "b@b.example"}),
+        ("POST", f"{config}/faq/try?{at_a}", {"question": "zebra"}),
+        ("POST", f"{config}/webhook/test?{at_a}", {"url": "http://127.0.0.1:9/x"}),
+        ("GET", f"{config}/keys?{at_a}", None),
+        ("POST", f"{config}/keys?{at_a}", {}),
+        ("DELETE", f"{config}/keys/{a_key['id']}?{at_a}", None),
+        ("GET", f"{config}/wordlists?{at_a}", None),
+        ("PUT", f"{config}/wordlists/isotest?{at_a}", {"action": "flag", "words": ["zq"]}),
+        ("GET", f"{config}/tenants", None),
+        ("POST", f"{config}/tenants", {"id": f"iso-c-{tag}"}),
+    ]
+    for method, path, body in named:
+        got = http.request(method, path, json=body, headers=B_ADMIN)
+        assert got.status_code == 403, (method, path, got.status_code, got.text)
+    # B's own word list and test delivery stay B's.
+    own = {"action": "flag", "words": [f"zq{tag}"]}
+    assert http.put(f"{config}/wordlists/isotest", json=own, headers=B_ADMIN).status_code == 200
+    assert f"zq{tag}" not in http.get(f"{config}/wordlists", headers=A_ADMIN).text
+    test = http.post(
+        f"{config}/webhook/test", json={"url": "http://127.0.0.1:9/x"}, headers=B_ADMIN
+    )
+    assert test.status_code == 200
+    assert [http.get(p, headers=A_ADMIN).json() for p in paths] == before
+
+
+def case_accounts(s: Setup, settings: Settings) -> None:
+    """B's account signs in to B only, and its session is worth nothing in A."""
+    http, agent = s.http, f"b-acc-{uuid.uuid4().hex[:6]}"
+    email = f"{agent}@b.example"
+    invited = http.post(
+        f"/v1/admin/config/agent/{agent}/invite",
+        json={"name": "B", "email": email, "role": "admin"},
+        headers=B_ADMIN,
+    )
+    assert invited.status_code == 201, invited.text
+    password = invited.json()["password"]
+    wrong = {"tenant": A, "email": email, "password": password}
+    assert http.post("/v1/auth/login", json=wrong).status_code == 401
+    with httpx.Client(base_url=str(http.base_url), timeout=30) as browser:
+        signed = browser.post("/v1/auth/login", json={**wrong, "tenant": B})
+        assert signed.status_code == 200, signed.text
+        csrf = {"X-CSRF-Token": signed.json()["csrf"]}
+        assert browser.get("/v1/auth/session").json()["tenant"] == B
+        assert browser.get(f"/v1/admin/config/team?tenant={A}").status_code == 403
+        body = {"version": 0, "data": {"name": "B"}}
+        put = browser.put(f"/v1/admin/config/team/x?tenant={A}", json=body, headers=csrf)
+        assert put.status_code == 403
+        # The cookie's session id under A's name is no session.
+        session_id = browser.cookies["kefu_session"].rsplit(".", 1)[1]
+        forged = {"kefu_session": f"{A}.{session_id}"}
+        with httpx.Client(base_url=str(http.base_url), cookies=forged, timeout=30) as other:
+            assert other.get("/v1/auth/session").status_code == 401
+            assert other.get("/v1/admin/config/team").status_code == 401
+        assert browser.post("/v1/auth/logout", headers=csrf).status_code == 200
+    # Gone again, so B's agents are what the other cases expect.
+    version = invited.json()["version"]
+    gone = http.delete(f"/v1/admin/config/agent/{agent}?version={version}", headers=B_ADMIN)
+    assert gone.status_code == 200, gone.text
+
+
 CASES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/uploads"): case_files,
     ("POST", "/v1/chat/uploads"): case_files,
@@ -438,8 +569,32 @@ CASES: dict[tuple[str, str], Any] = {
     ("POST", "/v1/wechat-mp/{tenant}/callback"): _wechat(True, "POST"),
     ("POST", "/v1/telegram/{tenant}/webhook"): case_telegram,
     ("WS", "/v1/chat/ws"): case_chat_socket,
+    ("GET", "/v1/chat/settings"): case_chat_settings,
     ("WS", "/v1/console/ws"): case_console_socket,
     ("POST", "/v1/console/uploads"): case_console_upload,
+    ("POST", "/v1/auth/login"): case_accounts,
+    ("POST", "/v1/auth/logout"): case_accounts,
+    ("GET", "/v1/auth/session"): case_accounts,
+    **{
+        (method, f"/v1/admin/config{path}"): case_admin_config
+        for method, path in (
+            ("GET", "/tenants"),
+            ("POST", "/tenants"),
+            ("GET", "/{kind}"),
+            ("GET", "/{kind}/{entity_id}"),
+            ("PUT", "/{kind}/{entity_id}"),
+            ("DELETE", "/{kind}/{entity_id}"),
+            ("POST", "/agent/{agent_id}/invite"),
+            ("POST", "/agent/{agent_id}/password"),
+            ("GET", "/keys"),
+            ("POST", "/keys"),
+            ("DELETE", "/keys/{key_id}"),
+            ("POST", "/webhook/test"),
+            ("POST", "/faq/try"),
+            ("GET", "/wordlists"),
+            ("PUT", "/wordlists/{category}"),
+        )
+    },
 }
 
 
