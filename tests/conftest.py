@@ -235,6 +235,13 @@ def isolated_settings(state_dir: Path) -> Settings:
             ),
             # Configuration as events (tests/test_config.py): changed live by the tests.
             "cfg": TenantSettings(api_key=SecretStr("cfg-test-key"), ai_enabled=False),
+            # The whole path in Chromium (tests/test_whole_path_ui.py): human-only, no
+            # agents seeded; its admin key only bootstraps the admin, /admin does the rest.
+            "path": TenantSettings(
+                api_key=SecretStr("path-test-key"),
+                admin_keys={"main": key_hash("path-admin-key")},
+                ai_enabled=False,
+            ),
             # Accounts and live administration (tests/test_accounts.py,
             # test_admin_config.py, test_admin_ui.py): admin keys "<tenant>-admin-key";
             # their webhooks go to the sink, signed with "<tenant>-webhook-secret".
@@ -249,6 +256,18 @@ def isolated_settings(state_dir: Path) -> Settings:
                 for tenant in ("acct", "adm", "adm2", "admui")
             },
             **security_tenants(),
+            # Channel credentials and the webhook live from the configuration
+            # (tests/test_live_channels.py): live answers with the AI, its webhook set
+            # in /admin; live-off is disabled by an operator there.
+            **{
+                tenant: TenantSettings(
+                    api_key=SecretStr(f"{tenant}-test-key"),
+                    admin_keys={"main": key_hash(f"{tenant}-admin-key")},
+                    webhook_url=sink_url,
+                    webhook_secret=SecretStr(f"{tenant}-webhook-secret"),
+                )
+                for tenant in ("live", "live-off")
+            },
         },
         # Small limits so the tests reach them with small files.
         attachments=AttachmentSettings(
