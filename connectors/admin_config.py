@@ -44,6 +44,7 @@ from connectors.accounts import OPERATOR_TENANT, TENANT_PATTERN, Session, secret
 from connectors.auth import KeyRing, require
 from connectors.config_log import SecretBox, config_record, shown, topic_partitions
 from connectors.delivery import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TENANT_HEADER, sign
+from connectors.live_channels import check_channel
 from connectors.publisher import CommandPublisher
 from schemas.codec import CODEC, DecodeError
 from schemas.config import SINGLE, ConfigState, Entity, is_secret, valid_hours
@@ -589,7 +590,15 @@ async def test_webhook(body: WebhookTestIn, caller: Admin, request: Request) -> 
         context = secret_context(caller.tenant, "webhook", SINGLE) + "/secret"
         secret = _box(request).open(saved["secret"], context)
     payload = json.dumps(
-        {"type": "test", "tenant": caller.tenant, "event_id": uuid.uuid4().hex, "sent_at": now_ms()}
+        {
+            # The shape of a reply's payload (a receiver that reads conversation_id
+            # does not fail on it), marked as a test.
+            "type": "test",
+            "tenant": caller.tenant,
+            "conversation_id": "",
+            "event_id": uuid.uuid4().hex,
+            "sent_at": now_ms(),
+        }
     ).encode()
     headers = {
         "Content-Type": "application/json",
@@ -611,6 +620,30 @@ async def test_webhook(body: WebhookTestIn, caller: Admin, request: Request) -> 
         "elapsed_ms": round((time.monotonic() - started) * 1000),
         "body": answer.text[:300],
     }
+
+
+# --------------------------------------------------------- channel test message
+
+
+class ChannelTestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to: str = Field(default="", max_length=128, pattern=r"^[A-Za-z0-9_\-@.]*$")
+
+
+@router.post("/channel/{channel}/test")
+async def test_channel(
+    channel: Annotated[Literal["wechat", "wechat_mp", "telegram"], Path()],
+    body: ChannelTestIn,
+    caller: Admin,
+    request: Request,
+) -> dict[str, Any]:
+    """Check the channel's credentials with its platform, as they are live (Telegram
+    ``getMe``, WeChat an access token); with ``to`` (a chat id, an openid) send that
+    customer a test message too. Says ok, or what the platform answered."""
+    state = request.app.state
+    found = await check_channel(state.wechat, state.telegram, caller.tenant, channel, body.to)
+    return {"channel": channel, **found}
 
 
 # ------------------------------------------------------------------ FAQ: try it

@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from fastapi import HTTPException, Request, status
 
 from connectors.rate_limit import RateLimiter
+from schemas.config import ConfigState
 
 log = logging.getLogger(__name__)
 
@@ -159,14 +160,48 @@ class KeyStore:
         return sorted(out, key=lambda r: (r["created_at"] or 0, r["id"]))
 
 
+class TenantIds:
+    """The tenants the gateway knows: the settings' (fixed at start) and the ones with
+    a ``tenant`` entity in the live configuration (created by an operator in /admin).
+    A container (``in``), read at each request."""
+
+    def __init__(self, static: frozenset[str], live: ConfigState | None = None) -> None:
+        self.static = static
+        self.live = live
+
+    def __contains__(self, tenant: object) -> bool:
+        if tenant in self.static:
+            return True
+        return (
+            isinstance(tenant, str)
+            and self.live is not None
+            and self.live.get(tenant, "tenant") is not None
+        )
+
+    def disabled(self, tenant: str) -> bool:
+        """An operator disabled it (``tenant`` entity, ``disabled: true``)."""
+        data = self.live.get(tenant, "tenant") if self.live is not None else None
+        return bool(data and data.get("disabled"))
+
+
+TENANT_DISABLED = "this tenant is disabled"
+
+
 class KeyRing:
     """Authenticates a presented key for a role: every configured hash is compared
-    (constant time, whichever matches), then an issued key's record if it names one."""
+    (constant time, whichever matches), then an issued key's record if it names one.
+    ``live``: the configuration the gateway follows, for the tenants created there."""
 
-    def __init__(self, config: AuthConfig, redis: aioredis.Redis | None = None) -> None:
+    def __init__(
+        self,
+        config: AuthConfig,
+        redis: aioredis.Redis | None = None,
+        live: ConfigState | None = None,
+    ) -> None:
         self.config = config
-        self.ids = config.tenants | frozenset(
-            t for tenants in config.keys.values() for t in tenants
+        self.ids = TenantIds(
+            config.tenants | frozenset(t for tenants in config.keys.values() for t in tenants),
+            live,
         )
         self._static = {
             role: [
@@ -236,9 +271,19 @@ async def require(request: Request, role: Role, presented: str) -> Principal:
             await limiter.enforce(None, f"ip:{client_ip(request)}")
         what = "admin key" if role == "admin" else "API key"
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, f"invalid {what}")
+    if role == "api" and ring.ids.disabled(principal.tenant):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, TENANT_DISABLED)
     if limiter is not None:
         await limiter.enforce(principal.tenant, f"{role}-key:{principal.key_id}")
     return principal
+
+
+def refuse_disabled(app: Any, tenant: str) -> None:
+    """403 for a tenant an operator disabled: its customers' edges (web chat, uploads,
+    WeChat and Telegram callbacks, the REST API) take nothing until it is enabled."""
+    services = getattr(app.state, "services", None)
+    if services is not None and services.tenants.ids.disabled(tenant):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, TENANT_DISABLED)
 
 
 # ------------------------------------------------------------------------- origins

@@ -23,7 +23,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile, s
 from fastapi.responses import JSONResponse, Response
 
 from connectors.attachments import DOWNLOAD_ONLY
-from connectors.auth import client_ip, customer_verified
+from connectors.auth import client_ip, customer_verified, refuse_disabled
 from connectors.blobs import BlobMissing, valid_key
 from connectors.identity import conversation_id_for
 from connectors.rate_limit import RateLimiter
@@ -62,6 +62,7 @@ async def upload_chat(
     services = request.app.state.services
     if tenant not in services.tenants.ids:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown tenant")
+    refuse_disabled(request.app, tenant)
     if not customer_verified(services.tenants.config, tenant, customer, signature):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "customer signature required")
     limiter: RateLimiter | None = getattr(request.app.state, "limiter", None)

@@ -36,6 +36,7 @@ from connectors.auth import AuthConfig, KeyRing
 from connectors.body_limit import BodyLimit
 from connectors.config_log import ConfigFollower, SecretBox
 from connectors.live_agents import LiveAgentDirectory
+from connectors.live_channels import live_telegram, live_wechat
 from connectors.metrics import metrics_endpoint, ready_response
 from connectors.outbox_hub import OutboxHub
 from connectors.publisher import CommandPublisher
@@ -125,6 +126,10 @@ def create_app(config: GatewayConfig) -> FastAPI:
         app.state.config = ConfigState()
         if config.config_key:
             app.state.config_box = SecretBox(config.config_key)
+        # WeChat and Telegram credentials: the live configuration's, the settings' below.
+        box = getattr(app.state, "config_box", None)
+        app.state.wechat = live_wechat(config.wechat, app.state.config, box)
+        app.state.telegram = live_telegram(config.telegram, app.state.config, box)
         if config.config_topic:
             follower = ConfigFollower(
                 config.bootstrap, config.config_topic, app.state.config, config.kafka_options
@@ -144,7 +149,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         client = aioredis.Redis.from_pool(pool)
         outbox = OutboxHub(client)
         await outbox.start()
-        ring = KeyRing(config.auth.with_plain_api_keys(config.api_keys), client)
+        # Tenants of the settings and of the live configuration (created in /admin).
+        ring = KeyRing(config.auth.with_plain_api_keys(config.api_keys), client, app.state.config)
         app.state.services = Services(publisher, client, ring, outbox)
         app.state.limiter = RateLimiter(client, config.rate_limits, config.tenant_rate_limits)
         if config.files is not None:

@@ -36,6 +36,7 @@ import httpx
 from fastapi import APIRouter, Header, HTTPException, Request, status
 
 from connectors.attachments import AttachmentRejected, accept
+from connectors.auth import refuse_disabled
 from connectors.blobs import BlobMissing, BlobStore
 from connectors.edge import read_body, same_secret
 from connectors.identity import command_id_for, conversation_id_for
@@ -75,6 +76,7 @@ class BotFiles:
         http: httpx.AsyncClient | None = None,
     ) -> None:
         self._base = api_base.rstrip("/")
+        self.api_base = self._base
         self._timeout = timeout
         self._attempts = max(1, attempts)
         self._backoff = backoff
@@ -322,6 +324,7 @@ async def webhook(
     x_telegram_bot_api_secret_token: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
     edge: TelegramEdge = request.app.state.telegram
+    refuse_disabled(request.app, tenant)
     secret = edge.secrets.get(tenant)
     if not secret:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "Telegram is not enabled for this tenant")
@@ -413,7 +416,7 @@ class TelegramSender:
         http: httpx.AsyncClient | None = None,
         store: BlobStore | None = None,
     ) -> None:
-        self._tokens = dict(bot_tokens)
+        self._tokens = bot_tokens  # kept, not copied: it may be a live view of the config
         self._base = api_base.rstrip("/")
         self._attempts = attempts
         self._backoff = backoff

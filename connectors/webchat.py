@@ -48,7 +48,14 @@ from fastapi import APIRouter, HTTPException, Request, WebSocket, WebSocketDisco
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from connectors.auth import client_ip, customer_verified, new_visitor, websocket_origin_ok
+from connectors.auth import (
+    TENANT_DISABLED,
+    client_ip,
+    customer_verified,
+    new_visitor,
+    refuse_disabled,
+    websocket_origin_ok,
+)
 from connectors.identity import command_id_for, conversation_id_for
 from connectors.rate_limit import RateLimiter
 from connectors.uploads import UploadRefused, claim_upload_ids, shown_messages
@@ -105,6 +112,7 @@ async def visitor(request: Request, tenant: str) -> dict[str, str]:
     services = request.app.state.services
     if tenant not in services.tenants.ids:
         raise HTTPException(status_code=404, detail="unknown tenant")
+    refuse_disabled(request.app, tenant)
     limiter: RateLimiter | None = getattr(request.app.state, "limiter", None)
     if limiter is not None:
         await limiter.enforce(tenant, f"ip:{client_ip(request)}")
@@ -123,6 +131,7 @@ async def chat_settings(request: Request, tenant: str) -> JSONResponse:
     services = request.app.state.services
     if tenant not in services.tenants.ids:
         raise HTTPException(status_code=404, detail="unknown tenant")
+    refuse_disabled(request.app, tenant)
     limiter: RateLimiter | None = getattr(request.app.state, "limiter", None)
     if limiter is not None:
         await limiter.enforce(tenant, f"ip:{client_ip(request)}")
@@ -223,6 +232,9 @@ async def chat_socket(websocket: WebSocket) -> None:
     services = websocket.app.state.services
     if tenant not in services.tenants.ids or not (0 < len(customer) <= 128):
         await websocket.close(code=4403, reason="unknown tenant or bad customer id")
+        return
+    if services.tenants.ids.disabled(tenant):
+        await websocket.close(code=4403, reason=TENANT_DISABLED)
         return
     if not websocket_origin_ok(websocket.app, websocket.headers, tenant):
         # Before accept: the browser's handshake gets 403.

@@ -60,6 +60,7 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import Counter
 
 from connectors.attachments import AttachmentRejected, UrlSigner, accept
+from connectors.auth import refuse_disabled
 from connectors.blobs import BlobMissing, BlobStore
 from connectors.edge import read_body, same_secret
 from connectors.identity import command_id_for, conversation_id_for
@@ -261,6 +262,7 @@ class WeChatMedia:
 
     def __init__(self, api_base: str, timeout: float = 3.0) -> None:
         self._base = api_base.rstrip("/")
+        self.api_base = self._base
         self.timeout = timeout
         self._tokens = AccessTokens(api_base)
         self._http: httpx.AsyncClient | None = None  # made in the serving event loop
@@ -413,6 +415,7 @@ _HANDOVER_GRACE = 0.5  # the sender claimed us: its reply is a Redis round trip 
 
 def _account(request: Request, tenant: str, mini: bool) -> tuple[WeChatEdge, WeChatAccount]:
     edge: WeChatEdge = request.app.state.wechat
+    refuse_disabled(request.app, tenant)
     account = (edge.mini_programs if mini else edge.accounts).get(tenant)
     if account is None or not account.token:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "WeChat is not enabled for this tenant")
@@ -717,7 +720,7 @@ class WeChatSender:
         signer: UrlSigner | None = None,
         mini_program: bool = False,
     ) -> None:
-        self._apps = dict(apps)
+        self._apps = apps  # kept, not copied: it may be a live view of the config
         self._base = api_base.rstrip("/")
         self._redis = redis
         self._passive = passive and redis is not None

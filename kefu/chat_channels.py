@@ -1,15 +1,22 @@
 """WeChat and Telegram wiring from settings: the gateway's callback edges and the
-worker's senders (registered in ``kefu/channels.py``)."""
+worker's senders (registered in ``kefu/channels.py``). The gateway reads each
+tenant's credentials live from the configuration over these (``connectors/gateway.py``);
+the worker's senders do when given the configuration it follows (``live``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import redis.asyncio as aioredis
 
+from connectors.config_log import SecretBox
 from connectors.delivery import ChannelSender
+from connectors.live_channels import telegram_tokens, wechat_apps
 from connectors.telegram import BotFiles, TelegramEdge, TelegramSender
 from connectors.wechat import WeChatAccount, WeChatApp, WeChatEdge, WeChatMedia, WeChatSender
 from kefu.files import blob_store, url_signer
 from kefu.settings import Settings, WeChatAccountSettings
+from schemas.config import ConfigState
 
 # WeChat redelivers a callback unanswered after 5 s: the media download inside it is short.
 WECHAT_MEDIA_TIMEOUT_CAP_S = 3.0
@@ -61,18 +68,28 @@ def telegram_edge(settings: Settings) -> TelegramEdge:
     )
 
 
-def chat_senders(settings: Settings) -> dict[str, ChannelSender]:
+def chat_senders(
+    settings: Settings, live: ConfigState | None = None, box: SecretBox | None = None
+) -> dict[str, ChannelSender]:
     c = settings.channels
     tenants = settings.tenants.items()
+
+    def apps(channel: str, found: dict[str, WeChatApp]) -> Mapping[str, WeChatApp]:
+        return wechat_apps(found, live, box, channel) if live is not None else found
+
+    bots = {t: s.telegram.bot_token.get_secret_value() for t, s in tenants}
     redis = aioredis.Redis.from_url(settings.redis.dsn)
     # WeChat: replies' files uploaded from the store, or sent as signed links.
     store, signer = blob_store(settings), url_signer(settings)
     return {
         "wechat": WeChatSender(
-            {
-                t: WeChatApp(s.wechat.app_id, s.wechat.app_secret.get_secret_value())
-                for t, s in tenants
-            },
+            apps(
+                "wechat",
+                {
+                    t: WeChatApp(s.wechat.app_id, s.wechat.app_secret.get_secret_value())
+                    for t, s in tenants
+                },
+            ),
             c.wechat_api_base,
             redis=redis,
             passive=c.wechat_passive_wait_s > 0,
@@ -83,10 +100,13 @@ def chat_senders(settings: Settings) -> dict[str, ChannelSender]:
             signer=signer,
         ),
         "wechat-mp": WeChatSender(
-            {
-                t: WeChatApp(s.wechat_mp.app_id, s.wechat_mp.app_secret.get_secret_value())
-                for t, s in tenants
-            },
+            apps(
+                "wechat_mp",
+                {
+                    t: WeChatApp(s.wechat_mp.app_id, s.wechat_mp.app_secret.get_secret_value())
+                    for t, s in tenants
+                },
+            ),
             c.wechat_api_base,
             attempts=c.attempts,
             backoff=c.backoff_seconds,
@@ -96,7 +116,7 @@ def chat_senders(settings: Settings) -> dict[str, ChannelSender]:
             signer=signer,
         ),
         "telegram": TelegramSender(
-            {t: s.telegram.bot_token.get_secret_value() for t, s in tenants},
+            telegram_tokens(bots, live, box) if live is not None else bots,
             c.telegram_api_base,
             attempts=c.attempts,
             backoff=c.backoff_seconds,

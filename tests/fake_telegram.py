@@ -1,5 +1,5 @@
 """A local server speaking the Telegram Bot API calls kefu makes, on a loopback port in
-a background thread: ``sendMessage``; ``getFile`` and the file download
+a background thread: ``getMe``, ``sendMessage``; ``getFile`` and the file download
 (``GET /file/bot<token>/<path>``); ``sendPhoto``, ``sendDocument``, ``sendVoice``,
 ``sendAudio``, ``sendVideo`` as multipart uploads.
 
@@ -143,6 +143,10 @@ class _Handler(BaseHTTPRequestHandler):
             token = parts[0][3:] if parts[0].startswith("bot") else ""
             if token not in fake.tokens:
                 self._error(401, "Unauthorized")
+                return
+            if parts[1:] == ["getMe"]:
+                bot = {"id": int(token.split(":")[0]), "is_bot": True, "username": "kefu_test_bot"}
+                self._json(200, {"ok": True, "result": bot})
                 return
             if parts[1:] != ["getFile"]:
                 self._error(404, "Not Found")

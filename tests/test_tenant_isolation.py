@@ -480,6 +480,7 @@ def case_admin_config(s: Setup, settings: Settings) -> None:
         ("POST", f"{config}/agent/b-{tag}/invite?{at_a}", {"name": "B", "email": "b@b.example"}),
         ("POST", f"{config}/faq/try?{at_a}", {"question": "zebra"}),
         ("POST", f"{config}/webhook/test?{at_a}", {"url": "http://127.0.0.1:9/x"}),
+        ("POST", f"{config}/channel/telegram/test?{at_a}", {}),
         ("GET", f"{config}/keys?{at_a}", None),
         ("POST", f"{config}/keys?{at_a}", {}),
         ("DELETE", f"{config}/keys/{a_key['id']}?{at_a}", None),
@@ -499,6 +500,9 @@ def case_admin_config(s: Setup, settings: Settings) -> None:
         f"{config}/webhook/test", json={"url": "http://127.0.0.1:9/x"}, headers=B_ADMIN
     )
     assert test.status_code == 200
+    # B's channel check tries B's credentials (none), never A's.
+    check = http.post(f"{config}/channel/telegram/test", json={}, headers=B_ADMIN)
+    assert check.status_code == 200 and check.json()["ok"] is False, check.text
     assert [http.get(p, headers=A_ADMIN).json() for p in paths] == before
 
 
@@ -590,6 +594,7 @@ CASES: dict[tuple[str, str], Any] = {
             ("POST", "/keys"),
             ("DELETE", "/keys/{key_id}"),
             ("POST", "/webhook/test"),
+            ("POST", "/channel/{channel}/test"),
             ("POST", "/faq/try"),
             ("GET", "/wordlists"),
             ("PUT", "/wordlists/{category}"),
