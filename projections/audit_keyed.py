@@ -116,7 +116,7 @@ async def _partitions(bootstrap: str, topic: str, options: Mapping[str, Any]) ->
     return []
 
 
-async def _read_all(
+async def read_all(
     bootstrap: str, topic: str, options: Mapping[str, Any]
 ) -> list[tuple[int, int, bytes]]:
     """(partition, offset, value) of every record now on ``topic``."""
@@ -155,7 +155,7 @@ async def read_checkpoints(
     options: Mapping[str, Any] | None = None,
 ) -> list[AuditCheckpoint]:
     out = []
-    for _, _, value in await _read_all(bootstrap, topic, options or {}):
+    for _, _, value in await read_all(bootstrap, topic, options or {}):
         try:
             record = CODEC.decode(value)
         except DecodeError:
@@ -202,7 +202,7 @@ async def checkpoint_log(
     latest: dict[str, int] = {}
     for cp in await read_checkpoints(bootstrap, checkpoints_topic, None, options):
         latest[cp.conversation_id] = max(latest.get(cp.conversation_id, 0), cp.seq)
-    found = histories(await _read_all(bootstrap, events_topic, options))
+    found = histories(await read_all(bootstrap, events_topic, options))
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, **dict(options)
     )
