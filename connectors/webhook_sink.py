@@ -7,6 +7,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -18,9 +19,21 @@ from connectors.delivery import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TENANT_HEA
 from connectors.metrics import ops_routes
 
 
-def webhook_sink(secrets: Mapping[str, bytes]) -> Starlette:
+def webhook_sink(secrets: Mapping[str, bytes], journal: Path | None = None) -> Starlette:
+    """With ``journal``, every accepted delivery is also appended there (a JSON line,
+    written before the answer) and read back on start: a restart forgets nothing."""
     received: dict[str, dict[str, Any]] = {}
     duplicates = 0
+    if journal is not None and journal.exists():
+        for line in journal.read_text("utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut by a crash: its sender got no answer
+                continue
+            if entry["key"] in received:
+                duplicates += 1
+            else:
+                received[entry["key"]] = entry["body"]
 
     async def webhook(request: Request) -> JSONResponse:
         nonlocal duplicates
@@ -33,10 +46,14 @@ def webhook_sink(secrets: Mapping[str, bytes]) -> Starlette:
         key = request.headers.get(IDEMPOTENCY_HEADER, "")
         if not key:
             return JSONResponse({"error": "missing idempotency key"}, status_code=400)
+        entry = {"tenant": tenant, **json.loads(body)}
+        if journal is not None:
+            with journal.open("a", encoding="utf-8") as out:
+                out.write(json.dumps({"key": key, "body": entry}) + "\n")
         if key in received:
             duplicates += 1
         else:
-            received[key] = {"tenant": tenant, **json.loads(body)}
+            received[key] = entry
         return JSONResponse({"ok": True})
 
     async def listing(request: Request) -> JSONResponse:

@@ -207,6 +207,8 @@ def projector(instance: str, state: str) -> None:
 @_process_options
 def webhook_sink(instance: str, state: str) -> None:
     """Run a local receiver that verifies and lists webhook deliveries (dev, demo)."""
+    from pathlib import Path
+
     import uvicorn
 
     from connectors.webhook_sink import webhook_sink as sink
@@ -214,7 +216,8 @@ def webhook_sink(instance: str, state: str) -> None:
     settings = _settings()
     secrets = {t: s.webhook_secret.get_secret_value().encode() for t, s in settings.tenants.items()}
     port = settings.dev.webhook_sink_port
-    uvicorn.run(sink(secrets), host="127.0.0.1", port=port, log_level="warning")
+    journal = Path(settings.dev.webhook_sink_journal) if settings.dev.webhook_sink_journal else None
+    uvicorn.run(sink(secrets, journal), host="127.0.0.1", port=port, log_level="warning")
 
 
 @main.command()
@@ -303,6 +306,9 @@ main.add_command(deadletter)
 from kefu.cli_files import files  # noqa: E402
 
 main.add_command(files)
+from kefu.cli_privacy import privacy  # noqa: E402
+
+main.add_command(privacy)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,9 @@ class ModerationSettings(_Frozen):
 class DevSettings(_Frozen):
     # The local webhook receiver (``kefu webhook-sink``) used by the demo and tests.
     webhook_sink_port: int = 18090
+    # A file where the sink also keeps what it received, so a restart (or a SIGKILL)
+    # forgets nothing, as a tenant's endpoint would; empty: in memory only.
+    webhook_sink_journal: str = ""
 
 
 class AgentSettings(_Frozen):

@@ -14,17 +14,18 @@ import faust
 import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from connectors.config_log import shown
+from connectors.config_log import SecretBox, shown
 from connectors.delivery import ChannelDeliverer, WebhookTarget
+from connectors.live_channels import live_webhooks
 from connectors.metrics import metrics_text
 from kefu.ai import build_responder
 from kefu.channels import channel_senders
-from kefu.config import ConfigService
+from kefu.config import ConfigService, config_key
 from kefu.files import url_signer
 from kefu.settings import Settings
 from kefu.telemetry import setup_tracing
 from kefu.topics import ensure_topics_blocking
-from projections.redis_rebuild import RebuildingRedisModel, log_rebuild
+from projections.redis_rebuild import RebuildingRedisModel, log_fold, log_rebuild
 from projections.redis_state import RedisConversations
 from projections.replay import replay_topics
 from schemas.config import SINGLE, ConfigState
@@ -93,11 +94,18 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
         )
 
     redis = aioredis.Redis.from_url(settings.redis.dsn)
-    webhooks = {
-        tenant_id: WebhookTarget(t.webhook_url, t.webhook_secret.get_secret_value().encode())
-        for tenant_id, t in tenants.items()
-        if t.webhook_url
-    }
+    # The webhook and channel credentials: the live configuration's (secrets opened
+    # with the config key), the environment's where it sets none.
+    box = SecretBox(config_key(settings))
+    webhooks = live_webhooks(
+        {
+            tenant_id: WebhookTarget(t.webhook_url, t.webhook_secret.get_secret_value().encode())
+            for tenant_id, t in tenants.items()
+            if t.webhook_url
+        },
+        live,
+        box,
+    )
     moderator = _moderator(settings)
     # Every worker follows the whole control topic (not a group agent): lists live.
     wordlists.install(kefu, moderator, load_timeout=settings.moderation.load_timeout_s)
@@ -112,7 +120,7 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     queue_router.install(kefu, sticky=settings.routing.sticky)
     timers.install(kefu, _deadlines(settings), settings.routing.timer_seconds)
     deliverer = ChannelDeliverer(
-        redis, webhooks, senders=channel_senders(settings), signer=url_signer(settings)
+        redis, webhooks, senders=channel_senders(settings, live, box), signer=url_signer(settings)
     )
     read_model = RedisConversations(redis)
     sink: RedisConversations | RebuildingRedisModel = read_model
@@ -124,7 +132,9 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
             read_model,
             settings.kafka.client_options(),
         )
-        sink = RebuildingRedisModel(redis, read_model, rebuild)
+        # Redis that lost its newest writes (a crash): the gap folded back from the log.
+        fold = log_fold(settings.kafka.servers, read_model, settings.kafka.client_options())
+        sink = RebuildingRedisModel(redis, read_model, rebuild, fold)
     # The hot path: two batch consumers on the app's loop (streams.batch_consumer),
     # the conversation agent on the commands, one reader of the events for the
     # projection, delivery, routing feed and responder. Faust runs the rest.

@@ -17,6 +17,22 @@ is applied in a transaction that ``WATCH``es it:
 
 Nothing is duplicated: every write is guarded by the conversation's (or queue's) seq.
 
+Redis that lost only its *newest* writes keeps the marker: a SIGKILL (or a machine
+crash) with ``appendfsync everysec`` loses up to a second of the append-only file, and
+a restored backup is older still, while the readers' offsets, committed after those
+writes, stay on Kafka. A conversation's hash is then at seq k while the log has k+n,
+and nothing would bring the missing events back: the reader resumes after them, and
+its next event of the conversation passes the guard over the gap. So each live batch
+also records, in the same transaction, the log position it reached per partition
+(``POSITIONS_KEY``: ``topic:partition`` -> next offset), and the rebuild records where
+it read to. The append-only file is replayed in order and an incomplete ``MULTI`` at
+its end is dropped, so whatever Redis kept, the position it holds says truly how far
+its model goes. When the reader is given a partition, before any batch of it,
+:meth:`RebuildingRedisModel.catch_up` compares: a position below the reader's
+committed offset (or none, with the marker present) means the model lost writes, and
+the events in between are folded from the log into it (the guards apply exactly the
+missing seqs of each conversation behind, and drop the rest) before the reader goes on.
+
 ``kefu replay --reset`` uses the same two keys (:func:`holding_the_model`): it takes the
 lock and drops the marker, so live batches wait while it deletes and rebuilds; one that
 slipped in between the delete and the replay would carry a later seq into an emptied
@@ -31,9 +47,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from aiokafka import TopicPartition
 from redis.exceptions import WatchError
 
 from projections.redis_state import RedisConversations
@@ -43,6 +61,8 @@ log = logging.getLogger(__name__)
 
 EPOCH_KEY = "kefu-system:redis-model:epoch"
 LOCK_KEY = "kefu-system:redis-model:rebuilding"
+# How far the model goes on the log: ``topic:partition`` -> the next offset to apply.
+POSITIONS_KEY = "kefu-system:redis-model:positions"
 
 # Set the marker only while our lock still holds (no flush since we took it).
 _SET_IF_LOCKED = """
@@ -64,7 +84,22 @@ end
 return 0
 """
 
-Rebuild = Callable[[], Awaitable[int]]  # replays the log into the model; events applied
+Positions = Mapping[TopicPartition, int]  # the next offset to apply, per partition
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuilt:
+    applied: int  # events replayed
+    ends: Positions  # where the replay read each partition to
+
+
+Rebuild = Callable[[], Awaitable[Rebuilt]]  # replays the whole log into the model
+# Replays these ``[start, end)`` ranges of the log into the model; events applied.
+Fold = Callable[[Mapping[TopicPartition, tuple[int, int]]], Awaitable[int]]
+
+
+def position_field(tp: TopicPartition) -> str:
+    return f"{tp.topic}:{tp.partition}"
 
 
 class RebuildingRedisModel:
@@ -78,17 +113,24 @@ class RebuildingRedisModel:
         client: aioredis.Redis,
         model: RedisConversations,
         rebuild: Rebuild,
+        fold: Fold | None = None,
         lock_seconds: float = 30.0,
         poll_seconds: float = 0.2,
     ) -> None:
         self._redis = client
         self._model = model
         self._rebuild = rebuild
+        self._fold = fold
         self._lock_ms = int(lock_seconds * 1000)
         self._poll = poll_seconds
         self.rebuilds = 0  # rebuilds this process ran (tests, metrics)
+        self.caught_up = 0  # events folded in by ``catch_up`` (tests, metrics)
 
-    async def apply(self, events: Sequence[Event | QueueEvent]) -> None:
+    async def apply(
+        self, events: Sequence[Event | QueueEvent], positions: Positions | None = None
+    ) -> None:
+        """``events`` in one transaction, with ``positions`` (where the batch leaves
+        each of its partitions) if given."""
         while True:
             async with self._redis.pipeline(transaction=True) as pipe:
                 try:
@@ -99,6 +141,9 @@ class RebuildingRedisModel:
                         continue
                     pipe.multi()  # type: ignore[no-untyped-call]
                     await self._model.queue(pipe, events)  # batch scripts, not one per event
+                    if positions:
+                        marks = {position_field(tp): at for tp, at in positions.items()}
+                        pipe.hset(POSITIONS_KEY, mapping=marks)  # type: ignore[arg-type]
                     await pipe.execute()
                     return
                 except WatchError:
@@ -108,6 +153,48 @@ class RebuildingRedisModel:
         """Rebuild now if the marker is missing (a worker may call it on start)."""
         if await self._redis.get(EPOCH_KEY) is None:
             await self._rebuild_or_wait()
+
+    async def catch_up(self, starts: Positions) -> int:
+        """Partitions the reader was given, with the offset it resumes each at (its
+        committed one), before any batch of them: the events the model lost between
+        the position it holds and there are folded from the log (module docstring).
+        Returns how many were folded."""
+        await self.ensure()  # a flushed model comes back whole first
+        tps = sorted(starts, key=position_field)
+        if not tps or self._fold is None:
+            return 0
+        held = await self._redis.hmget(POSITIONS_KEY, [position_field(tp) for tp in tps])
+        # None: the model never recorded this partition (it predates positions, or it
+        # lost every write of it): from the beginning, to be sure.
+        ranges = {
+            tp: (int(at or 0), starts[tp])
+            for tp, at in zip(tps, held, strict=True)
+            if int(at or 0) < starts[tp]
+        }
+        if not ranges:
+            return 0
+        started = time.monotonic()
+        behind = ", ".join(f"{position_field(tp)} {a}..{b}" for tp, (a, b) in ranges.items())
+        log.warning("redis model: behind the log (lost writes?) at %s; folding them in", behind)
+        applied = await self._fold(ranges)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            try:  # not onto a model flushed meanwhile (its rebuild records positions)
+                await pipe.watch(EPOCH_KEY)
+                if await pipe.get(EPOCH_KEY) is not None:
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    marks = {position_field(tp): end for tp, (_, end) in ranges.items()}
+                    pipe.hset(POSITIONS_KEY, mapping=marks)  # type: ignore[arg-type]
+                    await pipe.execute()
+            except WatchError:
+                pass
+        self.caught_up += applied
+        log.warning(
+            "redis model: folded %d events of %d partitions in %.2f s",
+            applied,
+            len(ranges),
+            time.monotonic() - started,
+        )
+        return applied
 
     async def _rebuild_or_wait(self) -> None:
         token = uuid.uuid4().hex
@@ -125,13 +212,16 @@ class RebuildingRedisModel:
         started = time.monotonic()
         log.warning("redis model: epoch marker missing; rebuilding it from the log")
         async with _holding_lock(self._redis, token, self._lock_ms):
-            applied = await self._rebuild()
+            rebuilt = await self._rebuild()
+            if rebuilt.ends:  # before the marker: a model with one is never without them
+                marks = {position_field(tp): at for tp, at in rebuilt.ends.items()}
+                await self._redis.hset(POSITIONS_KEY, mapping=marks)  # type: ignore[arg-type]
             done = await _set_epoch_if_locked(self._redis, token)
         if done:
             self.rebuilds += 1
             log.warning(
                 "redis model: rebuilt from %d events in %.2f s",
-                applied,
+                rebuilt.applied,
                 time.monotonic() - started,
             )
         else:
@@ -211,13 +301,34 @@ def log_rebuild(
     from the beginning up to their end now, into ``model``."""
     from projections.replay import LogReader, ReplayFilter, ReplayStats
 
-    async def rebuild() -> int:
+    async def rebuild() -> Rebuilt:
         reader = LogReader(bootstrap, list(topics), kafka_options=kafka_options)
         stats = ReplayStats()
         applied = 0
         async for batch in reader.batches(ReplayFilter(), stats):
             await model.apply([record.event for record in batch])
             applied += len(batch)
-        return applied
+        return Rebuilt(applied, reader.ends)
 
     return rebuild
+
+
+def log_fold(
+    bootstrap: str,
+    model: RedisConversations,
+    kafka_options: Mapping[str, Any] | None = None,
+) -> Fold:
+    """A :data:`Fold` that replays ranges of the log into ``model``, in log order per
+    partition (the seq guards drop what the model already holds)."""
+    from projections.replay import LogReader, ReplayFilter, ReplayStats
+
+    async def fold(ranges: Mapping[TopicPartition, tuple[int, int]]) -> int:
+        topics = sorted({tp.topic for tp in ranges})
+        reader = LogReader(bootstrap, topics, kafka_options=kafka_options, ranges=ranges)
+        applied = 0
+        async for batch in reader.batches(ReplayFilter(), ReplayStats()):
+            await model.apply([record.event for record in batch])
+            applied += len(batch)
+        return applied
+
+    return fold

@@ -115,7 +115,8 @@ BATCH_EVENTS = 40_000
 
 class LogReader:
     """Reads topics (the conversations' and the queues' histories) from the beginning
-    with no consumer group (commits nothing)."""
+    with no consumer group (commits nothing); with ``ranges``, only those offsets
+    ``[start, end)`` of those partitions (clamped to what the log holds)."""
 
     def __init__(
         self,
@@ -124,14 +125,17 @@ class LogReader:
         fetch_max_bytes: int = 64 << 20,
         kafka_options: Mapping[str, Any] | None = None,
         share: tuple[int, int] = (0, 1),
+        ranges: Mapping[TopicPartition, tuple[int, int]] | None = None,
     ) -> None:
         self._bootstrap = bootstrap
+        self._ranges = dict(ranges) if ranges is not None else None
         # (i, n): only partitions p with p % n == i, so n readers split a replay.
         self._share = share
         self._kafka_options = dict(kafka_options or {})
         self._topics = [topics] if isinstance(topics, str) else list(topics)
         self._fetch_max_bytes = fetch_max_bytes
         self.total = 0  # records in range, known once ``batches`` starts
+        self.ends: dict[TopicPartition, int] = {}  # where each partition was read to
 
     async def batches(
         self, flt: ReplayFilter, stats: ReplayStats, progress: Progress | None = None
@@ -154,9 +158,16 @@ class LogReader:
                 for tp in await _partitions(consumer, topic)
                 if tp.partition % of == index
             ]
+            if self._ranges is not None:
+                partitions = [tp for tp in partitions if tp in self._ranges]
             consumer.assign(partitions)
             starts = await consumer.beginning_offsets(partitions)
             ends = await consumer.end_offsets(partitions)
+            for tp, (start, end) in (self._ranges or {}).items():
+                if tp in starts:
+                    starts[tp] = max(starts[tp], start)
+                    ends[tp] = max(starts[tp], min(ends[tp], end))
+            self.ends = dict(ends)
             remaining = {tp for tp in partitions if ends[tp] > starts[tp]}
             self.total = sum(ends[tp] - starts[tp] for tp in partitions)
             for tp in partitions:

@@ -30,7 +30,7 @@ from streams.app import KefuApp
 from streams.batch_consumer import BatchConfig, BatchConsumer
 from streams.delivery import Deliverer
 from streams.inbox import MAX_RECORD_BYTES, outlasting, send_dead_letter
-from streams.projection import EventSink, apply_until_done
+from streams.projection import EventSink, PositionedSink, apply_until_done, catch_up_until_done
 from streams.responder import ResponderPool
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,20 @@ class EventReader(BatchConsumer):
     def on_revoked(self, tps: set[TopicPartition]) -> None:
         self._responder.forget(tps)
 
+    async def on_assigned(self, tps: set[TopicPartition]) -> None:
+        """Before any batch of them: a read model that lost writes of these partitions
+        (Redis's newest append-only writes, after a crash) gets them back from the log
+        up to where this reader resumes (``projections.redis_rebuild``)."""
+        sink, consumer = self._sink, self._consumer
+        if not tps or consumer is None or not isinstance(sink, PositionedSink):
+            return
+        starts = {}
+        for tp in tps:
+            committed = await consumer.committed(tp)
+            if committed is not None:  # none: the reader starts at the beginning
+                starts[tp] = committed
+        await catch_up_until_done(sink, starts)
+
     async def on_stop(self) -> None:
         await super().on_stop()
         await self._responder.close()
@@ -106,7 +120,8 @@ class EventReader(BatchConsumer):
                 items.extend((message, event) for event in events)
         if items:  # a reply at the time it reached the log (``as_projected``)
             projected = [as_projected(event, message.timestamp) for message, event in items]
-            await apply_until_done(self._sink, projected)
+            positions = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+            await apply_until_done(self._sink, projected, positions)
             telemetry.projected(PROJECTION_STAGE, messages, started)
         conversations = [(m, e) for m, e in items if isinstance(e, Event)]
         receipts = await delivery.deliver_batch(

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -44,7 +45,7 @@ from pydantic import SecretStr
 
 from kefu.cli import stack_down_all, stack_up_all
 from kefu.local import private_settings
-from kefu.processes import wait_until
+from kefu.processes import Daemon, wait_until
 from kefu.services import Service, Services
 from kefu.settings import (
     AIModelSettings,
@@ -210,6 +211,51 @@ class FaultStack:
     def start_clickhouse(self) -> None:
         self.services.start([self.clickhouse()], timeout=120.0)
 
+    # -- the whole machine
+
+    def daemons(self) -> list[Daemon]:
+        """Every process of the stack: Kafka's nodes, Redis, the ClickHouse projector,
+        the webhook sink, the workers, the gateway, the SMTP listener."""
+        app = [service.daemon for service in self.services.app_services()]
+        return [
+            *self.stack.kafka_daemons,
+            self.stack.redis_daemon,
+            self.clickhouse().daemon,
+            *app,
+        ]
+
+    def crash(self) -> list[str]:
+        """SIGKILL every process of the stack at once (each process group: no
+        shutdown, no flush, no commit), as a machine that loses power, then wait
+        until all are gone. Returns the names of what was running."""
+        running = [(d, pid) for d in self.daemons() if (pid := d.pid()) is not None]
+        for _, pid in running:  # the pids first, then the signals back to back
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        for daemon, pid in running:
+            wait_until(_gone(daemon), timeout=30.0, what=f"{daemon.name} gone")
+            # Its command line goes before its sockets do: wait until it has exited.
+            wait_until(_exited(daemon, pid), timeout=30.0, what=f"{daemon.name} exited")
+            daemon.pid_path.unlink(missing_ok=True)
+        return [daemon.name for daemon, _ in running]
+
+    def redis_data(self) -> Path:
+        """Redis's append-only files (``appendonlydir``)."""
+        return self.stack.redis_dir / "appendonlydir"
+
+    def copy_redis_data(self, to: Path) -> None:
+        """A copy of Redis's append-only files as they are now (Redis running: the
+        copy may end inside a command, which Redis drops when it loads it)."""
+        shutil.rmtree(to, ignore_errors=True)
+        shutil.copytree(self.redis_data(), to)
+
+    def restore_redis_data(self, copy: Path) -> None:
+        """Redis stopped: its append-only files replaced by an older ``copy``, as if
+        it had lost every write since (``appendfsync everysec`` loses up to a second)."""
+        assert not self.stack.redis_daemon.is_running(), "stop Redis first"
+        shutil.rmtree(self.redis_data())
+        shutil.copytree(copy, self.redis_data())
+
     # -- reading what landed
 
     def analytics(self, sql: str) -> list[list[Any]]:
@@ -220,6 +266,29 @@ class FaultStack:
         url = f"http://127.0.0.1:{self.settings.dev.webhook_sink_port}/received"
         body: dict[str, Any] = httpx.get(url, timeout=10.0).json()
         return body
+
+
+def _gone(daemon: Daemon) -> Callable[[], bool]:
+    return lambda: not daemon.is_running()
+
+
+def _exited(daemon: Daemon, pid: int) -> Callable[[], bool]:
+    """``pid`` gone, or a zombie with none of its threads left: its files, so its
+    ports, are closed by then (a multithreaded process's leader can be a zombie while
+    its other threads still hold them)."""
+
+    def check() -> bool:
+        daemon.is_running()  # collects the exit status of a child of ours
+        proc = Path(f"/proc/{pid}")
+        try:
+            stat = (proc / "stat").read_text()
+            threads = len(list((proc / "task").iterdir()))
+        except OSError:
+            return True
+        zombie = stat[stat.rfind(")") + 2 :].startswith(("Z", "X"))
+        return zombie and threads <= 1
+
+    return check
 
 
 # ------------------------------------------------------------------- the customers
@@ -258,6 +327,8 @@ class Customers:
     sent: list[Sent] = field(default_factory=list)
     waves: int = 0
     post_retries: int = 0
+    # (customer id, message id) -> monotonic time of its 202: what the API promised.
+    acked: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def customer(self, index: int) -> str:
         return f"f-{self.run}-c{index}"
@@ -290,6 +361,8 @@ class Customers:
             with contextlib.suppress(httpx.HTTPError):
                 response = await http.post("/v1/messages", json=body)
                 if response.status_code == 202:
+                    key = (body["customer_id"], body["message_id"])
+                    self.acked.setdefault(key, time.monotonic())
                     return
                 assert response.status_code >= 500 or response.status_code == 429, (
                     response.status_code,
@@ -340,8 +413,11 @@ class Customers:
             fault_started = 0.0
             outstanding: set[str] = set()
             deadline = started + limit_s
+            got: dict[str, list[dict[str, Any]]] = {}
             while True:
-                got = await self.replies(http)
+                # The sink itself may be down (a whole-machine crash): ask again.
+                with contextlib.suppress(httpx.HTTPError):
+                    got = await self.replies(http)
                 done = {c for c in ids if len(got.get(c, [])) >= expected}
                 now = time.monotonic()
                 if fault is not None and fault_task is None and len(done) >= at * len(ids):
