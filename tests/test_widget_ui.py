@@ -364,9 +364,11 @@ def test_widget_in_chinese_desktop_and_mobile(pipeline: Settings, browser: Any) 
         launcher.click()
         assert launcher.get_attribute("aria-expanded") == "true"
         frame = host.frame_locator("#kefu-widget-frame")
-        chat = wait_for(lambda: next((f for f in host.frames if "/chat?" in f.url), None))
-        # The pre-chat form first; the greeting in the tenant's words.
+        # The pre-chat form first; the greeting in the tenant's words. (A Playwright wait:
+        # the sync API only learns of the frame's navigation while it waits or calls,
+        # so polling ``host.frames`` alone can spin on a stale URL.)
         frame.locator("#prechat:not([hidden])").wait_for(timeout=30_000)
+        chat = next(f for f in host.frames if "/chat?" in f.url)
         assert frame.locator("#greeting p").text_content() == WIDGET["greeting"]["zh"]
         frame.locator("#prechat-start").click()
         assert frame.locator("#prechat-name-error").text_content() == "请填写您的称呼。"
@@ -471,6 +473,7 @@ def test_widget_in_chinese_desktop_and_mobile(pipeline: Settings, browser: Any) 
 def test_widget_in_english_offline_form_and_language_switch(
     pipeline: Settings, browser: Any
 ) -> None:
+    online(pipeline, "offline")  # whatever an earlier test left
     settings_when(pipeline, lambda s: s["available"] is False, "nobody available")
     customer = f"en-{uuid.uuid4().hex[:8]}"
     conversation = conversation_id_for(TENANT, "web", customer)
