@@ -307,6 +307,8 @@ def run_demo(settings: Settings, keep_running: bool = False, workers: int = 1) -
         click.echo(f"  web chat      http://{g.host}:{g.port}/chat?tenant={TENANT}")
         click.echo(f"  API docs      http://{g.host}:{g.port}/docs")
         click.echo(f"  dashboard     http://{g.host}:{g.port}/dashboard  (tenant API key)")
+        click.echo(f"  console       http://{g.host}:{g.port}/console  (agent token or /login)")
+        click.echo(f"  admin         http://{g.host}:{g.port}/admin  (sign in at /login)")
         click.echo(f"  gateway       http://{g.host}:{g.port}/healthz")
         if settings.embedded_clickhouse:
             click.echo(
