@@ -40,6 +40,7 @@ from streams.lifecycle import Policy
 from streams.metrics import watch_app, watch_reader
 from streams.moderation import Moderator, SpamLimits, WordList
 from streams.responder import ResponderPool
+from streams.responders import TenantFaq
 from streams.routing import TenantRouting, router
 from streams.telemetry import traced_app
 
@@ -109,7 +110,8 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     moderator = _moderator(settings)
     # Every worker follows the whole control topic (not a group agent): lists live.
     wordlists.install(kefu, moderator, load_timeout=settings.moderation.load_timeout_s)
-    answers = build_responder(settings, redis, moderator)
+    # The tenant's own FAQ from /admin first, live; then the configured responder.
+    answers = TenantFaq(build_responder(settings, redis, moderator), live)
     policy = Policy(
         moderator,
         router(tenant_routing),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
 
+from schemas.config import ConfigState
 from schemas.records import RecordReply, ReplyRequested
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -147,3 +148,55 @@ class OfflineResponder:
         text_out = best.answers.get(lang) or next(iter(best.answers.values()))
         action = "handoff" if best.intent == HUMAN_INTENT else "answer"
         return Answer(text_out, self.name, round(best_score, 3), best.intent, action)
+
+
+class TenantFaq:
+    """The FAQ a tenant's admin wrote in /admin (config kind ``faq``: question, answer,
+    keywords, intent), asked before the responder it wraps: an explicit answer to a
+    question that matches it well wins, anything else goes on as before. Live: the
+    entries are rebuilt when the configuration changed (``ConfigState.applied``)."""
+
+    name = "tenant-faq"
+
+    def __init__(self, inner: Responder, config: ConfigState, threshold: float = 0.5) -> None:
+        self._inner = inner
+        self._config = config
+        self._threshold = threshold
+        self._cache: dict[str, tuple[int, list[FaqEntry]]] = {}
+
+    def entries(self, tenant: str) -> list[FaqEntry]:
+        cached = self._cache.get(tenant)
+        if cached is not None and cached[0] == self._config.applied:
+            return cached[1]
+        built = []
+        for entry_id, data in self._config.all(tenant, "faq").items():
+            answer = str(data.get("answer") or "")
+            if not answer:
+                continue
+            feats = features(str(data.get("question") or ""))
+            feats |= {str(k).lower() for k in data.get("keywords") or ()}
+            intent = str(data.get("intent") or f"faq:{entry_id}")
+            built.append(FaqEntry(intent, frozenset(feats), {"zh": answer, "en": answer}))
+        self._cache[tenant] = (self._config.applied, built)
+        return built
+
+    def _match(self, request: ReplyRequested) -> Answer | None:
+        entries = self.entries(request.tenant_id)
+        if not entries:
+            return None
+        asked = features(request.text)
+        best, best_score = None, 0.0
+        for entry in entries:
+            score = len(asked & entry.features) / (len(asked) or 1)
+            if score > best_score:
+                best, best_score = entry, score
+        if best is None or best_score < self._threshold:
+            return None
+        action = "handoff" if best.intent == HUMAN_INTENT else "answer"
+        return Answer(best.answers["zh"], self.name, round(best_score, 3), best.intent, action)
+
+    async def answer(self, request: ReplyRequested) -> Answer:
+        return self._match(request) or await self._inner.answer(request)
+
+    def answer_now(self, request: ReplyRequested) -> Answer | None:
+        return self._match(request) or self._inner.answer_now(request)

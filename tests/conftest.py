@@ -235,6 +235,8 @@ def isolated_settings(state_dir: Path) -> Settings:
             ),
             # Configuration as events (tests/test_config.py): changed live by the tests.
             "cfg": TenantSettings(api_key=SecretStr("cfg-test-key"), ai_enabled=False),
+            # Its FAQ written in /admin answers its customers (tests/test_config.py).
+            "cfgai": TenantSettings(api_key=SecretStr("cfgai-test-key")),
             # The whole path in Chromium (tests/test_whole_path_ui.py): human-only, no
             # agents seeded; its admin key only bootstraps the admin, /admin does the rest.
             "path": TenantSettings(

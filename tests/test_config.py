@@ -68,10 +68,12 @@ def test_secrets_are_sealed_and_never_shown() -> None:
     assert shown(data) == {"app_id": "wx1", "app_secret": {"set": True}, "token": {"set": False}}
 
 
-def _worker_entity(settings: Settings, kind: str, entity_id: str) -> dict[str, Any] | None:
+def _worker_entity(
+    settings: Settings, kind: str, entity_id: str, tenant: str = "cfg"
+) -> dict[str, Any] | None:
     url = f"http://127.0.0.1:{settings.worker.web_port}/config"
     try:
-        got = httpx.get(url, params={"tenant": "cfg", "kind": kind, "id": entity_id}, timeout=5)
+        got = httpx.get(url, params={"tenant": tenant, "kind": kind, "id": entity_id}, timeout=5)
     except httpx.HTTPError:
         return None
     entity: dict[str, Any] | None = got.json().get("entity") if got.status_code == 200 else None
@@ -118,3 +120,37 @@ def test_the_console_directory_follows_the_config() -> None:
     assert "alice" not in directory["t1"]  # disabled: no login, no routing
     state.apply(config_record("t2", "tenant", "-", {"name": "t2"}, "admin"))
     assert "t2" in list(directory)
+
+
+def test_an_faq_entry_from_admin_answers_the_next_customer(pipeline: Settings) -> None:
+    """No restart: the worker's responder asks the tenant's own FAQ first."""
+    entry = {"question": "开发票需要多久", "answer": "电子发票 24 小时内发到您的邮箱。"}
+    record = config_record("cfgai", "faq", "invoice", entry, "test")
+
+    async def publish() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=pipeline.kafka.servers, acks="all")
+        await producer.start()
+        try:
+            await publish_config(producer, TopicNames(pipeline.topic_prefix).config, record)
+        finally:
+            await producer.stop()
+
+    asyncio.run(publish())
+    wait_for(lambda: _worker_entity(pipeline, "faq", "invoice", "cfgai"), 10, "the worker")
+    g = pipeline.gateway
+    with httpx.Client(base_url=f"http://{g.host}:{g.port}", timeout=30) as http:
+        key = {"X-Api-Key": "cfgai-test-key"}
+        sent = http.post(
+            "/v1/messages", json={"customer_id": "buyer-1", "text": "开发票需要多久？"}, headers=key
+        )
+        assert sent.status_code == 202, sent.text
+        conversation = sent.json()["conversation_id"]
+
+        def replied() -> list[dict[str, Any]] | None:
+            got = http.get(f"/v1/conversations/{conversation}", headers=key)
+            if got.status_code != 200:
+                return None
+            return [m for m in got.json()["messages"] if m.get("role") == "ai"] or None
+
+        replies = wait_for(replied, 60, "the AI's reply")
+    assert replies[0]["text"] == "电子发票 24 小时内发到您的邮箱。"

@@ -27,3 +27,43 @@ def test_paraphrase_finds_the_same_intent() -> None:
 def test_unknown_question_falls_back_without_an_intent() -> None:
     answer = RESPONDER.answer_text("what is the airspeed of an unladen swallow")
     assert answer.intent is None and answer.text == FALLBACK["en"]
+
+
+def test_the_tenants_own_faq_answers_first_and_follows_the_config() -> None:
+    from connectors.config_log import config_record
+    from schemas.config import ConfigState
+    from schemas.records import ReplyRequested
+    from streams.responders import OfflineResponder, TenantFaq
+
+    def request(text: str, tenant: str = "t1") -> ReplyRequested:
+        return ReplyRequested(
+            event_id="r1",
+            conversation_id="c1",
+            tenant_id=tenant,
+            seq=2,
+            occurred_at=1,
+            message_event_id="m1",
+            channel="api",
+            text=text,
+        )
+
+    config = ConfigState()
+    faq = TenantFaq(OfflineResponder(), config)
+    before = faq.answer_now(request("开发票需要多久"))
+    assert before is not None and before.responder == "offline-faq"
+    entry = {
+        "question": "开发票需要多久",
+        "answer": "电子发票 24 小时内发到邮箱。",
+        "keywords": ["发票"],
+    }
+    config.apply(config_record("t1", "faq", "invoice", entry, "admin"))
+    answer = faq.answer_now(request("开发票需要多久？"))
+    assert answer is not None and answer.responder == "tenant-faq"
+    assert answer.text == "电子发票 24 小时内发到邮箱。" and answer.intent == "faq:invoice"
+    # Another tenant's customers never get t1's answers; unrelated questions go on.
+    other = faq.answer_now(request("开发票需要多久", tenant="t2"))
+    assert other is not None and other.responder == "offline-faq"
+    assert faq.answer_now(request("where is my parcel")).responder == "offline-faq"  # type: ignore[union-attr]
+    config.apply(config_record("t1", "faq", "invoice", None, "admin", 10**13))  # deleted
+    gone = faq.answer_now(request("开发票需要多久？"))
+    assert gone is not None and gone.responder == "offline-faq"
