@@ -4,17 +4,51 @@ offline FAQ responder answers, as before."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import redis.asyncio as aioredis
 
 from connectors.ai_store import RedisCacheStore, RedisRateLimiter, RedisTokenSink
 from kefu.settings import AISettings, Settings
+from schemas.config import ConfigState
 from streams.llm import AIConfig, AIResponder, KnowledgeLibrary, ModelSpec, Rule, Screen, Tuning
 from streams.moderation import Moderates, Moderator
 from streams.responders import OfflineResponder, Responder
 from streams.semantic_cache import SemanticCache
 
 
-def ai_config(ai: AISettings) -> AIConfig:
+class LiveTuning(Mapping[str, Tuning]):
+    """Each tenant's temperature, output limit and system prompt: the environment's,
+    with what /admin set (config kind ``ai``) on top, read per request, so a change
+    applies to the next answer without a restart."""
+
+    def __init__(self, seed: Mapping[str, Tuning], config: ConfigState, default: Tuning) -> None:
+        self._seed = seed
+        self._config = config
+        self._default = default
+
+    def __getitem__(self, tenant: str) -> Tuning:
+        base = self._seed.get(tenant)
+        live = self._config.get(tenant, "ai")
+        if live is None:
+            if base is None:
+                raise KeyError(tenant)
+            return base
+        base = base or self._default
+        return Tuning(
+            float(live.get("temperature", base.temperature)),
+            int(live.get("max_tokens", base.max_tokens)),
+            str(live.get("system_prompt", base.system_prompt) or ""),
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(set(self._seed) | set(self._config.tenants())))
+
+    def __len__(self) -> int:
+        return len(set(self._seed) | set(self._config.tenants()))
+
+
+def ai_config(ai: AISettings, live: ConfigState | None = None) -> AIConfig:
     return AIConfig(
         models=tuple(
             ModelSpec(
@@ -36,10 +70,7 @@ def ai_config(ai: AISettings) -> AIConfig:
             Rule(r.model, r.tenant, r.language, r.intent, r.pattern) for r in ai.rules.values()
         ),
         tuning=Tuning(ai.temperature, ai.max_tokens),
-        tenants={
-            tenant: Tuning(t.temperature, t.max_tokens, t.system_prompt)
-            for tenant, t in ai.tenants.items()
-        },
+        tenants=_tenants(ai, live),
         intent_threshold=ai.intent_threshold,
         clarify_floor=ai.clarify_floor,
         retries=ai.retries,
@@ -49,6 +80,16 @@ def ai_config(ai: AISettings) -> AIConfig:
         breaker_reset=ai.breaker_reset_seconds,
         stream_channels=tuple(ai.stream_channels),
     )
+
+
+def _tenants(ai: AISettings, live: ConfigState | None) -> Mapping[str, Tuning]:
+    seed = {
+        tenant: Tuning(t.temperature, t.max_tokens, t.system_prompt)
+        for tenant, t in ai.tenants.items()
+    }
+    if live is None:
+        return seed
+    return LiveTuning(seed, live, Tuning(ai.temperature, ai.max_tokens))
 
 
 def moderation_screen(moderator: Moderates) -> Screen:
@@ -62,7 +103,10 @@ def moderation_screen(moderator: Moderates) -> Screen:
 
 
 def build_responder(
-    settings: Settings, redis: aioredis.Redis, moderator: Moderates | None = None
+    settings: Settings,
+    redis: aioredis.Redis,
+    moderator: Moderates | None = None,
+    live: ConfigState | None = None,
 ) -> Responder:
     ai = settings.ai
     if not ai.models:
@@ -82,7 +126,7 @@ def build_responder(
         else None
     )
     return AIResponder(
-        ai_config(ai),
+        ai_config(ai, live),
         library=KnowledgeLibrary(ai.knowledge_dir),
         cache=cache,
         limiter=RedisRateLimiter(redis, ai.rate_per_second, ai.rate_burst, overrides),

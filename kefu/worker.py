@@ -111,7 +111,7 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     # Every worker follows the whole control topic (not a group agent): lists live.
     wordlists.install(kefu, moderator, load_timeout=settings.moderation.load_timeout_s)
     # The tenant's own FAQ from /admin first, live; then the configured responder.
-    answers = TenantFaq(build_responder(settings, redis, moderator), live)
+    answers = TenantFaq(build_responder(settings, redis, moderator, live), live)
     policy = Policy(
         moderator,
         router(tenant_routing),

@@ -154,3 +154,21 @@ def test_an_faq_entry_from_admin_answers_the_next_customer(pipeline: Settings) -
 
         replies = wait_for(replied, 60, "the AI's reply")
     assert replies[0]["text"] == "电子发票 24 小时内发到您的邮箱。"
+
+
+def test_ai_settings_from_admin_tune_the_next_answer() -> None:
+    from kefu.ai import ai_config
+    from kefu.settings import AISettings
+
+    live = ConfigState()
+    config = ai_config(AISettings(temperature=0.4, max_tokens=512), live)
+    assert config.tuning_for("t1").temperature == 0.4  # nothing set: the defaults
+    ai = {"temperature": 0.1, "system_prompt": "你是小鹿商城的客服。"}
+    live.apply(config_record("t1", "ai", "-", ai, "admin"))
+    tuned = config.tuning_for("t1")
+    assert (tuned.temperature, tuned.max_tokens, tuned.system_prompt) == (
+        0.1,
+        512,
+        "你是小鹿商城的客服。",
+    )
+    assert config.tuning_for("t2").temperature == 0.4  # another tenant's stays
