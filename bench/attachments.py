@@ -51,6 +51,7 @@ import redis.asyncio as aioredis
 from PIL import Image, ImageFilter
 
 from bench.pipeline import bench_settings
+from bench.results import append_row
 from bench.traffic import TENANT
 from connectors.identity import command_id_for, conversation_id_for
 from kefu.settings import RateLimitSettings, Settings
@@ -485,17 +486,7 @@ def record(summary: Summary, command: str, load: tuple[float, float]) -> None:
         f"| {quantile(v.visible_s, 0.5) * 1000:.0f} | {quantile(v.visible_s, 0.99) * 1000:.0f} "
         f"| {len(v.visible_s)}/{len(v.visible_s) + v.missing} | {load[0]:.1f} → {load[1]:.1f} |"
     )
-    text = RESULTS.read_text("utf-8")
-    if SECTION not in text:
-        text = text.rstrip("\n") + "\n\n" + HEADER + row + "\n"
-        RESULTS.write_text(text, "utf-8")
-        return
-    lines = text.split("\n")
-    start = lines.index(SECTION)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    last = max(i for i in range(start, end) if lines[i].startswith("|"))
-    lines.insert(last + 1, row)
-    RESULTS.write_text("\n".join(lines), "utf-8")
+    append_row(RESULTS, SECTION, HEADER, row)
 
 
 HEADER = f"""{SECTION}

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.pipeline import bench_settings
+from bench.results import append_row
 from bench.traffic import TENANT, publish_to_kafka, workload
 from kefu.cli import stack_down_all, stack_up_all
 from kefu.services import Services
@@ -179,17 +180,7 @@ def machine() -> str:
 
 
 def record(row: str) -> None:
-    text = RESULTS.read_text("utf-8")
-    if SECTION not in text:
-        text = text.rstrip("\n") + "\n\n" + HEADER + row + "\n"
-        RESULTS.write_text(text, "utf-8")
-        return
-    lines = text.split("\n")
-    start = lines.index(SECTION)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    last = max(i for i in range(start, end) if lines[i].startswith("|"))
-    lines.insert(last + 1, row)
-    RESULTS.write_text("\n".join(lines), "utf-8")
+    append_row(RESULTS, SECTION, HEADER, row)
 
 
 HEADER = f"""{SECTION}
