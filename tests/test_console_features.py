@@ -331,7 +331,9 @@ def test_search_and_profile_come_from_clickhouse_scoped_to_the_tenant(pipeline: 
         await gina.send(type="close", conversation_id=conversation, reason="resolved")
         await gina.expect(is_type("ack", command="close"), "closed")
         await gina.expect(not_assigned(conversation), "off the list")
-        # Back again: the same conversation id reopens, a second session.
+        # Back again: the same conversation id reopens, a second session. The frames seen so far
+        # include the first session's "assigned" snapshot, so wait for a new one.
+        gina.forget()
         await asyncio.to_thread(customer_says, pipeline, TENANT, who, "It happened again")
         await gina.expect(assigned(conversation), "reopened and assigned")
 
