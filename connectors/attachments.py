@@ -11,10 +11,13 @@ received through :func:`accept`, which refuses before anything is stored or publ
   ``max_image_pixels`` (a decompression bomb: a few KB that expand to gigabytes): 422,
   refused from its header before a pixel is decoded.
 
-Images are decoded and re-encoded with Pillow: the stored bytes carry no EXIF (no GPS
-position of the customer's home), orientation applied; a thumbnail for the console is
-stored beside them. SVG and HTML are files, never images: the download route serves them
-as attachments under a CSP that runs nothing (``connectors/files_api.py``).
+Images are decoded with Pillow and the stored bytes carry no EXIF (no GPS position of
+the customer's home), orientation applied; a thumbnail for the console is stored beside
+them. A JPEG or PNG with no orientation to apply keeps its compressed pixels, its
+metadata left out segment by segment (``connectors/image_strip.py``: a third of the CPU
+of a re-encode), and is then decoded to check it; everything else is re-encoded. SVG
+and HTML are files, never images: the download route serves them as attachments under a
+CSP that runs nothing (``connectors/files_api.py``).
 
 Download links are signed per tenant and expire (:class:`UrlSigner`): a URL is all a
 customer's browser, a webhook receiver or a channel API needs, and it opens one blob.
@@ -39,6 +42,7 @@ import filetype
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from connectors.blobs import BlobStore, blob_key, tenant_of_key
+from connectors.image_strip import strip_jpeg, strip_png, valid_icc
 from connectors.sniffing import sniff
 from schemas.keys import blob_usage_key
 from schemas.records import Attachment
@@ -99,6 +103,10 @@ class AttachmentPolicy:
     max_image_pixels: int = 40_000_000
     thumbnail_px: int = 320
     tenant_quota_bytes: int = 0  # 0: no quota
+    # JPEG and PNG without an orientation to apply: metadata left out segment by segment,
+    # the compressed pixels kept (then decoded to check them). False: every image is
+    # decoded and re-encoded (about three times the CPU).
+    lossless_strip: bool = True
 
     def limit_for(self, channel: str) -> int:
         return int(self.max_bytes.get(channel, self.max_bytes.get("*", 20 * 1024 * 1024)))
@@ -190,7 +198,15 @@ def prepare(
 def _reencode(
     data: bytes, mime_type: str, policy: AttachmentPolicy
 ) -> tuple[bytes, int, int, bytes, str]:
-    """Decode and re-encode: the bytes served are Pillow's, without EXIF or trailing data."""
+    """The bytes to serve, their size, a thumbnail and its type; without EXIF, or
+    :class:`AttachmentRejected` (422) when the image is too large or does not decode.
+
+    A JPEG or PNG whose pixels need no turning (no EXIF orientation, or 1) keeps its
+    compressed pixels: its metadata is left out segment by segment
+    (:mod:`connectors.image_strip`), and what is stored is then decoded in full (a JPEG
+    at the thumbnail's scale: every scan is still read, so a truncated or corrupt file
+    fails as it would at full size). Everything else is decoded and re-encoded: the
+    bytes served are Pillow's, without EXIF or trailing data, turned as the camera meant."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size  # from the header: nothing decoded yet
@@ -204,46 +220,117 @@ def _reencode(
                 raise AttachmentRejected(
                     422, f"animation too large: {frames} frames of {width}x{height}"
                 )
+            # An ICC profile describes the colours (no location): kept, on both paths.
+            icc = valid_icc(probe.info.get("icc_profile"))
+            if (lossless := _lossless(data, mime_type, probe, icc, policy)) is not None:
+                stored, image = lossless
+                with image:
+                    if image.size != (width, height):
+                        raise AttachmentRejected(422, "image could not be decoded (size)")
+                    if image.format == "JPEG":
+                        # A DCT-scaled decode (1/2 to 1/8 of the size) for the thumbnail.
+                        image.draft(image.mode, _thumbnail_size(width, height, policy))
+                    image.load()  # the decode: a truncated or corrupt image fails here
+                    thumbnail, thumbnail_type = _thumbnail(image, policy, box=True)
+                return stored, width, height, thumbnail, thumbnail_type
+            # (A PNG's EXIF may follow its pixels: reading it decodes them.)
+            turned = mime_type != "image/gif" and probe.getexif().get(_ORIENTATION, 1) != 1
             probe.load()  # the decode: a truncated or corrupt image fails here
             # No copy that changes nothing (profiled: copies were 16 % of an upload's
             # CPU): the decoded image is encoded, then shrunk in place to the thumbnail.
-            image: Image.Image = probe
-            if mime_type != "image/gif" and probe.getexif().get(_ORIENTATION, 1) != 1:
+            image = probe
+            if turned:
                 image = ImageOps.exif_transpose(probe)  # the pixels as the camera meant
             out = io.BytesIO()
             fmt = _PILLOW_FORMATS[mime_type]
             if fmt == "JPEG":
                 rgb = image if image.mode in ("RGB", "L") else image.convert("RGB")
-                rgb.save(out, "JPEG", quality=90)
+                # Pillow would carry the JPEG comment (COM) over: not its text either.
+                rgb.save(out, "JPEG", quality=90, icc_profile=icc, comment=b"")
             elif fmt == "GIF" and frames > 1:
-                probe.save(out, "GIF", save_all=True, loop=probe.info.get("loop", 0))
+                probe.save(out, "GIF", save_all=True, loop=probe.info.get("loop", 0), comment=b"")
                 probe.seek(0)
+            elif fmt == "GIF":
+                image.save(out, "GIF", comment=b"")  # (Pillow would carry the comment over)
+            elif fmt == "PNG":
+                image.save(out, "PNG", icc_profile=icc)
             else:
                 image.save(out, fmt)
             width, height = image.size
-            mode = "RGBA" if _has_alpha(image) else "RGB"
-            thumb = image if image.mode == mode else image.convert(mode)
-            # Bilinear after an integer box reduction: a preview, at a third of the
-            # default Lanczos filter's CPU (the largest cost of an upload when profiled).
-            thumb.thumbnail(
-                (policy.thumbnail_px, policy.thumbnail_px),
-                Image.Resampling.BILINEAR,
-                reducing_gap=1.0,
-            )
-            small = io.BytesIO()
-            if mode == "RGBA":
-                thumb.save(small, "PNG")
-                thumbnail_type = "image/png"
-            else:
-                thumb.save(small, "JPEG", quality=80)
-                thumbnail_type = "image/jpeg"
+            thumbnail, thumbnail_type = _thumbnail(image, policy)
     except AttachmentRejected:
         raise
     except Image.DecompressionBombError as exc:
         raise AttachmentRejected(422, f"image too large: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise AttachmentRejected(422, f"image could not be decoded ({type(exc).__name__})") from exc
-    return out.getvalue(), width, height, small.getvalue(), thumbnail_type
+    return out.getvalue(), width, height, thumbnail, thumbnail_type
+
+
+def _lossless(
+    data: bytes,
+    mime_type: str,
+    probe: Image.Image,
+    icc: bytes | None,
+    policy: AttachmentPolicy,
+) -> tuple[bytes, Image.Image] | None:
+    """The bytes without metadata and the (not yet decoded) image they open as; ``None``
+    when the pixels must be turned (EXIF orientation other than 1), the file is not a
+    shape :mod:`connectors.image_strip` rewrites, or the policy asks for a re-encode."""
+    if not policy.lossless_strip:
+        return None
+    if mime_type == "image/jpeg":
+        if probe.getexif().get(_ORIENTATION, 1) != 1:  # APP1, read with the header
+            return None
+        stored = strip_jpeg(data, icc)
+    elif mime_type == "image/png":
+        stripped = strip_png(data, keep_icc=icc is not None)
+        if stripped is None or (stripped[1] is not None and _orientation(stripped[1]) != 1):
+            return None
+        stored = stripped[0]
+    else:
+        return None
+    if stored is None:
+        return None
+    return stored, Image.open(io.BytesIO(stored), formats=(_PILLOW_FORMATS[mime_type],))
+
+
+def _orientation(exif: bytes) -> object:
+    """The orientation tag of a PNG's ``eXIf`` payload (0 when it does not parse: then
+    the full re-encode reads it, as it always did)."""
+    tags = Image.Exif()
+    try:
+        tags.load(exif)
+    except Exception:  # malformed EXIF from a stranger: whatever Pillow raises
+        return 0
+    return tags.get(_ORIENTATION, 1)
+
+
+def _thumbnail_size(width: int, height: int, policy: AttachmentPolicy) -> tuple[int, int]:
+    px = policy.thumbnail_px
+    scale = min(1.0, px / width, px / height)
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _thumbnail(
+    image: Image.Image, policy: AttachmentPolicy, box: bool = False
+) -> tuple[bytes, str]:
+    """The console's preview of the decoded ``image`` (which it may shrink in place):
+    JPEG, or PNG when the image has transparency. ``box``: the last step (less than 2x
+    after the DCT-scaled decode of a JPEG, or after ``reduce``) averages areas, 30 %
+    cheaper than bilinear, as good for a shrink that small."""
+    mode = "RGBA" if _has_alpha(image) else "RGB"
+    thumb = image if image.mode == mode else image.convert(mode)
+    # Bilinear after an integer box reduction: a preview, at a third of the default
+    # Lanczos filter's CPU (the largest cost of an upload when profiled).
+    resample = Image.Resampling.BOX if box else Image.Resampling.BILINEAR
+    thumb.thumbnail((policy.thumbnail_px, policy.thumbnail_px), resample, reducing_gap=1.0)
+    small = io.BytesIO()
+    if mode == "RGBA":
+        thumb.save(small, "PNG")
+        return small.getvalue(), "image/png"
+    thumb.save(small, "JPEG", quality=80)
+    return small.getvalue(), "image/jpeg"
 
 
 def _has_alpha(image: Image.Image) -> bool:

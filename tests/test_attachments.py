@@ -4,6 +4,7 @@ and S3 against moto's server: a local server that speaks S3), signed links."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from PIL import Image
 from connectors.attachments import (
     AttachmentPolicy,
     AttachmentRejected,
+    Prepared,
     UrlSigner,
     accept,
     prepare,
@@ -29,6 +31,7 @@ from connectors.blobs import (
     conversation_prefix,
     valid_key,
 )
+from connectors.image_strip import strip_jpeg, strip_png
 from connectors.sniffing import sniff
 from kefu.processes import free_ports
 
@@ -54,7 +57,7 @@ def png_with_alpha() -> bytes:
     return out.getvalue()
 
 
-def _prepare(data: bytes, name: str = "photo.jpg", channel: str = "api") -> object:
+def _prepare(data: bytes, name: str = "photo.jpg", channel: str = "api") -> Prepared:
     return prepare(data, name=name, tenant="t1", conversation="c1", channel=channel, policy=POLICY)
 
 
@@ -244,3 +247,259 @@ def test_the_local_store_refuses_keys_outside_its_root(tmp_path: Path) -> None:
         asyncio.run(store.put("../outside", b"x", "text/plain"))
     with pytest.raises(ValueError):
         asyncio.run(store.delete_prefix("../"))
+
+
+# --- metadata left out without re-encoding (connectors/image_strip.py) --------------------
+
+REENCODE = dataclasses.replace(POLICY, lossless_strip=False)  # every image decoded and re-encoded
+GPS = {1: "N", 2: (39.0, 54.0, 0.0), 3: "E", 4: (116.0, 23.0, 0.0)}
+
+
+def photo_jpeg(
+    width: int = 96,
+    height: int = 64,
+    *,
+    orientation: int = 0,
+    icc: bytes | None = None,
+    progressive: bool = False,
+    mode: str = "RGB",
+) -> bytes:
+    """A JPEG with pixels that differ (so turning or re-encoding shows), GPS EXIF, and
+    optionally an orientation and an ICC profile."""
+    image = Image.linear_gradient("L").resize((width, height))
+    if mode == "RGB":
+        image = Image.merge("RGB", (image, image.transpose(Image.Transpose.ROTATE_180), image))
+    corner = (0, 0, width // 4, height // 4)
+    image.paste(255 if mode == "L" else (255, 0, 0), corner)  # a marked top left corner
+    tags = Image.Exif()
+    tags[0x010F] = "Camera maker"
+    tags[0x8825] = GPS
+    if orientation:
+        tags[0x0112] = orientation
+    out = io.BytesIO()
+    extra = {"icc_profile": icc} if icc else {}
+    image.save(out, "JPEG", exif=tags, progressive=progressive, quality=92, **extra)
+    return out.getvalue()
+
+
+def _segments(data: bytes) -> list[int]:
+    """The JPEG's marker codes up to its first scan."""
+    codes, pos = [], 2
+    while data[pos + 1] != 0xDA:
+        codes.append(data[pos + 1])
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return codes
+
+
+def _srgb_profile() -> bytes:
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert isinstance(profile, bytes)
+    return profile
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_loses_its_exif_and_keeps_its_pixels(progressive: bool) -> None:
+    original = photo_jpeg(progressive=progressive)
+    comment = original[:2] + b"\xff\xfe\x00\x0bhome addr" + original[2:]  # a COM segment
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta>GPSLatitude 39,54N</x:xmpmeta>"
+    upload = (
+        comment[:2]
+        + b"\xff\xe1"
+        + (len(xmp) + 2).to_bytes(2, "big")
+        + xmp
+        + comment[2:]
+        + b"PK\x03\x04 a polyglot's zip"
+    )
+    assert Image.open(io.BytesIO(upload)).getexif().get_ifd(0x8825)  # GPS in the upload
+    prepared = _prepare(upload)
+    stored = prepared.blobs[0][1]
+    assert not Image.open(io.BytesIO(stored)).getexif()  # no EXIF, so no GPS
+    for gone in (b"Exif\x00\x00", b"xmpmeta", b"GPS", b"home addr", b"Camera maker", b"PK\x03"):
+        assert gone not in stored
+    assert _segments(stored)[0] == 0xE0 and not {0xE1, 0xFE} & set(_segments(stored))
+    assert stored.endswith(b"\xff\xd9")
+    # Lossless: the same compressed pixels (a re-encode would change them).
+    with Image.open(io.BytesIO(stored)) as kept, Image.open(io.BytesIO(original)) as sent:
+        assert kept.tobytes() == sent.tobytes()
+    assert stored[stored.index(b"\xff\xda") :] == original[original.index(b"\xff\xda") :]
+    attachment = prepared.attachment
+    assert (attachment.width, attachment.height, attachment.size) == (96, 64, len(stored))
+    thumb = Image.open(io.BytesIO(prepared.blobs[1][1]))
+    assert thumb.size == (96, 64) and thumb.format == "JPEG"
+
+
+def test_a_large_jpeg_gets_its_thumbnail_from_a_scaled_decode() -> None:
+    prepared = _prepare(photo_jpeg(1600, 1000))
+    thumb = Image.open(io.BytesIO(prepared.blobs[1][1]))
+    assert thumb.size == (POLICY.thumbnail_px, 200)
+    red = thumb.getpixel((2, 2))
+    assert isinstance(red, tuple) and red[0] > red[1]  # the marked corner, not turned
+    grey = _prepare(photo_jpeg(640, 480, mode="L"))
+    assert Image.open(io.BytesIO(grey.blobs[0][1])).mode == "L"
+    assert Image.open(io.BytesIO(grey.blobs[1][1])).size == (320, 240)
+
+
+@pytest.mark.parametrize("policy", [POLICY, REENCODE], ids=["lossless", "reencode"])
+def test_a_jpeg_with_orientation_6_is_turned_and_loses_its_exif(
+    policy: AttachmentPolicy,
+) -> None:
+    upload = photo_jpeg(96, 64, orientation=6)
+    prepared = prepare(
+        upload, name="p.jpg", tenant="t1", conversation="c1", channel="api", policy=policy
+    )
+    stored = Image.open(io.BytesIO(prepared.blobs[0][1]))
+    assert stored.size == (64, 96) and not stored.getexif()
+    assert (prepared.attachment.width, prepared.attachment.height) == (64, 96)
+    corner = stored.getpixel((61, 2))  # turned 90° clockwise: top left went top right
+    assert isinstance(corner, tuple) and corner[0] > 200 and corner[1] < 80
+    assert Image.open(io.BytesIO(prepared.blobs[1][1])).size == (64, 96)
+
+
+@pytest.mark.parametrize("orientation", [0, 1, 6])
+@pytest.mark.parametrize("policy", [POLICY, REENCODE], ids=["lossless", "reencode"])
+def test_an_icc_profile_is_kept_on_every_path(orientation: int, policy: AttachmentPolicy) -> None:
+    profile = _srgb_profile()
+    prepared = prepare(
+        photo_jpeg(orientation=orientation, icc=profile),
+        name="p.jpg",
+        tenant="t1",
+        conversation="c1",
+        channel="api",
+        policy=policy,
+    )
+    stored = Image.open(io.BytesIO(prepared.blobs[0][1]))
+    assert stored.info.get("icc_profile") == profile and not stored.getexif()
+    plain = prepare(
+        photo_jpeg(orientation=orientation),
+        name="p.jpg",
+        tenant="t1",
+        conversation="c1",
+        channel="api",
+        policy=policy,
+    )
+    assert "icc_profile" not in Image.open(io.BytesIO(plain.blobs[0][1])).info
+
+
+def _corruptions(data: bytes) -> dict[str, bytes]:
+    scan = data.index(b"\xff\xda") + 300
+    table = data.index(b"\xff\xc4")
+    return {
+        "header only": data[:400],
+        "half": data[: len(data) // 2],
+        "no EOI": data[:-2],
+        "last byte": data[:-1],
+        "bogus Huffman table": data[: table + 5] + b"\xff" * 30 + data[table + 35 :],
+        "frame of 0 columns": data.replace(b"\x00\x60\x03", b"\x00\x00\x03", 1),
+        "half, then EOI": data[: len(data) // 2] + b"\xff\xd9",
+        "flipped scan bytes": data[:scan]
+        + bytes(b ^ 0x5A for b in data[scan : scan + 40])
+        + data[scan + 40 :],
+    }
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_corrupt_jpeg_is_refused_as_by_a_full_reencode(progressive: bool) -> None:
+    """The lossless path refuses what decoding and re-encoding refused (422), and lets
+    in only what it let in (libjpeg repairs a damaged scan with a warning on both)."""
+    refused = 0
+    for label, data in _corruptions(photo_jpeg(96, 96, progressive=progressive)).items():
+        outcomes = []
+        for policy in (POLICY, REENCODE):
+            try:
+                prepare(
+                    data,
+                    name="p.jpg",
+                    tenant="t1",
+                    conversation="c1",
+                    channel="api",
+                    policy=policy,
+                )
+                outcomes.append("accepted")
+            except AttachmentRejected as exc:
+                assert exc.status == 422 and "decoded" in exc.reason, label
+                outcomes.append("refused")
+        assert outcomes[0] == outcomes[1], label
+        refused += outcomes[0] == "refused"
+    assert refused >= 5
+
+
+def test_shapes_the_lossless_path_does_not_handle_are_reencoded() -> None:
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(cmyk, "JPEG")  # Adobe APP14
+    assert strip_jpeg(cmyk.getvalue()) is None
+    stored = Image.open(io.BytesIO(_prepare(cmyk.getvalue()).blobs[0][1]))
+    assert stored.mode == "RGB"
+    assert strip_jpeg(photo_jpeg()[:-2]) is None  # no EOI
+    assert strip_jpeg(b"\xff\xd8\xff\xd9") is None  # no scan
+
+
+def png_with_metadata(alpha: bool = False, orientation: int = 0) -> bytes:
+    from PIL import PngImagePlugin
+
+    image = Image.linear_gradient("L").resize((80, 60)).convert("RGBA" if alpha else "RGB")
+    image.putpixel((0, 0), (255, 0, 0, 255) if alpha else (255, 0, 0))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "home: 39.9N 116.4E")
+    info.add_itxt("XML:com.adobe.xmp", "<x:xmpmeta>GPSLatitude</x:xmpmeta>", zip=True)
+    tags = Image.Exif()
+    tags[0x8825] = GPS
+    if orientation:
+        tags[0x0112] = orientation
+    out = io.BytesIO()
+    image.save(out, "PNG", pnginfo=info, exif=tags)
+    return out.getvalue()
+
+
+def test_a_png_loses_its_text_and_exif_chunks_and_keeps_its_pixels() -> None:
+    for alpha in (False, True):
+        upload = png_with_metadata(alpha) + b"trailing"
+        prepared = _prepare(upload, name="s.png")
+        stored = prepared.blobs[0][1]
+        for gone in (b"tEXt", b"iTXt", b"eXIf", b"home", b"xmpmeta", b"trailing"):
+            assert gone not in stored
+        with Image.open(io.BytesIO(stored)) as kept, Image.open(io.BytesIO(upload)) as sent:
+            assert kept.tobytes() == sent.tobytes() and not kept.getexif()
+        assert prepared.blobs[1][2] == ("image/png" if alpha else "image/jpeg")
+    turned = _prepare(png_with_metadata(orientation=6), name="s.png")  # re-encoded
+    stored_image = Image.open(io.BytesIO(turned.blobs[0][1]))
+    assert stored_image.size == (60, 80) and not stored_image.getexif()
+    for gone in (b"tEXt", b"iTXt", b"eXIf", b"home"):
+        assert gone not in turned.blobs[0][1]
+
+
+def test_an_mpo_keeps_only_its_first_picture() -> None:
+    first = Image.new("RGB", (64, 48), (200, 20, 20))
+    out = io.BytesIO()
+    first.save(out, "MPO", save_all=True, append_images=[Image.new("RGB", (64, 48), "blue")])
+    assert out.getvalue().count(b"\xff\xd8") >= 2  # two pictures
+    stored = _prepare(out.getvalue()).blobs[0][1]
+    assert stored.count(b"\xff\xd8") == 1 and b"MPF" not in stored
+    pixel = Image.open(io.BytesIO(stored)).getpixel((32, 24))
+    assert isinstance(pixel, tuple) and pixel[0] > 150
+
+
+def test_a_corrupt_png_is_refused() -> None:
+    data = png_with_metadata()
+    idat = data.index(b"IDAT")
+    for broken in (data[: len(data) // 2], data[: idat + 20] + b"\x00" * 40 + data[idat + 60 :]):
+        with pytest.raises(AttachmentRejected) as refused:
+            _prepare(broken, name="s.png")
+        assert refused.value.status == 422
+    assert strip_png(data[: idat + 20] + b"\x00" * 40 + data[idat + 60 :]) is None  # the CRC
+
+
+def test_gif_comments_and_webp_exif_are_not_carried_over() -> None:
+    still = Image.new("RGB", (64, 48), (200, 10, 10))
+    for extra in ({}, {"save_all": True, "append_images": [Image.new("RGB", (64, 48), "blue")]}):
+        out = io.BytesIO()
+        still.save(out, "GIF", comment=b"home: 39.9N 116.4E", **extra)
+        assert b"home:" in out.getvalue()
+        assert b"home:" not in _prepare(out.getvalue(), name="a.gif").blobs[0][1]
+    tags = Image.Exif()
+    tags[0x8825] = GPS
+    out = io.BytesIO()
+    still.save(out, "WEBP", exif=tags, xmp=b"<x:xmpmeta>GPSLatitude</x:xmpmeta>")
+    stored = _prepare(out.getvalue(), name="a.webp").blobs[0][1]
+    assert b"xmpmeta" not in stored and not Image.open(io.BytesIO(stored)).getexif()
