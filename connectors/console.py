@@ -26,7 +26,9 @@ Then, client → server::
     {"type": "search", "query", "id"}               the tenant's conversations (ClickHouse)
     {"type": "profile", "conversation_id"}          its customer and their past conversations
 
-and server → client: ``welcome`` (who, and the tenant's canned responses), ``snapshot``
+and server → client: ``welcome`` (who, the tenant's canned responses, and its
+``directory``: agents' and teams' display names by id, whether the tenant has an AI
+responder), ``directory`` (again when an admin changed it), ``snapshot``
 (presence, assigned and queued conversations, sent when it changes), ``conversation``
 (the open one's state and recent messages, notes included, sent when its seq moves),
 ``canned`` (the canned responses again when an admin changed them), ``typing`` (the
@@ -553,6 +555,7 @@ class ConsoleSession:
         self.services = websocket.app.state.services
         self.config: ConfigState | None = getattr(websocket.app.state, "config", None)
         self.last_canned: list[dict[str, Any]] = []
+        self.last_directory: dict[str, Any] = {}
         self._jobs: set[asyncio.Task[None]] = set()  # searches and profiles under way
         self.redis = self.services.redis
         self.presence_set: str | None = None  # what this socket last published
@@ -577,6 +580,7 @@ class ConsoleSession:
         sessions[key] += 1
         log.info("console login tenant=%s agent=%s", self.tenant, self.agent)
         self.last_canned = self._canned()
+        self.last_directory = self._directory()
         profile = (self.config.get(self.tenant, "agent", self.agent) if self.config else None) or {}
         welcome: dict[str, Any] = {
             "type": "welcome",
@@ -588,6 +592,7 @@ class ConsoleSession:
             "skills": list(self.account.skills),
             "capacity": self.account.capacity,
             "canned": self.last_canned,
+            "directory": self.last_directory,
             "via": "session" if self.signed_in else "token",
         }
         if self.signed_in is not None:
@@ -848,6 +853,10 @@ class ConsoleSession:
         if canned != self.last_canned:  # an administrator changed them: live
             self.last_canned = canned
             await self.send({"type": "canned", "canned": canned})
+        directory = self._directory()
+        if directory != self.last_directory:  # an agent renamed, a team added, AI off
+            self.last_directory = directory
+            await self.send({"type": "directory", **directory})
         if self.open_id:
             await self._send_conversation()
         wanted = {outbox_channel(self.tenant, c): c for c in assigned_ids}
@@ -902,6 +911,26 @@ class ConsoleSession:
         return True
 
     # --- canned responses, search, profiles ----------------------------------------
+
+    def _directory(self) -> dict[str, Any]:
+        """Display names by id (agents, teams: what the page shows instead of ids) and
+        whether the tenant has an AI responder (no "hand back to AI" without one), as
+        the configuration says now (the worker's routing reads the same)."""
+        if self.config is None:
+            own = {self.agent: self.account.name or self.agent}
+            return {"agents": own, "teams": {}, "ai": True}
+        agents = {
+            agent_id: str(a.get("name") or agent_id)
+            for agent_id, a in self.config.agents(self.tenant).items()
+        }
+        agents.setdefault(self.agent, self.account.name or self.agent)
+        teams = {
+            team_id: str(t.get("name") or team_id)
+            for team_id, t in self.config.all(self.tenant, "team").items()
+        }
+        tenant = self.config.get(self.tenant, "tenant")
+        ai = tenant is None or (bool(tenant.get("ai_enabled", True)) and not tenant.get("disabled"))
+        return {"agents": agents, "teams": teams, "ai": ai}
 
     def _canned(self) -> list[dict[str, Any]]:
         """The tenant's canned responses as the config topic holds them now."""

@@ -1,8 +1,11 @@
 """Email in: an SMTP listener (aiosmtpd) that turns each accepted mail into a
 ``ReceiveMessage`` command. ``250`` means the command is durable in Kafka.
 
-- Tenant: each recipient, by the tenant's ``email_addresses`` or as
-  ``<inbound_local>+<tenant>@…``; unknown recipients get ``550`` at RCPT.
+- Tenant: each recipient, by the tenant's addresses or as
+  ``<inbound_local>+<tenant>@…``; unknown recipients (and a tenant an operator
+  disabled) get ``550`` at RCPT. The addresses are live: the ``addresses`` of the
+  tenant's ``email`` channel entity (/admin) replace its ``email_addresses`` from the
+  environment (the seed) at the next RCPT, with no restart (:func:`live_addresses`).
 - Conversation: a mail that refers to a known Message-ID (In-Reply-To / References,
   ours included) joins that Message-ID's conversation; one that refers only to unknown
   mail starts the conversation of its thread root (the first References id); a mail
@@ -52,11 +55,13 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from connectors.attachments import AttachmentPolicy, AttachmentRejected, Quota, accept, safe_name
 from connectors.blobs import BlobStore
+from connectors.config_log import ConfigFollower
 from connectors.email_threads import Thread, ThreadStore
 from connectors.identity import command_id_for, conversation_id_for
 from connectors.publisher import CommandPublisher
 from connectors.rate_limit import Limits, RateLimiter
 from connectors.uploads import MAX_ATTACHMENTS
+from schemas.config import ConfigState
 from schemas.records import Attachment, Command, ReceiveMessage
 from schemas.time import now_ms
 
@@ -256,23 +261,69 @@ def parse_mail(data: bytes, max_text_chars: int = 8000) -> InboundMail:
 # -------------------------------------------------------------------------- routing
 
 
+def live_addresses(seed: Mapping[str, str], config: ConfigState) -> dict[str, str]:
+    """address -> tenant: a tenant's ``email`` channel entity with ``addresses`` replaces
+    its seed addresses (the environment's); the other tenants keep theirs. An address
+    two tenants claim stays with the first claim (the seed, then the older entity):
+    /admin refuses a taken address, so this only guards against a race."""
+    configured = sorted(
+        (
+            (entity.changed_at, tenant, entity.data.get("addresses") or [])
+            for (tenant, kind, entity_id), entity in config.entities.items()
+            if kind == "channel" and entity_id == "email" and "addresses" in entity.data
+        ),
+        key=lambda found: (found[0], found[1]),
+    )
+    replaced = {tenant for _, tenant, _ in configured}
+    out = {a: t for a, t in seed.items() if t not in replaced}
+    for _, tenant, addresses in configured:
+        for address in addresses:
+            if isinstance(address, str) and address.strip():
+                out.setdefault(address.strip().lower(), tenant)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Mailboxes:
-    """Recipient address → tenant."""
+    """Recipient address → tenant. With ``config`` (the process follows the config
+    topic) the addresses and tenants are the live configuration's over the seed."""
 
     tenants: frozenset[str]
     addresses: Mapping[str, str]  # exact address (lower case) -> tenant
     inbound_local: str = "support"
+    config: ConfigState | None = None
+    _built: dict[int, dict[str, str]] = field(default_factory=dict, compare=False, repr=False)
+
+    def current(self) -> Mapping[str, str]:
+        """The address map now (rebuilt when the configuration changed)."""
+        if self.config is None:
+            return self.addresses
+        applied = self.config.applied
+        built = self._built.get(applied)
+        if built is None:
+            built = live_addresses(self.addresses, self.config)
+            self._built.clear()
+            self._built[applied] = built
+        return built
+
+    def _disabled(self, tenant: str) -> bool:
+        """An operator disabled it: refused, as at every other customer edge."""
+        live = self.config.get(tenant, "tenant") if self.config is not None else None
+        return bool(live and live.get("disabled"))
 
     def tenant_of(self, address: str) -> str | None:
         address = address.strip().lower()
-        if address in self.addresses:
-            return self.addresses[address]
-        local, at, _domain = address.rpartition("@")
-        base, plus, tag = local.partition("+")
-        if at and plus and base == self.inbound_local and tag in self.tenants:
-            return tag
-        return None
+        addresses = self.current()
+        tenant: str | None = addresses.get(address)
+        if tenant is None:
+            local, at, _domain = address.rpartition("@")
+            base, plus, tag = local.partition("+")
+            known = tag in self.tenants or (
+                self.config is not None and self.config.get(tag, "tenant") is not None
+            )
+            if at and plus and base == self.inbound_local and known:
+                tenant = tag
+        return None if tenant is None or self._disabled(tenant) else tenant
 
 
 class Publisher(Protocol):
@@ -464,6 +515,8 @@ class ListenerConfig:
     host: str = "127.0.0.1"
     kafka_options: Mapping[str, Any] = field(default_factory=dict)  # SASL/TLS
     limits: Limits | None = None  # None: no limits (kefu passes ``email.rate_limits``)
+    # The config topic: followed (into ``mailboxes.config``) while the listener runs.
+    config_topic: str = ""
     blobs: BlobStore | None = None  # None: attachments refused, the text still accepted
     policy: AttachmentPolicy = field(default_factory=AttachmentPolicy)
 
@@ -474,6 +527,12 @@ async def serve(config: ListenerConfig, stop: asyncio.Event | None = None) -> No
         config.bootstrap, config.commands_topic, kafka_options=config.kafka_options
     )
     await publisher.start()
+    follower = None
+    if config.config_topic and config.mailboxes.config is not None:
+        follower = ConfigFollower(
+            config.bootstrap, config.config_topic, config.mailboxes.config, config.kafka_options
+        )
+        await follower.start()  # read whole before the first RCPT is answered
     redis = aioredis.Redis.from_url(config.redis_url)
     limiter = RateLimiter(redis, config.limits, namespace="kefu-rl-mail") if config.limits else None
     quota_bytes = config.policy.tenant_quota_bytes
@@ -505,5 +564,7 @@ async def serve(config: ListenerConfig, stop: asyncio.Event | None = None) -> No
     finally:
         server.close()
         await server.wait_closed()
+        if follower is not None:
+            await follower.stop()
         await publisher.stop()
         await redis.aclose()

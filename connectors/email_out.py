@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -36,7 +36,7 @@ _MAX_REFERENCES = 20  # the root and the latest matter; RFC 5322 lets us trim th
 class RelayConfig:
     host: str
     port: int
-    from_addresses: dict[str, str]  # tenant -> From address
+    from_addresses: Mapping[str, str]  # tenant -> From address (kefu's is live)
     hostname: str = "kefu.localhost"  # the right-hand side of our Message-IDs
     username: str = ""
     password: str = ""

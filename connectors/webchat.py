@@ -4,13 +4,15 @@ and the page's public settings.
 Client → server:
 
 - ``{"type": "message", "id": "<client message id>", "text": "...", "attachments":
-  [...], "language": "zh" | "en", "profile": {"name", "email"}, "offline": bool}``
+  [...], "language": "zh" | "en", "profile": {"name", "email", "topic"}, "offline": bool}``
   (a resend with the same id is dropped upstream). ``profile`` (optional: the pre-chat
   or offline form) is kept for the console in ``profile_key`` (a Redis hash outside
   the read model's prefix, so a rebuild keeps it); ``offline: true`` (the offline
   form: requires ``profile.email``) puts the e-mail to answer to at the top of the text,
   so the message on the log says where to reply. (The tenant's personal-data
   moderation masks the address in the text agents read; the profile hash keeps it.)
+  ``profile.topic`` (the pre-chat form's topic, a widget ``topics`` id) picks the team
+  a new conversation goes to; else the widget's ``team``; else the default team.
 - ``{"type": "typing"}``: shown in the agent console.
 - ``{"type": "rate", "id", "rating": 1-5, "comment"}``: the customer's CSAT rating of
   the closed conversation (``RateConversation``; the pipeline records it only while it
@@ -152,6 +154,8 @@ async def chat_settings(request: Request, tenant: str) -> JSONResponse:
         "color": _color(widget.get("color")),
         "greeting": _texts(widget.get("greeting")),
         "prechat": bool(widget.get("prechat")),
+        # The pre-chat form's topic field (ids and labels; the teams stay server-side).
+        "topics": _topics(widget.get("topics")),
         "offline_message": _texts(widget.get("offline_message")),
         "open_now": open_now,
         "agents_online": online > 0,
@@ -163,6 +167,33 @@ async def chat_settings(request: Request, tenant: str) -> JSONResponse:
     # without credentials, so any origin may read it; never cached, it is live.
     headers = {"Access-Control-Allow-Origin": "*", "Cache-Control": "no-store"}
     return JSONResponse(body, headers=headers)
+
+
+def _topics(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        return []
+    return [
+        {"id": str(topic.get("id")), "label": _texts(topic.get("label"))}
+        for topic in value
+        if isinstance(topic, dict) and topic.get("id")
+    ]
+
+
+def web_team(config: ConfigState | None, tenant: str, topic: str = "") -> str:
+    """The team a web chat goes to: the picked pre-chat topic's, else the widget's
+    ``team``; only a team the tenant has now ("" is the default team)."""
+    if config is None:
+        return ""
+    widget = config.get(tenant, "widget") or {}
+    teams = config.all(tenant, "team")
+    if topic:
+        for found in widget.get("topics") or ():
+            if isinstance(found, dict) and found.get("id") == topic:
+                team = found.get("team")
+                if isinstance(team, str) and team in teams:
+                    return team
+    team = widget.get("team")
+    return team if isinstance(team, str) and team in teams else ""
 
 
 def _ai_enabled(tenant: Mapping[str, Any] | None) -> bool:
@@ -288,7 +319,14 @@ async def chat_socket(websocket: WebSocket) -> None:
             if limited is not None:
                 await websocket.send_json({"type": "error", **limited.body()})
                 continue
-            reply = await _accept(frame, tenant, customer, conversation_id, services)
+            reply = await _accept(
+                frame,
+                tenant,
+                customer,
+                conversation_id,
+                services,
+                getattr(websocket.app.state, "config", None),
+            )
             if reply is not None:
                 await websocket.send_json(reply)
     except WebSocketDisconnect:
@@ -317,7 +355,12 @@ def _text(value: bytes | str | None) -> str:
 
 
 async def _accept(
-    frame: str, tenant: str, customer: str, conversation_id: str, services: Any
+    frame: str,
+    tenant: str,
+    customer: str,
+    conversation_id: str,
+    services: Any,
+    config: ConfigState | None = None,
 ) -> dict[str, Any] | None:
     try:
         data = json.loads(frame)
@@ -376,6 +419,9 @@ async def _accept(
             channel_message_id=message_id,
             language=language,
             attachments=attachments,
+            # Used when this message starts a conversation: the widget's team, or the
+            # pre-chat topic's (live from /admin's web chat settings).
+            team=web_team(config, tenant, profile.get("topic", "")),
         )
     )
     return {
@@ -397,12 +443,16 @@ def _profile(value: Any) -> dict[str, str] | str:
     name, email = value.get("name") or "", value.get("email") or ""
     if not isinstance(name, str) or not isinstance(email, str):
         return "profile name and email must be strings"
+    topic = value.get("topic") or ""
+    if not isinstance(topic, str) or len(topic) > 40:
+        return "profile topic must be a topic id"
     name, email = name.strip(), email.strip()
     if len(name) > MAX_NAME:
         return f"name must be at most {MAX_NAME} chars"
     if email and (len(email) > MAX_EMAIL or not EMAIL.fullmatch(email)):
         return "email is not an e-mail address"
-    return {k: v for k, v in (("name", name), ("email", email)) if v}
+    fields = (("name", name), ("email", email), ("topic", topic.strip()))
+    return {k: v for k, v in fields if v}
 
 
 def _offline_text(text: str, profile: Mapping[str, str], language: str | None) -> str:

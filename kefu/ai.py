@@ -18,9 +18,10 @@ from streams.semantic_cache import SemanticCache
 
 
 class LiveTuning(Mapping[str, Tuning]):
-    """Each tenant's temperature, output limit and system prompt: the environment's,
-    with what /admin set (config kind ``ai``) on top, read per request, so a change
-    applies to the next answer without a restart."""
+    """Each tenant's temperature, output limit, system prompt, model and intent
+    threshold (``min_confidence``): the environment's, with what /admin set (config
+    kind ``ai``) on top, read per request, so a change applies to the next answer
+    without a restart."""
 
     def __init__(self, seed: Mapping[str, Tuning], config: ConfigState, default: Tuning) -> None:
         self._seed = seed
@@ -35,10 +36,13 @@ class LiveTuning(Mapping[str, Tuning]):
                 raise KeyError(tenant)
             return base
         base = base or self._default
+        threshold = live.get("min_confidence", base.min_confidence)
         return Tuning(
             float(live.get("temperature", base.temperature)),
             int(live.get("max_tokens", base.max_tokens)),
             str(live.get("system_prompt", base.system_prompt) or ""),
+            str(live.get("model") or base.model),
+            float(threshold) if threshold is not None else None,
         )
 
     def __iter__(self) -> Iterator[str]:

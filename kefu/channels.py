@@ -16,6 +16,6 @@ def channel_senders(
 ) -> dict[str, ChannelSender]:
     senders: dict[str, ChannelSender] = {}
     # Channels register here, one line each: senders["<channel>"] = <Sender>(settings…)
-    senders["email"] = email_sender(settings)
+    senders["email"] = email_sender(settings, live)  # From addresses live from /admin
     senders.update(chat_senders(settings, live, box))  # wechat, wechat-mp, telegram
     return senders

@@ -103,6 +103,11 @@ class Tuning:
     temperature: float = 0.4
     max_tokens: int = 512
     system_prompt: str = ""
+    # A configured model's label (tried first) or the model id to ask the endpoints
+    # for; "" keeps the configured choice (rules, then language).
+    model: str = ""
+    # The intent threshold (answer / ask / hand off); None: ``AIConfig.intent_threshold``.
+    min_confidence: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +131,23 @@ class AIConfig:
     def tuning_for(self, tenant_id: str) -> Tuning:
         return self.tenants.get(tenant_id, self.tuning)
 
+    def threshold_for(self, tenant_id: str) -> float:
+        """The tenant's intent threshold: its own (/admin's ``min_confidence``) if set."""
+        own = self.tuning_for(tenant_id).min_confidence
+        return self.intent_threshold if own is None else own
+
 
 def select_models(
     config: AIConfig, tenant_id: str, language: str, intent: str | None, text: str
 ) -> list[ModelSpec]:
-    """The models to try, in order: a matching rule's model, then the models that
-    speak the language, then the rest (a fallback is better than no answer)."""
+    """The models to try, in order: the tenant's chosen model (/admin's ``model``, when
+    it is a configured label), a matching rule's model, then the models that speak the
+    language, then the rest (a fallback is better than no answer)."""
     by_name = {m.name: m for m in config.models}
     order: list[ModelSpec] = []
+    chosen = config.tuning_for(tenant_id).model
+    if chosen in by_name:
+        order.append(by_name[chosen])
     for rule in config.rules:
         if (
             (not rule.tenant or rule.tenant == tenant_id)
@@ -142,7 +156,8 @@ def select_models(
             and (not rule.pattern or re.search(rule.pattern, text, re.IGNORECASE))
             and rule.model in by_name
         ):
-            order.append(by_name[rule.model])
+            if by_name[rule.model] not in order:
+                order.append(by_name[rule.model])
             break
     order += [m for m in config.models if language in m.languages and m not in order]
     order += [m for m in config.models if not m.languages and m not in order]
@@ -343,13 +358,15 @@ class ChatEndpoint:
         max_tokens: int,
         on_text: OnText,
         first_token_timeout: float,
+        model: str = "",
     ) -> Completion:
+        """``model``: the model id to ask for instead of the spec's (a tenant's choice)."""
         parts: list[str] = []
         usage: Any = None
         async with asyncio.timeout(self.spec.timeout):
             response = await asyncio.wait_for(
                 self._client.chat.completions.create(
-                    model=self.spec.model,
+                    model=model or self.spec.model,
                     messages=cast(list[ChatCompletionMessageParam], messages),
                     temperature=temperature,
                     max_tokens=max_tokens,
@@ -377,10 +394,12 @@ class ChatEndpoint:
                 await response.close()
         return self._completion(messages, "".join(parts), usage)
 
-    async def complete(self, messages: Messages, temperature: float, max_tokens: int) -> Completion:
+    async def complete(
+        self, messages: Messages, temperature: float, max_tokens: int, model: str = ""
+    ) -> Completion:
         response = await asyncio.wait_for(
             self._client.chat.completions.create(
-                model=self.spec.model,
+                model=model or self.spec.model,
                 messages=cast(list[ChatCompletionMessageParam], messages),
                 temperature=temperature,
                 max_tokens=max_tokens,
@@ -400,6 +419,13 @@ class ChatEndpoint:
             return Completion(text, int(usage.prompt_tokens), int(usage.completion_tokens))
         prompt = sum(estimate_tokens(m["content"]) + 4 for m in messages)
         return Completion(text, prompt, estimate_tokens(text))
+
+
+def _model_id(config: AIConfig, tuning: Tuning) -> str:
+    """The model id a tenant asks the endpoints for: its ``model`` when that is not one
+    of the configured labels (a label only moves that model first), else ""."""
+    chosen = tuning.model
+    return "" if not chosen or any(m.name == chosen for m in config.models) else chosen
 
 
 # --- streaming to the customer -----------------------------------------------------------
@@ -600,7 +626,7 @@ class AIResponder:
         decision = decide(
             prediction,
             knowledge.specs,
-            self.config.intent_threshold,
+            self.config.threshold_for(request.tenant_id),  # live: /admin's min_confidence
             self.config.clarify_floor,
         )
         confidence = decision.confidence
@@ -713,12 +739,15 @@ class AIResponder:
             )
         messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
         wait = min(first_token_timeout, spec.first_token_timeout)
-        done = await endpoint.stream(messages, tuning.temperature, max_tokens, on_text, wait)
+        model = _model_id(self.config, tuning)
+        done = await endpoint.stream(
+            messages, tuning.temperature, max_tokens, on_text, wait, model=model
+        )
         prompt_tokens += done.prompt_tokens
         completion_tokens += done.completion_tokens
         return _Generated(
             done.text,
-            spec.name,
+            model or spec.name,
             prompt_tokens,
             completion_tokens,
             spec.cost(prompt_tokens, completion_tokens),
@@ -752,6 +781,7 @@ class AIResponder:
                         ],
                         0.0,
                         max(64, min(tuning.max_tokens, part_budget // max(1, len(parts)))),
+                        model=_model_id(self.config, tuning),
                     )
                     for i, part in enumerate(parts)
                 )

@@ -93,6 +93,8 @@ class FaqEntry:
     intent: str
     features: frozenset[str]
     answers: dict[str, str]
+    keywords: tuple[str, ...] = ()  # lower case; a tenant's entries only
+    question: str = ""  # lower case, stripped; a tenant's entries only
 
 
 def load_faq(path: str | None = None) -> list[FaqEntry]:
@@ -154,7 +156,12 @@ class TenantFaq:
     """The FAQ a tenant's admin wrote in /admin (config kind ``faq``: question, answer,
     keywords, intent), asked before the responder it wraps: an explicit answer to a
     question that matches it well wins, anything else goes on as before. Live: the
-    entries are rebuilt when the configuration changed (``ConfigState.applied``)."""
+    entries are rebuilt when the configuration changed (``ConfigState.applied``), and
+    the tenant's ``min_confidence`` (config kind ``ai``) is the bar when it set one.
+
+    The score is what /admin's "try a question" shows: the share of the question's
+    words the entry knows, or, when the question contains the entry's keywords, 0.6 for
+    one and 0.2 more for each further one; the exact question scores 1."""
 
     name = "tenant-faq"
 
@@ -173,10 +180,19 @@ class TenantFaq:
             answer = str(data.get("answer") or "")
             if not answer:
                 continue
-            feats = features(str(data.get("question") or ""))
-            feats |= {str(k).lower() for k in data.get("keywords") or ()}
+            question = str(data.get("question") or "")
+            keywords = tuple(str(k).lower() for k in data.get("keywords") or () if str(k))
+            feats = features(question) | set(keywords)
             intent = str(data.get("intent") or f"faq:{entry_id}")
-            built.append(FaqEntry(intent, frozenset(feats), {"zh": answer, "en": answer}))
+            built.append(
+                FaqEntry(
+                    intent,
+                    frozenset(feats),
+                    {"zh": answer, "en": answer},
+                    keywords,
+                    question.strip().lower(),
+                )
+            )
         self._cache[tenant] = (self._config.applied, built)
         return built
 
@@ -185,15 +201,26 @@ class TenantFaq:
         if not entries:
             return None
         asked = features(request.text)
+        lowered = request.text.lower()
         best, best_score = None, 0.0
         for entry in entries:
             score = len(asked & entry.features) / (len(asked) or 1)
+            hits = sum(1 for k in entry.keywords if k in lowered)
+            if hits:
+                score = max(score, min(1.0, 0.6 + 0.2 * (hits - 1)))
+            if entry.question and entry.question == lowered.strip():
+                score = 1.0
             if score > best_score:
                 best, best_score = entry, score
-        if best is None or best_score < self._threshold:
+        if best is None or best_score < self.threshold(request.tenant_id):
             return None
         action = "handoff" if best.intent == HUMAN_INTENT else "answer"
         return Answer(best.answers["zh"], self.name, round(best_score, 3), best.intent, action)
+
+    def threshold(self, tenant: str) -> float:
+        """The tenant's ``min_confidence`` from /admin (live), else the default."""
+        value = (self._config.get(tenant, "ai") or {}).get("min_confidence")
+        return float(value) if isinstance(value, int | float) else self._threshold
 
     async def answer(self, request: ReplyRequested) -> Answer:
         return self._match(request) or await self._inner.answer(request)

@@ -279,6 +279,66 @@ def write_operator(settings: Settings, agent: str, email: str, password: str) ->
     asyncio.run(send())
 
 
+def test_operator_ids_come_from_the_email() -> None:
+    from kefu.cli_accounts import operator_id, password_problem
+
+    assert operator_id("Olga.Ops@example.com") == "Olga.Ops"
+    assert operator_id("ops+kefu@example.com") == "ops-kefu"
+    assert operator_id("_x@example.com") == "op_x"
+    assert password_problem("short") and password_problem("x" * 201)
+    assert password_problem("a-long-enough-one") is None
+
+
+def test_cli_creates_the_first_operator(
+    pipeline: Settings, http: httpx.Client, tmp_path: Any
+) -> None:
+    """``kefu accounts create-operator``: the password from a file (or a prompt), never
+    from argv; the operator signs in; a second create of the same address is refused,
+    ``--reset-password`` sets a new one."""
+    from click.testing import CliRunner
+
+    import kefu.cli_accounts
+    from kefu.cli import main
+
+    email, password = f"{unique('first')}@ops.example", "first-operator-pass"
+    secret = tmp_path / "password"
+    secret.write_text(password + "\n", encoding="utf-8")
+
+    def cli(*args: str, stdin: str | None = None) -> Any:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kefu.cli_accounts, "load_settings", lambda: pipeline)
+            return CliRunner().invoke(main, ["accounts", "create-operator", *args], input=stdin)
+
+    made = cli("--email", email.upper(), "--name", "First Ops", "--password-file", str(secret))
+    assert made.exit_code == 0, made.output
+    assert "_ops" in made.output and password not in made.output
+    wait_for(
+        lambda: login(http, OPERATOR_TENANT, email, password).status_code == 200,
+        10,
+        "the CLI's operator live in the gateway",
+    )
+    client, _ = sign_in(pipeline, OPERATOR_TENANT, email, password)
+    with closing(client):
+        session = client.get("/v1/auth/session").json()
+        assert (session["role"], session["name"]) == ("operator", "First Ops")
+        assert client.get("/v1/admin/config/tenants").status_code == 200
+    again = cli("--email", email, "--password-file", str(secret))
+    assert again.exit_code != 0 and "exists" in again.output
+    # No option takes the password itself; a short one is refused before anything runs.
+    argv = cli("--email", email, "--password", password)
+    assert argv.exit_code == 2 and "No such option" in argv.output
+    short = cli("--email", email, "--reset-password", stdin="short\n")
+    assert short.exit_code != 0 and "at least 10" in short.output
+    reset = cli("--email", email, "--reset-password", stdin="second-operator-pass\n")
+    assert reset.exit_code == 0, reset.output
+    wait_for(
+        lambda: login(http, OPERATOR_TENANT, email, "second-operator-pass").status_code == 200,
+        10,
+        "the new password live",
+    )
+    assert login(http, OPERATOR_TENANT, email, password).status_code == 401
+
+
 def test_operator_manages_every_tenant(pipeline: Settings, http: httpx.Client) -> None:
     agent, email, password = unique("olga"), f"{unique('olga')}@ops.example", "operator-pass-1"
     write_operator(pipeline, agent, email, password)

@@ -62,6 +62,22 @@ def test_field_errors_name_their_field() -> None:
     assert len(_errors("agent", "a1", {"name": "", "capacity": 0, "email": "x"})) == 3
 
 
+def test_an_email_address_belongs_to_one_tenant() -> None:
+    from connectors.config_log import config_record
+
+    state = ConfigState()
+    state.apply(config_record("t2", "channel", "email", {"addresses": ["help@t2.example"]}, "t"))
+    taken = _errors("channel", "email", {"addresses": ["x@t1.example", "HELP@t2.example"]}, state)
+    assert "help@t2.example" in taken[("addresses",)]
+    assert ("from_address",) in _errors("channel", "email", {"from_address": "nope"})
+    caller = Caller("t1", "t1", "test", False)
+    mine = {"addresses": ["Help@T1.example"], "from_address": "Reply@T1.example"}
+    assert validated(state, caller, "channel", "email", mine) == {
+        "addresses": ["help@t1.example"],
+        "from_address": "reply@t1.example",
+    }
+
+
 def test_valid_data_is_normalised() -> None:
     state = ConfigState()
     caller = Caller("t1", "t1", "test", False)

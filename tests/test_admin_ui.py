@@ -38,6 +38,10 @@ WORDS = {
         "once": "一次性密码",
         "callback": "回调地址",
         "wrong": "邮箱或密码错误",
+        "webchat": "网页聊天",
+        "ai": "AI 设置",
+        "topic": "退货",
+        "fix": "请修正标出的字段。",
     },
     "en": {
         "locale": "en-US",
@@ -50,6 +54,10 @@ WORDS = {
         "once": "One-time password",
         "callback": "Callback URL",
         "wrong": "Wrong email or password",
+        "webchat": "Web chat",
+        "ai": "AI",
+        "topic": "Returns",
+        "fix": "Please fix the marked fields.",
     },
 }
 
@@ -81,6 +89,12 @@ def scene(pipeline: Settings) -> dict[str, str]:
         )
         assert invited.status_code == 201, invited.text
         return {"email": email, "password": invited.json()["password"]}
+
+
+def data_of(pipeline: Settings, kind: str, entity_id: str) -> dict[str, Any]:
+    """The entity's data as a worker holds it now ({} when it has none)."""
+    entity = worker_entity(pipeline, TENANT, kind, entity_id)
+    return dict(entity["data"]) if entity else {}
 
 
 @pytest.fixture
@@ -158,6 +172,98 @@ def test_admin_pages_in_chromium(
         urls = page.locator(".copy input").evaluate_all("els => els.map(e => e.value)")
         assert f"{base(pipeline)}/v1/telegram/{TENANT}/webhook" in " ".join(urls)
         assert "1234:abcdefghijklmn" not in page.content()
+
+        def redrawn(selector: str, value: str) -> None:
+            """The section drawn again after the save, with the saved value in it."""
+            page.wait_for_function(
+                "([s, v]) => (document.querySelector(s)?.value || '').includes(v)",
+                arg=[selector, value],
+            )
+
+        # The email channel: inbound addresses and the From of replies, live.
+        mail = page.locator("section[aria-labelledby=ch-email] form")
+        mail.locator("textarea[name=addresses]").fill(
+            f"Help@{TENANT}.example\nsales@{TENANT}.example"
+        )
+        mail.locator("input[name=from_address]").fill("not-an-address")
+        mail.locator("button[type=submit]").click()
+        page.wait_for_selector(
+            f"section[aria-labelledby=ch-email] .form-status:has-text('{words['fix']}')"
+        )
+        assert mail.locator("input[name=from_address]").get_attribute("aria-invalid") == "true"
+        mail.locator("input[name=from_address]").fill(f"reply@{TENANT}.example")
+        mail.locator("button[type=submit]").click()
+        wait_for(
+            lambda: (
+                data_of(pipeline, "channel", "email").get("from_address")
+                == f"reply@{TENANT}.example"
+            ),
+            5,
+            "the email channel in the worker's configuration",
+        )
+        saved = data_of(pipeline, "channel", "email")
+        assert saved["addresses"] == [f"help@{TENANT}.example", f"sales@{TENANT}.example"]
+        redrawn("section[aria-labelledby=ch-email] textarea[name=addresses]", "help@")
+        page.evaluate("document.getElementById('toast').style.display = 'none'")
+        page.locator("section[aria-labelledby=ch-email]").screenshot(
+            path=str(DOCS / f"admin-email-{language}.png")
+        )
+
+        # Web chat: the team its chats go to, and pre-chat topics mapped to teams.
+        page.click("nav button[data-section=webchat]")
+        page.wait_for_selector(
+            f"nav button[data-section=webchat][aria-current=page]:has-text('{words['webchat']}')"
+        )
+        web = page.locator("#main form")
+        web.locator("select[name=team]").select_option("sales")
+        web.locator("input[name=prechat]").check()
+        topics = web.locator("textarea[name=topics]")
+        topics.fill("returns | 退货 | Returns | nosuchteam")
+        web.locator("button[type=submit]").click()
+        page.wait_for_function(
+            "el => el.getAttribute('aria-invalid') === 'true'", arg=topics.element_handle()
+        )
+        topics.fill("returns | 退货 | Returns | support\norders | 订单 | Orders | sales")
+        web.locator("button[type=submit]").click()
+        wait_for(
+            lambda: len(data_of(pipeline, "widget", "-").get("topics", [])) == 2,
+            5,
+            "the web chat settings in the worker's configuration",
+        )
+        widget = data_of(pipeline, "widget", "-")
+        assert widget["team"] == "sales" and widget["prechat"] is True
+        assert widget["topics"][0] == {
+            "id": "returns",
+            "label": {"zh": "退货", "en": "Returns"},
+            "team": "support",
+        }
+        redrawn("#main textarea[name=topics]", words["topic"])
+        page.screenshot(path=str(DOCS / f"admin-webchat-{language}.png"), full_page=True)
+
+        # AI: model and minimum confidence (live in the workers' responder).
+        page.click("nav button[data-section=ai]")
+        page.wait_for_selector(
+            f"nav button[data-section=ai][aria-current=page]:has-text('{words['ai']}')"
+        )
+        ai = page.locator("#main form")
+        ai.locator("input[name=min_confidence]").fill("1.5")
+        ai.locator("button[type=submit]").click()
+        page.wait_for_function(
+            "el => el.getAttribute('aria-invalid') === 'true'",
+            arg=ai.locator("input[name=min_confidence]").element_handle(),
+        )
+        ai.locator("input[name=model]").fill(f"qwen-plus-{language}")
+        ai.locator("input[name=min_confidence]").fill("0.85")
+        ai.locator("textarea[name=system_prompt]").fill("你是小鹿商城的客服，回答简洁。")
+        ai.locator("button[type=submit]").click()
+        wait_for(
+            lambda: data_of(pipeline, "ai", "-").get("model") == f"qwen-plus-{language}",
+            5,
+            "the AI settings in the worker's configuration",
+        )
+        assert data_of(pipeline, "ai", "-")["min_confidence"] == 0.85
+        redrawn("#main input[name=model]", "qwen-plus")
+        page.screenshot(path=str(DOCS / f"admin-ai-{language}.png"), full_page=True)
 
         # Every section draws without an error (kept in the test's tmp dir to look at).
         for section in ("teams", "keys", "webhook", "wordlists", "faq", "canned", "hours"):

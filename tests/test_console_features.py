@@ -157,6 +157,36 @@ def sign_in(settings: Settings, tenant: str, email: str, password: str) -> tuple
     return wait_for(attempt, 20, "the account live in the gateway")
 
 
+def colleague_notes(
+    settings: Settings, tenant: str, conversation: str, author: str, text: str
+) -> None:
+    """A note by another agent of the tenant (as their console sends it)."""
+    from connectors.publisher import CommandPublisher
+    from schemas.records import AddNote
+    from schemas.time import now_ms
+
+    async def send() -> None:
+        publisher = CommandPublisher(
+            settings.kafka.servers, TopicNames(settings.topic_prefix).commands
+        )
+        await publisher.start()
+        try:
+            note = AddNote(
+                command_id=str(uuid.uuid4()),
+                conversation_id=conversation,
+                tenant_id=tenant,
+                issued_at=now_ms(),
+                author=author,
+                text=text,
+            )
+            await publisher.publish(note)
+        finally:
+            await publisher.stop()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, send()).result(timeout=60)
+
+
 def customer_says(settings: Settings, tenant: str, customer: str, *texts: str) -> str:
     """A web chat customer writes; returns the conversation id once each is durable."""
     url = f"{ws_base(settings)}/v1/chat/ws?tenant={tenant}&customer={customer}"
@@ -467,6 +497,9 @@ LANGUAGES = {
         "heading": "历史会话",
         "send": "发送",
         "note_button": "添加备注",
+        "colleague": "露西",
+        "colleague_note": "我来跟进这位客户的退款",
+        "assigned_to": "分配给 韩梅",
     },
     "en": {
         "locale": "en-US",
@@ -483,6 +516,9 @@ LANGUAGES = {
         "heading": "Past conversations",
         "send": "Send",
         "note_button": "Add note",
+        "colleague": "Lucy Gray",
+        "colleague_note": "I'll follow up on this customer's refund",
+        "assigned_to": "assigned to Iris",
     },
 }
 
@@ -513,6 +549,14 @@ def test_console_features_in_chromium(pipeline: Settings, browser: Any, language
             "canned",
             canned_key,
             {"title": words["canned_title"], "shortcut": "ship", "text": words["canned_text"]},
+            "admin",
+        ),
+        # A colleague known to the configuration by a display name.
+        config_record(
+            tenant,
+            "agent",
+            "lucy",
+            {"name": words["colleague"], "role": "agent", "teams": ["default"], "capacity": 2},
             "admin",
         ),
     )
@@ -583,6 +627,16 @@ def test_console_features_in_chromium(pipeline: Settings, browser: Any, language
         assert words["note"] in (page.text_content("#messages .msg.note") or "")
         page.click("#mode-reply")
         assert page.text_content("#reply-btn") == words["send"]
+        # Agents by display name: the assignee, a colleague's note, the transfer list;
+        # a tenant without AI has no "hand back to AI".
+        assert words["assigned_to"] in (page.text_content("#pane-meta") or "")
+        colleague_notes(pipeline, tenant, conversation, "lucy", words["colleague_note"])
+        page.wait_for_selector("#messages .msg.note >> nth=1", timeout=30_000)
+        by = page.locator("#messages .msg.note .by").nth(1).text_content() or ""
+        assert words["colleague"] in by and "lucy" not in by, by
+        assert page.get_attribute("#agent-names option[value=lucy]", "label") == words["colleague"]
+        assert page.get_attribute("body", "data-ai") == "false"
+        assert page.is_hidden("#handback-btn")
 
         # Close it, the customer comes back: the profile lists both conversations.
         page.click("#close-btn")

@@ -150,6 +150,56 @@ def test_recipients_map_to_tenants() -> None:
     assert boxes.tenant_of("random@x") is None
 
 
+def test_addresses_from_the_config_replace_the_seed_live() -> None:
+    """A tenant's ``email`` channel entity (/admin) replaces its environment addresses
+    at the next look; other tenants keep theirs; a taken address stays with its first
+    owner; a tenant an operator disabled is refused."""
+    from connectors.config_log import config_record
+    from schemas.config import ConfigState
+
+    live = ConfigState()
+    boxes = Mailboxes(
+        frozenset({"demo", "acme"}), {"help@demo.test": "demo", "a@acme.test": "acme"}, config=live
+    )
+    assert boxes.tenant_of("help@new.example") is None
+    live.apply(config_record("acme", "channel", "email", {"addresses": ["Help@New.example"]}, "a"))
+    assert boxes.tenant_of("help@new.example") == "acme"
+    assert boxes.tenant_of("a@acme.test") is None  # replaced, not added to
+    assert boxes.tenant_of("help@demo.test") == "demo"  # the seed, untouched
+    live.apply(config_record("t9", "channel", "email", {"addresses": ["help@demo.test"]}, "x"))
+    assert boxes.tenant_of("help@demo.test") == "demo"  # never taken over
+    assert boxes.tenant_of("support+t9@x.example") is None  # no such tenant yet
+    live.apply(config_record("t9", "tenant", "-", {"name": "T9"}, "ops"))
+    assert boxes.tenant_of("support+t9@x.example") == "t9"  # made in /admin: live
+    live.apply(config_record("acme", "tenant", "-", {"disabled": True}, "ops"))
+    assert boxes.tenant_of("help@new.example") is None
+    assert boxes.tenant_of("support+acme@x.example") is None
+
+
+def test_from_addresses_follow_the_config() -> None:
+    from connectors.config_log import config_record
+    from kefu.cli_email import FromAddresses
+    from kefu.settings import EmailSettings, TenantSettings
+    from schemas.config import ConfigState
+
+    settings = Settings(
+        tenants={"demo": TenantSettings(email_addresses=["help@demo.test"]), "b": TenantSettings()},
+        email=EmailSettings(from_address="support@kefu.example"),
+    )
+    live = ConfigState()
+    froms = FromAddresses(settings, live)
+    assert (froms["demo"], froms["b"]) == ("help@demo.test", "support+b@kefu.example")
+    assert froms.get("new") is None
+    entity = {"addresses": ["in@demo.example"], "from_address": ""}
+    live.apply(config_record("demo", "channel", "email", entity, "admin"))
+    assert froms["demo"] == "in@demo.example"
+    entity["from_address"] = "reply@demo.example"
+    live.apply(config_record("demo", "channel", "email", entity, "admin", 10**13))
+    assert froms["demo"] == "reply@demo.example"
+    live.apply(config_record("new", "tenant", "-", {"name": "New"}, "ops"))
+    assert froms["new"] == "support+new@kefu.example"
+
+
 def test_reply_headers_thread_to_the_customer_message() -> None:
     reply = sample_reply()
     msg = build_reply(reply, "help@demo.test", "alice@x", "My order", "m2@x", ("m1@x",), "h.test")
@@ -428,6 +478,55 @@ def test_bad_mail_is_refused_and_nothing_is_published(pipeline: Settings) -> Non
             client.sendmail("a@x.com", ["help@demo.test"], huge)
         assert "552" in str(too_big.value)
     assert asyncio.run(customer_messages_published(pipeline)) == before
+
+
+def test_an_address_added_in_the_config_routes_mail_without_a_restart(
+    pipeline: Settings,
+) -> None:
+    """The running ``kefu smtp`` follows the config topic: an address saved for a tenant
+    (here written onto the topic as /admin writes it) is accepted at the next RCPT and
+    its mail is that tenant's; an address nobody configured is refused as before."""
+    from aiokafka import AIOKafkaProducer
+
+    from connectors.config_log import config_record, publish_config
+    from schemas.topics import TopicNames
+
+    tenant = f"mail{uuid.uuid4().hex[:6]}"
+    address = f"help@{tenant}.example"
+
+    def accepted(recipient: str) -> bool:
+        with smtplib.SMTP("127.0.0.1", pipeline.email.port, timeout=30) as client:
+            client.ehlo()
+            client.mail("who@example.com")
+            code, _ = client.rcpt(recipient)
+            return code == 250
+
+    assert not accepted(address)
+
+    async def publish() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=pipeline.kafka.servers, acks="all")
+        await producer.start()
+        topic = TopicNames(pipeline.topic_prefix).config
+        try:
+            await publish_config(producer, topic, config_record(tenant, "tenant", "-", {}, "t"))
+            entity = config_record(tenant, "channel", "email", {"addresses": [address]}, "t")
+            await publish_config(producer, topic, entity)
+        finally:
+            await producer.stop()
+
+    asyncio.run(publish())
+    wait_for(lambda: accepted(address), 10, "the new address live in kefu smtp")
+    who = f"c-{uuid.uuid4().hex[:8]}@example.com"
+    message = mail("Do you ship to Hangzhou?", sender=who, to=address, message_id=f"{who}.1")
+    send(pipeline, message)
+    conversation = conversation_id_for(tenant, "email", who)
+    wait_for(
+        lambda: any(m["role"] == "customer" for m in history(pipeline, tenant, conversation)),
+        60,
+        "the mail as the tenant's message",
+    )
+    assert not accepted(f"sales@{tenant}.example")  # unknown: refused as before
+    assert accepted("help@demo.test")  # the environment's seed still routes
 
 
 def test_relay_failures_are_retried_then_reported(pipeline: Settings, relay: FakeSmtpRelay) -> None:

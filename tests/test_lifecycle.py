@@ -70,6 +70,28 @@ def test_event_ids_and_seqs_are_deterministic_on_retry() -> None:
     assert decide(Conversation(), receive(1), POLICY) == decide(Conversation(), receive(1), POLICY)
 
 
+@pytest.mark.parametrize(
+    ("tenant", "team", "queue"),
+    [
+        ("humans-only", "billing", "humans-only:billing"),  # the web chat's team
+        ("t1", "billing", "t1:billing"),  # with the AI first: a hand-off goes there
+        ("humans-only", "", "humans-only:default"),
+        ("humans-only", "a:b", "humans-only:default"),  # never a malformed queue
+    ],
+)
+def test_a_message_naming_a_team_starts_its_conversation_in_that_teams_queue(
+    tenant: str, team: str, queue: str
+) -> None:
+    message = dataclasses.replace(receive(1, tenant=tenant), team=team)
+    routed = next(
+        e for e in decide(Conversation(), message, POLICY) if e.type == "ConversationRouted"
+    )
+    assert routed.queue == queue  # type: ignore[attr-defined]
+    state = apply(Conversation(), decide(Conversation(), message, POLICY))
+    later = dataclasses.replace(receive(2, tenant=tenant), team="other")
+    assert not any(e.type == "ConversationRouted" for e in decide(state, later, POLICY))
+
+
 def test_second_message_is_not_routed_again() -> None:
     state = apply(Conversation(), decide(Conversation(), receive(1), POLICY))
     events = decide(state, receive(2), POLICY)

@@ -129,6 +129,46 @@ async def test_temperature_and_max_tokens_per_tenant(fake: FakeOpenAI) -> None:
     assert (cold.temperature, cold.max_tokens) == (0.0, 64)
 
 
+async def test_model_and_min_confidence_set_in_admin_apply_to_the_next_answer(
+    fake: FakeOpenAI,
+) -> None:
+    """/admin's ``ai`` entity (model, min_confidence), folded into the live config the
+    worker reads, changes the next answer of the same responder: no restart."""
+    from connectors.config_log import config_record
+    from kefu.ai import LiveTuning
+    from schemas.config import ConfigState
+
+    live = ConfigState()
+    responder = AIResponder(config(fake.base_url, tenants=LiveTuning({}, live, Tuning())), LIBRARY)
+
+    def publish(data: dict[str, Any]) -> None:
+        previous = live.version("demo", "ai", "-")
+        assert live.apply(config_record("demo", "ai", "-", data, "admin", previous))
+
+    first = await responder.answer(request(WATERPROOF))
+    assert first.model == "gpt-en"  # English: the configured choice
+    refund = await responder.answer(request("I want a refund", n=1))
+    assert refund.responder == "intent-faq"  # 0.9999 >= the default 0.92
+    # A configured label: that model first, whatever the language.
+    publish({"model": "qwen-zh", "min_confidence": 0.92})
+    second = await responder.answer(request(WATERPROOF, n=2))
+    assert second.model == "qwen-zh" and second.text.startswith("[qwen-zh]")
+    # Any other name: the model id the endpoint is asked for.
+    publish({"model": "qwen-max-latest", "min_confidence": 0.92})
+    third = await responder.answer(request(WATERPROOF, n=3))
+    assert [c.model for c in fake.chat_calls()] == ["gpt-en", "qwen-zh", "qwen-max-latest"]
+    assert third.model == "qwen-max-latest"
+    # A stricter threshold: the same refund question is no longer confident enough for
+    # the canned FAQ answer (given inline before): a model answers it.
+    publish({"min_confidence": 1.0})
+    strict = await responder.answer(request("I want a refund", n=4))
+    assert strict.responder == "llm" and strict.confidence < 1.0
+    assert responder.answer_now(request("I want a refund", n=4)) is None
+    # Another tenant keeps the defaults.
+    other = await responder.answer(request("I want a refund", tenant="t2", n=5))
+    assert other.responder == "intent-faq"
+
+
 # --- intent decisions make no model call ---------------------------------------------------
 
 

@@ -67,3 +67,36 @@ def test_the_tenants_own_faq_answers_first_and_follows_the_config() -> None:
     config.apply(config_record("t1", "faq", "invoice", None, "admin", 10**13))  # deleted
     gone = faq.answer_now(request("开发票需要多久？"))
     assert gone is not None and gone.responder == "offline-faq"
+
+
+def test_the_tenants_min_confidence_is_the_faq_bar_live() -> None:
+    """The tenant FAQ's bar is /admin's ``min_confidence`` once set (the same score as
+    "try a question": a keyword hit is 0.6, two 0.8), read at each answer."""
+    from connectors.config_log import config_record
+    from schemas.config import ConfigState
+    from schemas.records import ReplyRequested
+    from streams.responders import OfflineResponder, TenantFaq
+
+    def request(text: str) -> ReplyRequested:
+        return ReplyRequested(
+            event_id="r1",
+            conversation_id="c1",
+            tenant_id="t1",
+            seq=2,
+            occurred_at=1,
+            message_event_id="m1",
+            channel="api",
+            text=text,
+        )
+
+    config = ConfigState()
+    faq = TenantFaq(OfflineResponder(), config)
+    entry = {"question": "退货政策", "answer": "七天无理由退货。", "keywords": ["退货", "运费"]}
+    config.apply(config_record("t1", "faq", "returns", entry, "admin"))
+    asked = "请问退货的时候运费谁出呀，包裹已经寄出了"
+    hit = faq.answer_now(request(asked))
+    assert hit is not None and hit.responder == "tenant-faq" and hit.confidence == 0.8
+    config.apply(config_record("t1", "ai", "-", {"min_confidence": 0.92}, "admin"))
+    missed = faq.answer_now(request(asked))
+    assert missed is not None and missed.responder == "offline-faq"
+    assert faq.answer_now(request("退货政策")).responder == "tenant-faq"  # type: ignore[union-attr]

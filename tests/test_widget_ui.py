@@ -53,6 +53,15 @@ WIDGET: dict[str, Any] = {
         "en": "Hi, this is Deer Shop support. How can we help?",
     },
     "prechat": True,
+    # The pre-chat form's topic field: each topic's chats go to its team.
+    "topics": [
+        {"id": "delivery", "label": {"zh": "物流查询", "en": "Delivery"}, "team": "default"},
+        {
+            "id": "invoice",
+            "label": {"zh": "发票与付款", "en": "Invoices and payment"},
+            "team": "default",
+        },
+    ],
     "offline_message": {
         "zh": "客服工作时间为每天 9:00-21:00。请留下邮箱和问题，我们会尽快回复。",
         "en": "Our agents are in from 9:00 to 21:00. "
@@ -194,6 +203,80 @@ def agent_typing(pipeline: Settings, conversation: str) -> None:
 def chat_url(pipeline: Settings, customer: str, version: str = "2") -> str:
     query = f"tenant={TENANT}&customer={customer}" + (f"&v={version}" if version else "")
     return f"{ws_base(pipeline)}/v1/chat/ws?{query}"
+
+
+def test_web_chats_go_to_the_widgets_team_or_the_picked_topics(pipeline: Settings) -> None:
+    """The widget's ``team`` routes every web chat of the tenant; a pre-chat topic mapped
+    to a team routes that chat there; a topic or team the tenant does not have falls
+    back (never a queue of a team that does not exist). Live: no restart."""
+    tenant = f"route{uuid.uuid4().hex[:6]}"
+    widget = {
+        "team": "sales",
+        "prechat": True,
+        "topics": [
+            {"id": "invoice", "label": {"zh": "发票", "en": "Invoices"}, "team": "billing"},
+            {"id": "gone", "label": {"en": "Old"}, "team": "nosuchteam"},
+        ],
+    }
+
+    async def publish() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=pipeline.kafka.servers)
+        await producer.start()
+        topic = TopicNames(pipeline.topic_prefix).config
+        try:
+            for kind, entity, data in (
+                ("tenant", "-", {"name": "Route", "ai_enabled": False}),
+                ("team", "sales", {"name": "销售"}),
+                ("team", "billing", {"name": "财务"}),
+                ("widget", "-", widget),
+            ):
+                await publish_config(
+                    producer, topic, config_record(tenant, kind, entity, data, "t")
+                )
+        finally:
+            await producer.stop()
+
+    asyncio.run(publish())
+    with httpx.Client(base_url=http_base(pipeline), timeout=10) as http:
+
+        def topics() -> list[dict[str, Any]] | None:
+            got = http.get("/v1/chat/settings", params={"tenant": tenant})
+            found: list[dict[str, Any]] = got.json().get("topics") if got.status_code == 200 else []
+            return found or None
+
+        shown = wait_for(topics, 30, "the topics in the chat settings")
+    assert shown[0] == {"id": "invoice", "label": {"zh": "发票", "en": "Invoices"}}
+    assert "team" not in shown[0]  # the teams stay server-side
+
+    async def start(customer: str, profile: dict[str, str] | None) -> str:
+        url = f"{ws_base(pipeline)}/v1/chat/ws?tenant={tenant}&customer={customer}&v=2"
+        async with websockets.connect(url) as socket:
+            assert json.loads(await socket.recv())["type"] == "history"
+            frame: dict[str, Any] = {"type": "message", "id": "m1", "text": "你好"}
+            if profile:
+                frame["profile"] = profile
+            await socket.send(json.dumps(frame))
+            while (got := json.loads(await asyncio.wait_for(socket.recv(), 30)))["type"] != "ack":
+                pass
+            return str(got["conversation_id"])
+
+    def queue_of(conversation: str) -> str | None:
+        client = redis.Redis.from_url(pipeline.redis.dsn)
+        try:
+            value = client.hget(conversation_key(tenant, conversation), "queue")
+        finally:
+            client.close()
+        return value.decode() if isinstance(value, bytes) and value else None
+
+    person = {"name": "李雷", "email": "lilei@example.cn"}
+    plain = asyncio.run(start("c-plain", None))
+    picked = asyncio.run(start("c-invoice", {**person, "topic": "invoice"}))
+    stale = asyncio.run(start("c-gone", {**person, "topic": "gone"}))
+    unknown = asyncio.run(start("c-unknown", {**person, "topic": "nope"}))
+    assert wait_for(lambda: queue_of(plain), 60, "the plain chat routed") == f"{tenant}:sales"
+    assert wait_for(lambda: queue_of(picked), 60, "the topic's chat") == f"{tenant}:billing"
+    assert wait_for(lambda: queue_of(stale), 60, "the stale topic") == f"{tenant}:sales"
+    assert wait_for(lambda: queue_of(unknown), 60, "the unknown topic") == f"{tenant}:sales"
 
 
 def test_settings_follow_the_configuration_and_presence_live(pipeline: Settings) -> None:
@@ -375,6 +458,13 @@ def test_widget_in_chinese_desktop_and_mobile(pipeline: Settings, browser: Any) 
         assert frame.locator("#prechat-name").get_attribute("aria-invalid") == "true"
         frame.locator("#prechat-name").fill("李雷")
         frame.locator("#prechat-email").fill("lilei@example.cn")
+        # The topic field, in the visitor's language; the pick goes with the message.
+        assert frame.locator("#prechat-topic-label").text_content() == "咨询类型"
+        labels = frame.locator("#prechat-topic option").all_text_contents()
+        assert labels == ["物流查询", "发票与付款"], labels
+        frame.locator("#prechat-topic").select_option("delivery")
+        DOCS.mkdir(exist_ok=True)
+        host.screenshot(path=str(DOCS / "widget-prechat-zh.png"))
         frame.locator("#prechat-start").click()
         frame.locator("#prechat").wait_for(state="hidden")
         assert chat.evaluate("document.activeElement.id") == "text"
@@ -386,7 +476,8 @@ def test_widget_in_chinese_desktop_and_mobile(pipeline: Settings, browser: Any) 
         mark = frame.locator("#log p.customer .mark")
         assert mark.get_attribute("aria-label") == "已送达"
         kept = profile_of(pipeline, conversation)
-        assert kept[b"email"] == b"lilei@example.cn"
+        assert kept[b"email"] == b"lilei@example.cn" and kept[b"topic"] == b"delivery"
+        field_is(pipeline, conversation, "queue", f"{TENANT}:default")  # the topic's team
 
         field_is(pipeline, conversation, "assignee", AGENT)
         agent_typing(pipeline, conversation)
@@ -487,6 +578,10 @@ def test_widget_in_english_offline_form_and_language_switch(
         frame = host.frame_locator("#kefu-widget-frame")
         frame.locator("body[data-mode=offline]").wait_for(timeout=30_000)
         assert frame.locator("#status").text_content() == "Offline now"
+        # The pre-chat topics (asked when someone is available) in English too.
+        assert frame.locator("#prechat-topic-label").text_content() == "Topic"
+        topics = frame.locator("#prechat-topic option").all_text_contents()
+        assert topics == ["Delivery", "Invoices and payment"], topics
         assert frame.locator("#offline-text").text_content() == WIDGET["offline_message"]["en"]
         assert frame.locator("#prechat").is_hidden()  # the offline form asks instead
         assert frame.locator("#send-btn").text_content() == "Leave message"
