@@ -154,6 +154,17 @@ class TenantData(_Data):
     disabled: bool = False
     language: Literal["zh", "en"] = "zh"
     ai_enabled: bool = True
+    # Customers whose conversations all closed this many days ago are erased
+    # (kefu/erasure.py: the retention job); 0: kept until erased on request.
+    retention_days: int = Field(default=0, ge=0, le=36500)
+
+
+class TopicData(_Data):
+    """A choice of the pre-chat form's topic field and the team it routes to."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$")
+    label: Lang = Field(default_factory=dict)
+    team: str = Field(min_length=1, max_length=64)
 
 
 class WidgetData(_Data):
@@ -161,6 +172,18 @@ class WidgetData(_Data):
     greeting: Lang = Field(default_factory=dict)
     prechat: bool = False
     offline_message: Lang = Field(default_factory=dict)
+    # Web chats go to this team ("": the default team), or to the team of the topic
+    # the customer picks in the pre-chat form (``topics``, asked when there are any).
+    team: str = Field(default="", max_length=64)
+    topics: list[TopicData] = Field(default_factory=list, max_length=12)
+
+    @field_validator("topics")
+    @classmethod
+    def _unique(cls, value: list[TopicData]) -> list[TopicData]:
+        ids = [topic.id for topic in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("two topics have the same id")
+        return value
 
 
 class HoursData(_Data):
@@ -247,14 +270,24 @@ class TelegramData(_Data):
 
 
 class EmailData(_Data):
+    """Inbound: mail to these addresses is this tenant's (live in ``kefu smtp``; they
+    replace the environment's ``email_addresses``). Outbound: replies are sent from
+    ``from_address`` (empty: the first address)."""
+
     addresses: list[Annotated[str, Field(max_length=254)]] = Field(
         default_factory=list, max_length=20
     )
+    from_address: str = Field(default="", max_length=254)
 
     @field_validator("addresses")
     @classmethod
     def _addresses(cls, value: list[str]) -> list[str]:
         return [_email(v) for v in value]
+
+    @field_validator("from_address")
+    @classmethod
+    def _from(cls, value: str) -> str:
+        return _email(value)
 
 
 class WebhookData(_Data):
@@ -332,6 +365,27 @@ def validated(
             found = accounts.agent_by_email(state, t, out["email"])
             if found is not None and found[0] != entity_id:
                 raise _field_error(("body", "data", "email"), "another agent has this email")
+    if kind == "widget":
+        known = state.all(t, "team")
+        if out["team"] and out["team"] not in known:
+            raise _field_error(("body", "data", "team"), f"no such team: {out['team']}")
+        for index, topic in enumerate(out["topics"]):
+            if topic["team"] not in known:
+                raise _field_error(
+                    ("body", "data", "topics", index, "team"), f"no such team: {topic['team']}"
+                )
+    if kind == "channel" and entity_id == "email":
+        # An address routes mail to one tenant: another tenant's is never taken over.
+        for (other, k, e), entity in state.entities.items():
+            if k != "channel" or e != "email" or other == t:
+                continue
+            theirs = {str(a).lower() for a in entity.data.get("addresses") or []}
+            taken = [a for a in out["addresses"] if a in theirs]
+            if taken:
+                raise _field_error(
+                    ("body", "data", "addresses"),
+                    f"already another tenant's address: {', '.join(taken)}",
+                )
     if kind == "tenant":
         before = state.get(t, "tenant") or {}
         if bool(before.get("disabled")) != out["disabled"] and not caller.operator:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
@@ -27,6 +26,7 @@ from connectors import (
     console,
     dashboard,
     files_api,
+    privacy_api,
     rest_api,
     routing_api,
     webchat,
@@ -46,6 +46,7 @@ from connectors.telegram import router as telegram_router
 from connectors.uploads import Files
 from connectors.wechat import WeChatEdge
 from connectors.wechat import router as wechat_router
+from kefu.long_lived import keep_long_lived_out_of_gc
 from schemas.config import ConfigState
 from schemas.records import ConfigChanged
 
@@ -74,7 +75,7 @@ class GatewayConfig:
     kafka_options: Mapping[str, object] = field(default_factory=dict)
     redis_connections: int = 100  # the process's Redis pool; more requests wait
     # Seconds between gc.freeze() calls (0 = off) and between full collections of
-    # what was frozen: see _long_lived_objects.
+    # what was frozen: see kefu.long_lived.
     gc_freeze_s: float = 0.0
     gc_full_s: float = 3600.0
     # Attachments: blob store, link signer, policy (None: uploads answer 503).
@@ -85,22 +86,8 @@ class GatewayConfig:
     config_topic: str = ""
     config_key: bytes = b""
     config_seed: tuple[ConfigChanged, ...] = ()
-
-
-async def _long_lived_objects(config: GatewayConfig) -> None:
-    """Keep held sockets out of the cyclic GC's scans. With 20,000 sockets a full
-    collection walks millions of live objects and stalls the loop for seconds (measured
-    2.2 s: bench/RESULTS.md "Web chat sockets"). What has lived ``gc_freeze_s`` is
-    frozen (never scanned; still freed by reference counting when a socket closes);
-    every ``gc_full_s`` it is thawed and collected once, so cycles cannot pile up."""
-    last_full = time.monotonic()
-    while True:
-        await asyncio.sleep(config.gc_freeze_s)
-        if time.monotonic() - last_full >= config.gc_full_s:
-            gc.unfreeze()
-            gc.collect()
-            last_full = time.monotonic()
-        gc.freeze()
+    # Erasing customers (``connectors/privacy_api.py``; kefu injects it; None: 503).
+    privacy: Any = None
 
 
 @dataclass(slots=True)
@@ -160,7 +147,11 @@ def create_app(config: GatewayConfig) -> FastAPI:
             app.state.files = dataclasses.replace(config.files, quota=quota)
         collector = None
         if config.gc_freeze_s > 0:
-            collector = asyncio.create_task(_long_lived_objects(config))
+            # Held sockets out of the cyclic GC's scans (a full collection over 20,000
+            # sockets stalled the loop 2.2 s: bench/RESULTS.md "Web chat sockets").
+            collector = asyncio.create_task(
+                keep_long_lived_out_of_gc(config.gc_freeze_s, config.gc_full_s)
+            )
         try:
             yield
         finally:
@@ -197,6 +188,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(admin_config.router)
     app.include_router(admin_config.pages)
+    app.include_router(privacy_api.router)
+    app.state.privacy = config.privacy
     app.state.bootstrap = config.bootstrap  # admin_config reads the word-list topic
     app.state.kafka_options = config.kafka_options
     app.include_router(webchat.router)

@@ -30,6 +30,11 @@ def _settings() -> Settings:
 @click.group()
 def main() -> None:
     """kefu: self-hosted, event-sourced customer-service pipeline."""
+    from kefu.data_keys import install_lazily
+
+    # Sealed personal fields open in any command that decodes events (replay, audit,
+    # privacy export, ...); the keys topic is read only when one is first met.
+    install_lazily(_settings)
 
 
 # --------------------------------------------------------------------------- stack
@@ -142,6 +147,8 @@ def gateway(instance: str, state: str) -> None:
     from connectors.gateway import GatewayConfig, create_app
     from kefu.chat_channels import telegram_edge, wechat_edge
     from kefu.config import config_key, seed_records
+    from kefu.data_keys import key_store
+    from kefu.erasure import Eraser
     from kefu.files import files
     from kefu.telemetry import setup_tracing
     from schemas.topics import TopicNames
@@ -165,6 +172,7 @@ def gateway(instance: str, state: str) -> None:
         config_topic=TopicNames(settings.topic_prefix).config,
         config_key=config_key(settings),
         config_seed=seed_records(settings),
+        privacy=Eraser(settings, key_store(settings)),
         **gateway_security(settings),
     )
     g = settings.gateway
@@ -297,6 +305,9 @@ main.add_command(smtp)
 from kefu.cli_agents import agent_directory, agents  # noqa: E402
 
 main.add_command(agents)
+from kefu.cli_accounts import accounts  # noqa: E402
+
+main.add_command(accounts)
 from kefu.cli_keys import gateway_security, keys  # noqa: E402
 
 main.add_command(keys)

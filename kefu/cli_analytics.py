@@ -136,6 +136,9 @@ def replay_command(
 
 def replay_job(settings: Settings, projection: str) -> Any:
     """The ``ReplayJob`` of ``projection`` (redis, clickhouse or all) for ``settings``."""
+    import functools
+
+    from kefu.data_keys import install_for
     from projections.replay import replay_topics
     from projections.replay_split import ClickHouseTargetSpec, ReplayJob
     from schemas.topics import TopicNames
@@ -151,6 +154,7 @@ def replay_job(settings: Settings, projection: str) -> Any:
             if projection in ("clickhouse", "all")
             else None
         ),
+        unsealer=functools.partial(install_for, settings),
     )
 
 

@@ -13,6 +13,8 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from connectors.metrics import ops_routes
+from kefu.data_keys import install, key_store
+from kefu.long_lived import keep_long_lived_out_of_gc
 from kefu.settings import Settings
 from kefu.telemetry import ops_app, register_counter, register_gauge, serve_ops, setup_tracing
 from projections.clickhouse_events import ClickHouseProjector, ClickHouseStore, ProjectorConfig
@@ -24,6 +26,10 @@ log = logging.getLogger(__name__)
 
 async def serve(settings: Settings) -> None:
     names = TopicNames(settings.topic_prefix)
+    # Sealed personal fields are stored opened (and redacted on CustomerErased).
+    keys = key_store(settings)
+    install(keys)
+    await keys.start_async()
     store = ClickHouseStore(settings.clickhouse_url, settings.clickhouse.database)
     await store.start()
     projector = ClickHouseProjector(
@@ -73,6 +79,8 @@ async def serve(settings: Settings) -> None:
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         tasks.append(asyncio.create_task(server.serve(), name="query-endpoint"))
 
+    ch = settings.clickhouse
+    collector = asyncio.create_task(keep_long_lived_out_of_gc(ch.gc_freeze_s, ch.gc_full_s))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,6 +88,7 @@ async def serve(settings: Settings) -> None:
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     projector.stop()
+    collector.cancel()
     for running in (server, ops):
         if running is not None:
             running.should_exit = True
@@ -89,6 +98,7 @@ async def serve(settings: Settings) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
     store.close()
+    await asyncio.to_thread(keys.stop)
 
 
 def run_projector(settings: Settings) -> None:

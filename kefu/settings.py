@@ -113,6 +113,9 @@ class ClickHouseSettings(_Frozen):
     query_port: int = 18124
     batch_size: int = 5000
     batch_seconds: float = 0.5
+    # The projector's long-lived objects out of the cyclic GC's scans (kefu/long_lived.py).
+    gc_freeze_s: float = 10.0
+    gc_full_s: float = 3600.0
 
 
 class GatewaySettings(_Frozen):
@@ -162,6 +165,10 @@ class WorkerSettings(_Frozen):
     # (every produce request) that releases the GIL waits up to this long to get it
     # back (CPython's default is 5 ms); shorter keeps the loop moving.
     switch_interval_ms: float = 0.5
+    # What has lived this long leaves the cyclic GC's scans (0 = never); collected once
+    # every gc_full_s (kefu/long_lived.py: the collector was ~65 % of this process's CPU).
+    gc_freeze_s: float = 10.0
+    gc_full_s: float = 3600.0
 
 
 class RoutingSettings(_Frozen):
@@ -302,6 +309,19 @@ class SecuritySettings(_Frozen):
     # rewritten history verify. Empty: a random key in <state_dir>/audit.key. Keep it
     # apart from the Kafka credentials; without it nothing can be verified.
     audit_key: SecretStr = SecretStr("")
+    # Crypto-shredding (docs/privacy.md): customers' personal fields (message text,
+    # notes, file names) go on the log sealed with a data key per customer, kept on
+    # the keys topic wrapped with a key derived from this. Empty: a random key in
+    # <state_dir>/data.key. Every process that reads or writes events needs the same.
+    data_key: SecretStr = SecretStr("")
+    # Off: new events carry personal fields in clear (what is sealed stays readable
+    # while its key exists); ``kefu privacy erase`` still redacts the read models.
+    seal_personal_data: bool = True
+    # How long a reader waits for the keys topic to show a key it has not seen
+    # (written by another process just before the event) before it gives up.
+    key_wait_s: float = 10.0
+    # How often a worker runs the retention job (tenants' ``retention_days``).
+    retention_interval_s: float = 3600.0
 
 
 class TenantSettings(_Frozen):

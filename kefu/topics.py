@@ -50,6 +50,21 @@ def wanted(settings: Settings, replication: int = 1) -> list[NewTopic]:
             rf,
             topic_configs={**COMPACT, "min.compaction.lag.ms": str(30 * 86400_000), **isr},
         ),
+        # Customers' data keys (schemas/sealing.py): the latest record per key id
+        # survives; an erased key's tombstone is removed after a day, and with it the
+        # wrapped key from every segment (delete.retention.ms; segments roll daily).
+        NewTopic(
+            names.keys,
+            1,
+            rf,
+            topic_configs={
+                **COMPACT,
+                "delete.retention.ms": str(86400_000),
+                "segment.ms": str(86400_000),
+                "min.cleanable.dirty.ratio": "0.01",
+                **isr,
+            },
+        ),
         # Faust's own topics, as Faust would declare them (compacted changelogs with the
         # source topics' partitions): made here so that they exist, with leaders,
         # before any worker subscribes (see schemas.topics).

@@ -21,10 +21,14 @@ from connectors.metrics import metrics_text
 from kefu.ai import build_responder
 from kefu.channels import channel_senders
 from kefu.config import ConfigService, config_key
+from kefu.data_keys import KeyService, install, key_store
+from kefu.erasure import run_retention
 from kefu.files import url_signer
+from kefu.long_lived import keep_long_lived_out_of_gc
 from kefu.settings import Settings
 from kefu.telemetry import setup_tracing
 from kefu.topics import ensure_topics_blocking
+from projections.redis_erase import RedisRedactor
 from projections.redis_rebuild import RebuildingRedisModel, log_fold, log_rebuild
 from projections.redis_state import RedisConversations
 from projections.replay import replay_topics
@@ -77,6 +81,18 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     live = ConfigState()
     kefu.app.add_dependency(ConfigService(settings, live))
     _install_config_page(kefu, live)
+    # Crypto-shredding (schemas/sealing.py): the customers' data keys, read whole before
+    # the agents start; keys made here go out with the app's producer, so the hot
+    # path's checkpoint checks them with the events sealed under them.
+    keys = key_store(settings)
+    keys_topic = TopicNames(settings.topic_prefix).keys
+
+    async def publish_key(key: bytes, value: bytes | None) -> Any:
+        return await kefu.app.producer.send(keys_topic, key, value, None, None, None)
+
+    keys.publish = publish_key
+    install(keys)  # every decode in this process opens sealed fields
+    kefu.app.add_dependency(KeyService(keys))
 
     def tenant_routing(tenant_id: str) -> TenantRouting:
         tenant = tenants.get(tenant_id)
@@ -141,9 +157,17 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     # the conversation agent on the commands, one reader of the events for the
     # projection, delivery, routing feed and responder. Faust runs the rest.
     hot = direct_sends(kefu)
-    agent = ConversationAgent(hot, policy, agent_config(kefu, settings.app_id))
+    sealing = keys if settings.security.seal_personal_data else None
+    agent = ConversationAgent(hot, policy, agent_config(kefu, settings.app_id), keys=sealing)
     pool = ResponderPool(hot, answers, concurrency=settings.worker.concurrency)
-    reader = EventReader(hot, sink, deliverer, pool, reader_config(kefu, settings.app_id))
+    reader = EventReader(
+        hot,
+        sink,
+        deliverer,
+        pool,
+        reader_config(kefu, settings.app_id),
+        redact=RedisRedactor(redis),
+    )
     for consumer in (agent, reader):
         watch_reader(consumer)
 
@@ -154,6 +178,24 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
         await app.add_runtime_dependency(reader)
 
     _install_health(kefu, (agent, reader))
+
+    @kefu.app.task  # type: ignore[untyped-decorator]
+    async def long_lived_out_of_gc(app: Any) -> None:
+        await keep_long_lived_out_of_gc(settings.worker.gc_freeze_s, settings.worker.gc_full_s)
+
+    async def retention() -> None:
+        """Tenants' ``retention_days`` (kefu/erasure.py), on the leader worker only."""
+        try:
+            erased = await run_retention(settings, keys, live)
+        except Exception:
+            log.exception("the retention job failed; it runs again next time")
+            return
+        for tenant, customers in erased.items():
+            log.info("retention erased %d customer(s) of %s", len(customers), tenant)
+
+    kefu.app.timer(settings.security.retention_interval_s, on_leader=True, name="kefu.retention")(
+        retention
+    )
 
     async def close_clients(app: Any, **kwargs: Any) -> None:
         # After the consumer stopped, before the loop closes: sessions left open are

@@ -32,6 +32,7 @@ from projections.clickhouse_views import view_statements
 from schemas import tracing
 from schemas.codec import CODEC, DecodeError
 from schemas.records import Event, Record, dead_letter, projected_ms
+from schemas.sealing import redact_fields
 from schemas.time import now_ms
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,46 @@ def delete_sql(
     )
 
 
+def erased_in(rows: Sequence[Sequence[Any]]) -> list[tuple[str, str, int]]:
+    """(tenant, conversation, seq) of each ``CustomerErased`` row among ``rows``."""
+    return [(str(r[2]), str(r[3]), int(r[4])) for r in rows if r[1] == "CustomerErased"]
+
+
+async def redact_conversation(
+    store: ClickHouseStore, tenant: str, conversation: str, seq: int
+) -> int:
+    """The rows of the conversation's events before ``seq`` (a ``CustomerErased``)
+    with every personal field of their payload erased, as a replay from the log (the
+    customer's keys gone) would write them; rows changed. One mutation, waited for:
+    the clear values leave the table's parts, not just the query results."""
+    from projections.clickhouse_views import quote
+
+    _, found = await store.query(
+        f"SELECT DISTINCT seq, type, payload FROM {store.database}.events "
+        "WHERE tenant_id = {t:String} AND conversation_id = {c:String} AND seq < {s:UInt64}",
+        parameters={"t": tenant, "c": conversation, "s": seq},
+    )
+    changed: dict[int, str] = {}
+    for row_seq, type_name, payload in found:
+        try:
+            fields = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(fields, dict) and redact_fields(str(type_name), fields):
+            changed[int(row_seq)] = orjson.dumps(fields, default=str).decode()
+    if not changed:
+        return 0
+    seqs = ", ".join(str(n) for n in changed)
+    payloads = ", ".join(quote(p) for p in changed.values())
+    await store.command(
+        f"ALTER TABLE {store.database}.events UPDATE payload = "
+        f"transform(seq, CAST([{seqs}], 'Array(UInt64)'), [{payloads}], payload) "
+        f"WHERE tenant_id = {quote(tenant)} AND conversation_id = {quote(conversation)} "
+        f"AND seq IN ({seqs}) SETTINGS mutations_sync = 2"
+    )
+    return len(changed)
+
+
 class ClickHouseStore:
     """One client on one thread: chdb is not safe to drive from several at once."""
 
@@ -287,6 +328,7 @@ class ClickHouseProjector:
         self._store = store
         self._stopping = asyncio.Event()
         self.stored = 0
+        self.redacted = 0  # conversations redacted (CustomerErased)
         self._consumer: AIOKafkaConsumer | None = None
         self._done: dict[tuple[str, int], int] = {}  # next offset per partition, stored
 
@@ -332,6 +374,10 @@ class ClickHouseProjector:
                 rows = await self._rows(records, producer)
                 if rows:
                     await self._insert_until_done(rows)
+                    # A customer erased: what the table holds of them goes, before the
+                    # commit (a crash in between redacts again: idempotent).
+                    for tenant, conversation, seq in erased_in(rows):
+                        await self._redact_until_done(tenant, conversation, seq)
                 await consumer.commit()
                 if tracing.enabled():
                     _trace_stored(records, started_ns, time.time_ns())
@@ -401,6 +447,18 @@ class ClickHouseProjector:
                     self._config.deadletter_topic, key=record.key, value=CODEC.encode(letter)
                 )
         return rows
+
+    async def _redact_until_done(self, tenant: str, conversation: str, seq: int) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await redact_conversation(self._store, tenant, conversation, seq)
+                self.redacted += 1
+                return
+            except Exception:
+                log.exception("clickhouse redaction of %s failed; retrying", conversation)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _insert_until_done(self, rows: list[list[Any]]) -> None:
         """ClickHouse down means wait and retry, never skip: the offsets stay put."""

@@ -35,6 +35,7 @@ from schemas.keys import (
     unread_key,
 )
 from schemas.records import Event, QueueEvent
+from schemas.sealing import ERASED
 
 RECENT_MESSAGES = 50
 PREVIEW = 120
@@ -217,7 +218,9 @@ def _get(event: Event, name: str, default: Any = "") -> Any:
 def _listed_attachments(event: Event) -> list[dict[str, Any]]:
     """A message's attachments as its list entry shows them: metadata, no URL (the
     gateway signs a URL per reader when it serves the entry)."""
-    return [a.to_avro() for a in _get(event, "attachments", ())]
+    # Records live; a replay's fold (projections.redis_fold.view) hands the decoded
+    # dicts, which hold the same fields in the same (the schema's) order.
+    return [a if isinstance(a, dict) else a.to_avro() for a in _get(event, "attachments", ())]
 
 
 def _attachment_preview(attachments: list[dict[str, Any]]) -> str:
@@ -428,6 +431,13 @@ def _note(event: Event) -> Change:
             "at": event.occurred_at,
         }
     )
+
+
+@on("CustomerErased")
+def _erased(event: Event) -> Change:
+    # The preview goes; the recent-messages list is redacted after the batch that
+    # holds this event (projections.redis_erase: its entries are rewritten in place).
+    return Change(set={"last_message": ERASED, "erased_at": _at(event)})
 
 
 # --- the sink ------------------------------------------------------------------------

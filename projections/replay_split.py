@@ -58,6 +58,9 @@ class ReplayJob:
     kafka_options: KafkaOptions | None = None
     redis_dsn: str | None = None
     clickhouse: ClickHouseTargetSpec | None = None
+    # Run first in each child: installs what opens sealed fields (schemas/sealing.py;
+    # kefu.data_keys.install_for), as the parent has it.
+    unsealer: Callable[[], object] | None = None
 
     def reader(self, share: tuple[int, int] = (0, 1)) -> LogReader:
         options = self.kafka_options() if self.kafka_options else None
@@ -198,6 +201,8 @@ def _child(job: ReplayJob, flt: ReplayFilter, share: tuple[int, int]) -> ReplayS
 
 
 async def _child_replay(job: ReplayJob, flt: ReplayFilter, share: tuple[int, int]) -> ReplayStats:
+    if job.unsealer is not None:
+        job.unsealer()
     reader = job.reader(share)
     counts = _counts
     report = _Reporter(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -76,6 +76,9 @@ class AvroCodec:
         self._headers = {name: MAGIC + s.fingerprint for name, s in self._current.items()}
         self._commit_fingerprint = self._current[Commit.__name__].fingerprint
         self._commit_layout = self._reads_commits_directly()
+        # Per record type, what opens its sealed fields in place after decoding
+        # (``schemas.sealing.install``: crypto-shredding); empty: values as written.
+        self.openers: dict[type[Record], Callable[[dict[str, Any]], None]] = {}
 
     def schema_of(self, name: str) -> dict[str, Any]:
         return self._current[name].parsed
@@ -140,9 +143,14 @@ class AvroCodec:
         if reader is None or cls is None:
             raise DecodeError(f"no reader for record type {writer.name}")
         try:
-            body = schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.parsed, reader.parsed)
+            # Bytes in today's schema need no resolution (fastavro reads them ~25 % faster).
+            resolving = None if reader is writer else reader.parsed
+            body = schemaless_reader(io.BytesIO(data[HEADER_SIZE:]), writer.parsed, resolving)
         except Exception as exc:  # fastavro raises several types for corrupt bodies
             raise DecodeError(f"corrupt {writer.name} body: {exc!r}") from exc
+        opener = self.openers.get(cls)
+        if opener is not None:
+            opener(body)  # type: ignore[arg-type]
         return cls, body  # type: ignore[return-value]
 
 

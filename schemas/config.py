@@ -9,9 +9,11 @@ where they are written (the admin API's models) and read (its accessors below).
 Kinds and their fields (all optional unless said):
 
 - ``tenant`` ("-"): ``name``, ``disabled`` (bool), ``language`` ("zh" | "en"),
-  ``ai_enabled`` (bool).
+  ``ai_enabled`` (bool), ``retention_days`` (int; 0: no retention, see kefu/erasure.py).
 - ``widget`` ("-"): ``color`` ("#RRGGBB"), ``greeting`` ({"zh": ..., "en": ...}),
-  ``prechat`` (bool: ask name and email first), ``offline_message`` ({"zh", "en"}).
+  ``prechat`` (bool: ask name and email first), ``offline_message`` ({"zh", "en"}),
+  ``team`` (the team web chats go to; "" the default), ``topics`` ([{"id", "label":
+  {"zh", "en"}, "team"}]: the pre-chat form's topic field, each routing to a team).
 - ``hours`` ("-"): ``timezone`` (IANA), ``days`` ({"mon": [["09:00", "18:00"]], ...});
   no entity: always open.
 - ``team`` (team id): ``name``.
@@ -21,9 +23,12 @@ Kinds and their fields (all optional unless said):
 - ``canned`` (id): ``title``, ``text``, ``shortcut``.
 - ``faq`` (id): ``question``, ``answer``, ``intent``, ``keywords`` ([str]).
 - ``channel`` (``wechat`` | ``wechat_mp`` | ``telegram`` | ``email``): that channel's
-  settings; secret fields encrypted.
+  settings; secret fields encrypted. ``email``: ``addresses`` (inbound: mail to them is
+  the tenant's; they replace the environment's), ``from_address`` (of replies).
 - ``webhook`` ("-"): ``url``, ``secret`` (encrypted).
-- ``ai`` ("-"): ``model``, ``temperature``, ``system_prompt``, ``min_confidence``.
+- ``ai`` ("-"): ``model`` (a configured model's label, tried first, or the model id to
+  ask for), ``temperature``, ``system_prompt``, ``min_confidence`` (the intent
+  threshold and the tenant FAQ's bar); read per answer by the workers (kefu/ai.py).
 
 Secret fields hold ``{"enc": "<token>"}`` (``connectors``/``kefu`` encrypt with the
 configured key); this module never sees a secret in clear.

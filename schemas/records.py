@@ -136,13 +136,16 @@ def event_id_for(command_id: str, index: int, conversation_id: str = "") -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReceiveMessage(_CarriesAttachments, Command):
-    SCHEMA_VERSION: ClassVar[int] = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
     channel: str
     customer_id: str
     text: str  # may be "" when the message is attachments only (version 2)
     channel_message_id: str
     language: str | None = None
     attachments: tuple[Attachment, ...] = ()
+    # The team a conversation this message starts goes to (version 3): the web chat's
+    # team or its pre-chat topic's; "" is the tenant's default team.
+    team: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,6 +175,17 @@ class RecordDelivery(Command):
     status: str
     attempts: int
     detail: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EraseCustomer(Command):
+    """A customer's data keys were deleted: record it in this conversation (the read
+    models redact on the ``CustomerErased`` that follows). ``kefu/erasure.py``."""
+
+    customer_id: str
+    requested_by: str
+    reason: str  # request | retention
+    key_ids: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -278,6 +292,19 @@ class NoteAdded(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CustomerErased(Event):
+    """The customer's data keys are deleted: every sealed field of this conversation's
+    events reads as erased from now on (``schemas/sealing.py``), and the read models
+    redact what they hold. Who asked and when; no personal data."""
+
+    customer_id: str
+    requested_by: str
+    reason: str
+    command_id: str
+    key_ids: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ConversationClosed(Event):
     SCHEMA_VERSION: ClassVar[int] = 2
     reason: str
@@ -341,6 +368,19 @@ class AuditCheckpoint(Record):
     head: str
     checkpointed_at: int
     signature: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataKey(Record):
+    """A customer's data key, wrapped with the master key, on the compacted keys topic
+    keyed by ``key_id`` (``connectors/keystore.py``); a tombstone erases it."""
+
+    tenant_id: str
+    customer_id: str
+    key_id: str
+    wrapped: bytes
+    created_at: int
+    created_by: str = ""
 
 
 # --- routing: conversation commands and events -----------------------------------
@@ -550,6 +590,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     RateConversation,
     FlagSlaBreach,
     AddNote,
+    EraseCustomer,
 )
 EVENT_TYPES: tuple[type[Event], ...] = (
     MessageReceived,
@@ -566,6 +607,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     CsatRequested,
     CsatRated,
     NoteAdded,
+    CustomerErased,
 )
 ROUTING_COMMAND_TYPES: tuple[type[RoutingCommand], ...] = (
     SetAgentPresence,
@@ -589,6 +631,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         WordListChanged,
         ConfigChanged,
         AuditCheckpoint,
+        DataKey,
         Commit,
     )
 }

@@ -44,6 +44,13 @@ class TopicNames:
         return f"{self.prefix}.audit-checkpoints"
 
     @property
+    def keys(self) -> str:
+        """Customers' data keys (crypto-shredding, connectors.keystore), compacted,
+        keyed by key id; erasing a customer writes tombstones. Every process that
+        reads or writes personal fields reads all of it."""
+        return f"{self.prefix}.control.keys"
+
+    @property
     def config(self) -> str:
         """Tenants' configuration (schemas.config), compacted, keyed
         tenant/kind/entity: every process reads all of it, from the beginning."""

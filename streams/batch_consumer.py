@@ -6,16 +6,22 @@ the wall on the hot path (bench/RESULTS.md "Hot path"). This is the shape that
 replaces it there: an aiokafka consumer in a group of its own, on the Faust app's
 event loop, started with the app as a runtime dependency (after table recovery) and
 stopped before its producer. Each ``getmany`` batch goes through ``apply``; every
-``commit_interval_s`` (and before partitions are given up) ``checkpoint`` runs, the
-commit order written out in one function:
+``commit_interval_s`` (and before partitions are given up) a checkpoint runs, the
+commit order written out in one function (``_complete``):
 
 1. the batches' effects (``apply``: sends handed to the producer, stores written);
-2. the producer flushed and every send checked: the effects are on the log;
-3. ``before_commit``: what a subclass writes once per checkpoint (a table's changelog,
-   only now, so it never records a state whose events are not on the log), flushed
-   and checked too;
-4. the offsets committed, up to what was applied, never past ``held`` (work still
-   running in the background).
+   then, between two batches, what the checkpoint will commit is captured: the
+   offsets applied (never past ``held``: work still running in the background), the
+   sends made, and ``commit_writes`` (a table's changelog as of this moment);
+2. the producer flushed and every captured send checked: the effects are on the log;
+3. the captured ``commit_writes`` sent (only now, so a changelog never records a
+   state whose events are not on the log), flushed and checked too;
+4. the offsets committed.
+
+Steps 2-4 run in the background while the next batches are applied (one checkpoint
+at a time): waiting for their round trips in the read loop stalled every message
+that arrived meanwhile (the p99 at a steady rate). A rebalance and a stop wait for
+the checkpoint in flight, then run one more to the end (``checkpoint``).
 
 A send the producer gave up on (after its own retries), or any error escaping
 ``apply``, ends the process (``_fail``): its in-memory state is ahead of the log.
@@ -34,7 +40,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +78,18 @@ class BatchConfig:
     # Seeds a new group from this one's committed offsets (the Faust group that read
     # these topics before), so an upgrade neither skips nor repeats history.
     legacy_group_id: str = ""
+
+
+CommitWrites = Callable[[], Awaitable[list[Any]]]  # sends them; their delivery futures
+
+
+@dataclass(frozen=True, slots=True)
+class _Captured:
+    """What one checkpoint commits, taken between two batches."""
+
+    offsets: dict[TopicPartition, int]
+    sent: list[Any]
+    writes: CommitWrites | None
 
 
 class TopicSender:
@@ -136,6 +154,7 @@ class BatchConsumer(Service):
         self._committed: dict[TopicPartition, int] = {}
         self._sent: list[Any] = []  # delivery futures of the sends since the checkpoint
         self._checkpoint_due = 0.0  # monotonic
+        self._in_flight: asyncio.Task[None] | None = None  # steps 2-4 of a checkpoint
         self.records = 0  # records applied by this process (tests, metrics)
 
     # --- what subclasses provide -----------------------------------------------------
@@ -143,8 +162,10 @@ class BatchConsumer(Service):
     async def apply(self, batch: Mapping[TopicPartition, Sequence[Any]]) -> None:
         raise NotImplementedError
 
-    async def before_commit(self) -> None:
-        """Writes made once per batch, before the flush (a table's changelog)."""
+    def commit_writes(self) -> CommitWrites | None:
+        """Writes made once per checkpoint (a table's changelog), captured now, between
+        two batches, and sent by the checkpoint after the flush of the effects."""
+        return None
 
     def held(self, tp: TopicPartition) -> int | None:
         """The lowest offset of ``tp`` whose work still runs (None: nothing)."""
@@ -228,8 +249,17 @@ class BatchConsumer(Service):
                 for tp, records in batch.items():
                     self._processed[tp] = records[-1].offset + 1
                 self.records += sum(len(records) for records in batch.values())
-            if time.monotonic() >= self._checkpoint_due:
-                await self.checkpoint(consumer)
+            if time.monotonic() >= self._checkpoint_due and self._in_flight is None:
+                captured = self._capture()
+                if captured is not None:
+                    task = asyncio.create_task(self._complete(consumer, captured))
+                    task.add_done_callback(self._checkpoint_done)
+                    self._in_flight = task
+
+    def _checkpoint_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight = None
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())  # type: ignore[arg-type]
 
     def _fail(self, exc: BaseException) -> None:
         """A batch that cannot complete (a send the producer gave up on, a bug that
@@ -244,9 +274,22 @@ class BatchConsumer(Service):
     # --- the commit order --------------------------------------------------------------
 
     async def checkpoint(self, consumer: AIOKafkaConsumer) -> None:
-        """Steps 2-4 of the module docstring (``apply`` has returned). A commit refused
-        by a rebalance is only logged: the records come again to the partition's next
-        owner, and every effect absorbs the repeat."""
+        """A whole checkpoint, now (no batch may run: the caller holds the lock): the
+        one in flight finishes first."""
+        await self._settled()
+        captured = self._capture()
+        if captured is not None:
+            await self._complete(consumer, captured)
+
+    async def _settled(self) -> None:
+        task = self._in_flight
+        if task is not None:
+            await asyncio.wait([task])  # its failure ends the process (_checkpoint_done)
+            self._in_flight = None
+
+    def _capture(self) -> _Captured | None:
+        """Step 1's end (module docstring): what the next commit holds, taken between
+        two batches; None when nothing was applied since the last commit."""
         self._checkpoint_due = time.monotonic() + self._config.commit_interval_s
         offsets: dict[TopicPartition, int] = {}
         for tp, done in self._processed.items():
@@ -255,25 +298,31 @@ class BatchConsumer(Service):
             if offset > self._committed.get(tp, -1):
                 offsets[tp] = offset
         if not offsets:
-            return
+            return None
+        sent, self._sent = self._sent, []
+        return _Captured(offsets, sent, self.commit_writes())
+
+    async def _complete(self, consumer: AIOKafkaConsumer, captured: _Captured) -> None:
+        """Steps 2-4. A commit refused by a rebalance is only logged: the records come
+        again to the partition's next owner, and every effect absorbs the repeat."""
         # The effects on the log first, then the states that record them: a changelog
         # never holds a state whose events did not make it (the command would be
         # dropped as applied when it comes again).
-        await self._flushed()
-        await self.before_commit()
-        await self._flushed()
+        await self._flushed(captured.sent)
+        written = await captured.writes() if captured.writes is not None else []
+        await self._flushed(written)
         try:
-            await consumer.commit(offsets)
+            await consumer.commit(captured.offsets)
         except KafkaError as exc:
             log.warning("%s: commit refused (%r): records come again", self._config.group_id, exc)
             return
-        self._committed.update(offsets)
+        self._committed.update(captured.offsets)
 
-    async def _flushed(self) -> None:
-        """Flush the producer and check every send tracked since: one it gave up on
-        (after its own retries) is fatal (``HotPathFailed``)."""
+    async def _flushed(self, sent: list[Any]) -> None:
+        """Flush the producer and check ``sent``: a send it gave up on (after its own
+        retries) is fatal (``HotPathFailed``)."""
         await self._app.producer.flush()
-        sent, self._sent = self._sent, []
+        sent = [f for f in sent if isinstance(f, asyncio.Future)]
         failed = [f.exception() for f in sent if f.done() and not f.cancelled() and f.exception()]
         if failed:
             group = self._config.group_id

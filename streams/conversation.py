@@ -23,9 +23,10 @@ from aiokafka import TopicPartition
 
 from schemas.codec import CODEC, DecodeError
 from schemas.records import Command, Event
+from schemas.sealing import KeySource, seal_events
 from streams import telemetry
 from streams.app import KefuApp
-from streams.batch_consumer import BatchConfig, BatchConsumer, TopicSender
+from streams.batch_consumer import BatchConfig, BatchConsumer, CommitWrites, TopicSender
 from streams.conversation_store import ConversationStore
 from streams.inbox import decode_commands, position, send_dead_letter, send_in_order
 from streams.lifecycle import Conversation, Policy, Rejected, decide, evolve
@@ -43,9 +44,19 @@ def agent_config(kefu: KefuApp, app_id: str) -> BatchConfig:
 
 
 class ConversationAgent(BatchConsumer):
-    def __init__(self, kefu: KefuApp, policy: Policy, config: BatchConfig, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        kefu: KefuApp,
+        policy: Policy,
+        config: BatchConfig,
+        keys: KeySource | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(kefu.config, config, kefu.app, **kwargs)
         self._kefu = kefu
+        # Crypto-shredding (schemas/sealing.py): personal fields sealed with the
+        # customer's key as the events go on the log; None: written in clear.
+        self._keys = keys
         self._policy = policy
         self._store: ConversationStore = kefu.conversations
         self._events = TopicSender(kefu.app, kefu.config.topics.events)
@@ -56,8 +67,8 @@ class ConversationAgent(BatchConsumer):
     def on_revoked(self, tps: set[TopicPartition]) -> None:
         self._store.forget({tp.partition for tp in tps})
 
-    async def before_commit(self) -> None:
-        self.track(await self._store.write_changelog())
+    def commit_writes(self) -> CommitWrites:
+        return self._store.changelog_writes()
 
     async def apply(self, batch: Mapping[TopicPartition, Sequence[Any]]) -> None:
         for records in batch.values():
@@ -100,6 +111,10 @@ class ConversationAgent(BatchConsumer):
         # key that lands the events record there.
         key = appended[0].conversation_id
         try:
+            if self._keys is not None:  # the states above keep the clear text
+                customers = {c: s.customer_id for c, s in pending.items()}
+                appended = await seal_events(appended, customers, self._keys)
+                self.track(self._keys.drain_sent())  # keys on the log before the commit
             commit = CODEC.commit(appended, key)
             sends = [(self._events, key, commit)]
             self.track(await send_in_order(sends, f"{STAGE} {position(message)}"))

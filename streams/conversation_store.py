@@ -17,7 +17,7 @@ conversation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -80,26 +80,32 @@ class ConversationStore:
         self._dirty[conversation_id] = partition
         self._remember(conversation_id, stored, state)
 
-    async def write_changelog(self) -> list[Any]:
-        """Send every state changed since the last call (once each, however often it
-        changed); the send futures, for the caller to check after its flush."""
-        sent = []
+    def changelog_writes(self) -> Callable[[], Awaitable[list[Any]]]:
+        """The states changed since the last call (once each, however often they
+        changed), as they are now, and what sends them later: a checkpoint captures
+        them between two batches and writes them after the flush of their events,
+        while the next batches change the table. Its result: the send futures."""
         dirty, self._dirty = self._dirty, {}
+        states = []
         for conversation_id, partition in dirty.items():
             stored = self._partitions.get(partition, {}).get(conversation_id)
-            if stored is None:  # the partition moved on meanwhile
-                continue
-            sent.append(
-                await self._app.producer.send(
-                    self.changelog,
-                    conversation_id.encode(),
-                    orjson.dumps(stored),
-                    partition,
-                    None,
-                    None,
+            if stored is not None:  # else the partition moved on meanwhile
+                states.append((conversation_id, partition, stored))  # never mutated: put replaces
+
+        async def write() -> list[Any]:
+            send = self._app.producer.send
+            return [
+                await send(
+                    self.changelog, key.encode(), orjson.dumps(stored), partition, None, None
                 )
-            )
-        return sent
+                for key, partition, stored in states
+            ]
+
+        return write
+
+    async def write_changelog(self) -> list[Any]:
+        """Send every state changed since the last call, now; the send futures."""
+        return await self.changelog_writes()()
 
     # --- partitions come and go ------------------------------------------------------
 

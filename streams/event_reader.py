@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -70,11 +70,15 @@ class EventReader(BatchConsumer):
         deliverer: Deliverer,
         responder: ResponderPool,
         config: BatchConfig,
+        redact: Callable[[Sequence[Event]], Awaitable[None]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(kefu.config, config, kefu.app, **kwargs)
         self._kefu = kefu
         self._sink = sink
+        # After a batch with ``CustomerErased`` events: what the read model holds of
+        # those conversations beyond their hashes is redacted (projections.redis_erase).
+        self._redact = redact
         self._deliverer = deliverer
         self._responder = responder
 
@@ -122,6 +126,10 @@ class EventReader(BatchConsumer):
             projected = [as_projected(event, message.timestamp) for message, event in items]
             positions = {tp: records[-1].offset + 1 for tp, records in batch.items()}
             await apply_until_done(self._sink, projected, positions)
+            if self._redact is not None:
+                erased = [e for e in projected if e.type == "CustomerErased"]
+                if erased:
+                    await self._redact(erased)
             telemetry.projected(PROJECTION_STAGE, messages, started)
         conversations = [(m, e) for m, e in items if isinstance(e, Event)]
         receipts = await delivery.deliver_batch(

@@ -28,6 +28,8 @@ from schemas.records import (
     ConversationRouted,
     CsatRated,
     CsatRequested,
+    CustomerErased,
+    EraseCustomer,
     Event,
     FlagSlaBreach,
     HandOff,
@@ -203,6 +205,11 @@ def evolve(state: Conversation, event: Event) -> Conversation:
                 base,
                 undelivered=tuple(r for r in state.undelivered if r != event.reply_event_id),
             )
+        case CustomerErased():
+            # The customer's words are gone: so are moderation's fingerprints of them.
+            return _replace(
+                state, base, recent=(), applied=_remember(state.applied, event.command_id)
+            )
         case NoteAdded():
             # For the team only: no activity with the customer (idle and SLA clocks
             # stay as they were); the command id is remembered so a resend is dropped.
@@ -230,7 +237,7 @@ class Policy:
     """What the conversation agent consults: moderation and routing, both pure."""
 
     moderator: Moderates
-    route: Callable[[str, str, str], Route]  # (tenant, channel, customer) -> Route
+    route: Callable[[str, str, str, str], Route]  # (tenant, channel, customer, team)
     # Hand off to a human after this many consecutive AI turns without an answer.
     max_ai_failures: int = 3
     csat: bool = True  # ask for a rating when a conversation closes
@@ -336,6 +343,18 @@ def decide(state: Conversation, command: Command, policy: Policy) -> list[Event]
                 raise Rejected("a note needs text and an agent as its author")
             draft.add(
                 NoteAdded, author=command.author, text=text[:8000], command_id=command.command_id
+            )
+        case EraseCustomer():
+            _require_known(state)
+            if command.customer_id != state.customer_id:
+                raise Rejected("erasure of another customer than this conversation's")
+            draft.add(
+                CustomerErased,
+                customer_id=command.customer_id,
+                requested_by=command.requested_by[:200],
+                reason=command.reason[:200],
+                command_id=command.command_id,
+                key_ids=list(command.key_ids),
             )
         case FlagSlaBreach():
             if state.unanswered_since and state.breached_since != state.unanswered_since:
@@ -477,7 +496,7 @@ def _receive(draft: _Draft, command: ReceiveMessage, policy: Policy) -> None:
         return
     assignee = draft.state.assignee
     if draft.state.status != "open" or (not assignee and not draft.state.queue):
-        route = policy.route(command.tenant_id, command.channel, command.customer_id)
+        route = policy.route(command.tenant_id, command.channel, command.customer_id, command.team)
         # Flagged content (a complaint, abuse) goes ahead of normal conversations.
         priority = (
             "high" if verdict.action == "flag" and route.priority == "normal" else route.priority

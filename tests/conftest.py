@@ -14,6 +14,8 @@ import pytest
 from pydantic import SecretStr
 
 from kefu.cli import stack_down_all, stack_up_all
+from kefu.data_keys import install as install_unsealer
+from kefu.data_keys import key_store
 from kefu.local import private_settings
 from kefu.processes import free_ports
 from kefu.services import Services
@@ -296,8 +298,11 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     try:
         stack_up_all(settings)
         services.start(services.app_services())
+        # Sealed personal fields (schemas/sealing.py) open in this process's decodes too.
+        install_unsealer(lambda: key_store(settings))
         yield settings
     finally:
+        key_store(settings).stop()  # its follower thread, before its broker goes
         stack_down_all(settings)
 
 

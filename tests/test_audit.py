@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import uuid
@@ -113,7 +114,10 @@ def test_export_verify_and_tampering(pipeline: Settings, tmp_path: Path) -> None
 
     # 2. The bytes edited, hashes left: the hash no longer matches.
     raw = base64.b64decode(lines[0]["avro_base64"])
-    forged = raw.replace(b"where is my order?", b"cancel my orders!!")
+    # (The text is sealed on the log: the forger writes their own, in clear.)
+    original = CODEC.decode(raw)
+    assert getattr(original, "text", "") == "where is my order?"
+    forged = CODEC.encode(dataclasses.replace(original, text="cancel my orders!!"))  # type: ignore[call-arg]
     assert forged != raw and CODEC.decode(forged)
     edited = json.loads(json.dumps(lines))
     edited[0]["avro_base64"] = base64.b64encode(forged).decode()

@@ -101,6 +101,35 @@ def test_old_writer_schema_is_read_by_the_new_reader() -> None:
     assert decoded.schema_version == MessageReceived.SCHEMA_VERSION
 
 
+def test_receive_message_v2_bytes_decode_with_no_team() -> None:
+    """ReceiveMessage v3 added ``team`` (the web chat's routing); v2 bytes read as ""."""
+    from schemas.records import ReceiveMessage
+
+    old = json.loads(
+        (resources.files("schemas") / "avro" / "history" / "ReceiveMessage.v2.avsc").read_text()
+    )
+    body = io.BytesIO()
+    fields = {
+        "command_id": "c1",
+        "conversation_id": "conv-1",
+        "tenant_id": "t1",
+        "issued_at": 1,
+        "type": "ReceiveMessage",
+        "schema_version": 2,
+        "channel": "web",
+        "customer_id": "u1",
+        "text": "hello",
+        "channel_message_id": "m1",
+        "language": None,
+        "attachments": [],
+    }
+    schemaless_writer(body, parse_schema(old), fields)
+    decoded = CODEC.decode(MAGIC + _fingerprint_le(old) + body.getvalue())
+    assert isinstance(decoded, ReceiveMessage)
+    assert decoded.text == "hello" and decoded.team == ""
+    assert decoded.schema_version == ReceiveMessage.SCHEMA_VERSION == 3
+
+
 def test_unknown_fingerprint_is_a_decode_error_with_a_reason() -> None:
     data = CODEC.encode(SAMPLES[0])
     forged = data[:2] + b"\xde\xad\xbe\xef\x00\x00\x00\x00" + data[10:]

@@ -215,3 +215,56 @@ def test_a_new_group_starts_where_the_legacy_group_stopped(pipeline: Settings) -
         assert await _committed(bootstrap, group, tps) == {0: 3, 1: 3}
 
     asyncio.run(scenario())
+
+
+def test_a_checkpoint_in_the_background_commits_what_was_captured_not_later_batches() -> None:
+    """Steps 2-4 run while the next batches are applied: the commit holds the offsets
+    and the changelog states taken when it started, never a later batch's."""
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+        flushes: list[int] = []
+        written: list[tuple[str, int]] = []
+
+        async def flush() -> None:
+            flushes.append(1)
+            await release.wait()
+
+        async def send(topic: str, key: bytes, value: bytes, *rest: Any) -> Any:
+            written.append((key.decode(), json.loads(value)["seq"]))
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+        app = SimpleNamespace(producer=SimpleNamespace(flush=flush, send=send))
+        store = ConversationStore("changelog", "127.0.0.1:1", app)
+
+        class Table(BatchConsumer):
+            def commit_writes(self) -> Any:
+                return store.changelog_writes()
+
+        streams = StreamsConfig("t", "127.0.0.1:1", 4, datadir=Path("."), topics=TopicNames())
+        reader = Table(streams, BatchConfig("g", ("t",)), app)
+        tp = TopicPartition("t", 0)
+
+        class Kafka(_Consumer):
+            def assignment(self) -> set[TopicPartition]:
+                return {tp}
+
+        kafka = Kafka()
+        store.put("c-a", _state("c-a", 1), 0)
+        reader._processed[tp] = 10
+        await reader._step(kafka, {})  # due: starts in the background
+        await asyncio.sleep(0)
+        assert reader._in_flight is not None and flushes == [1] and kafka.commits == []
+        # The next batch, applied while the checkpoint waits for its flush.
+        store.put("c-a", _state("c-a", 2), 0)
+        reader._processed[tp] = 20
+        await reader._step(kafka, {})  # one checkpoint at a time: none started
+        release.set()
+        await reader._settled()
+        assert kafka.commits == [{tp: 10}] and written == [("c-a", 1)]
+        await reader.checkpoint(kafka)  # the next one takes the rest
+        assert kafka.commits == [{tp: 10}, {tp: 20}] and written == [("c-a", 1), ("c-a", 2)]
+
+    asyncio.run(scenario())

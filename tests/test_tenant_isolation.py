@@ -234,6 +234,14 @@ def case_admin_keys(s: Setup, settings: Settings) -> None:
     assert s.http.get(f"/v1/conversations/{s.conversation}", headers=a_key).status_code == 200
 
 
+def case_privacy_erase(s: Setup, settings: Settings) -> None:
+    # B's admin cannot erase A's customer: B has no such customer; A's words stay.
+    got = s.http.post("/v1/admin/privacy/erase", json={"customer_id": s.customer}, headers=B_ADMIN)
+    assert got.status_code == 404, got.text
+    mine = s.http.get(f"/v1/conversations/{s.conversation}", headers=A_KEY)
+    assert mine.status_code == 200 and "A's private question" in mine.text
+
+
 def case_dashboard_catalogue(s: Setup, settings: Settings) -> None:
     got = s.http.get("/v1/dashboard/reports", headers=B_KEY)
     assert got.status_code == 200 and got.json()["tenant"] == B
@@ -565,6 +573,7 @@ CASES: dict[tuple[str, str], Any] = {
     ("DELETE", "/v1/admin/keys/{key_id}"): case_admin_keys,
     ("GET", "/v1/admin/agents"): case_admin_agents,
     ("PUT", "/v1/admin/agents/{agent_id}/presence"): case_admin_presence,
+    ("POST", "/v1/admin/privacy/erase"): case_privacy_erase,
     ("GET", "/v1/dashboard/reports"): case_dashboard_catalogue,
     ("GET", "/v1/dashboard/reports/{name}"): case_dashboard_report,
     ("GET", "/v1/wechat/{tenant}/callback"): _wechat(False, "GET"),
