@@ -147,7 +147,14 @@ class DataKeyStore:
             self.start()
         deadline = time.monotonic() + self.wait_s
         while True:
-            self.refresh(max(deadline - time.monotonic(), 0.1))
+            try:
+                self.refresh(max(deadline - time.monotonic(), 0.1))
+            except KeysUnavailable:
+                # A slow round trip is not an answer: only a topic unread to the end
+                # (the broker away, the follower gone) is, once the wait is over.
+                if self._dead or time.monotonic() >= deadline:
+                    raise
+                continue
             found = self._keys.get(key_id)
             if found is not None or key_id in self._erased:
                 return found

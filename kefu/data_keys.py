@@ -73,6 +73,13 @@ class Unsealer:
             else:
                 self._pending.append(store)
 
+    def discard(self, store: DataKeyStore) -> None:
+        """Stop consulting ``store`` (its stack is going away: a test's)."""
+        self._all()
+        with self._lock:
+            if store in self._stores:
+                self._stores.remove(store)
+
     def _all(self) -> list[DataKeyStore]:
         if self._pending:
             with self._lock:
@@ -125,6 +132,17 @@ def install_for(settings: Settings) -> None:
     """``install`` of ``settings``' store, made when first needed (picklable with
     ``functools.partial``: a spawned replay child calls it)."""
     install(partial(key_store, settings))
+
+
+def uninstall_for(settings: Settings) -> None:
+    """Undo ``install_for``/``install`` of ``settings``' store and stop its follower (a
+    test process that ran a private stack, before the stack goes down)."""
+    topic = TopicNames(settings.topic_prefix).keys
+    with _LOCK:
+        store = _STORES.pop((settings.kafka.servers, topic), None)
+    if store is not None:
+        UNSEALER.discard(store)
+        store.stop()
 
 
 def install_lazily(settings: Callable[[], Settings]) -> None:

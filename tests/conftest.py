@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from kefu.cli import stack_down_all, stack_up_all
 from kefu.data_keys import install as install_unsealer
-from kefu.data_keys import key_store
+from kefu.data_keys import key_store, uninstall_for
 from kefu.local import private_settings
 from kefu.processes import free_ports
 from kefu.services import Services
@@ -302,7 +302,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         install_unsealer(lambda: key_store(settings))
         yield settings
     finally:
-        key_store(settings).stop()  # its follower thread, before its broker goes
+        uninstall_for(settings)  # its follower thread, before its broker goes
         stack_down_all(settings)
 
 

@@ -44,6 +44,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import SecretStr
 
 from kefu.cli import stack_down_all, stack_up_all
+from kefu.data_keys import install_for, uninstall_for
 from kefu.local import private_settings
 from kefu.processes import Daemon, wait_until
 from kefu.services import Service, Services
@@ -151,10 +152,13 @@ class FaultStack:
     def up(self) -> float:
         started = time.monotonic()
         stack_up_all(self.settings)
+        # This process reads the stack's events: their sealed fields open with its keys.
+        install_for(self.settings)
         self.services.start(self.services.app_services(), timeout=180.0)
         return time.monotonic() - started
 
     def down(self) -> None:
+        uninstall_for(self.settings)
         stack_down_all(self.settings)
 
     def log_dir(self) -> Path:

@@ -18,6 +18,7 @@ import websockets
 from aiokafka import AIOKafkaConsumer
 
 from connectors.ai_store import RedisCacheStore, RedisRateLimiter, cache_key
+from kefu.data_keys import install_for, uninstall_for
 from kefu.processes import free_ports
 from kefu.services import Services
 from kefu.settings import (
@@ -72,11 +73,13 @@ def ai_stack(
     asyncio.run(ensure_topics(settings))
     services = Services(settings)
     started = [services.worker(0), services.gateway()]
+    install_for(settings)  # this process reads the stack's sealed events too
     try:
         services.start(started)
         yield settings
     finally:
         services.stop(started)
+        uninstall_for(settings)
 
 
 @pytest.fixture

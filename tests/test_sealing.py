@@ -116,7 +116,12 @@ def test_frozen_sealed_message_opens_with_its_key_and_reads_erased_without(
 
 
 def test_without_an_unsealer_a_process_sees_only_the_sealed_string() -> None:
-    decoded = CODEC.decode(SEALED_RECEIVED)
+    was = dict(CODEC.openers)  # the session's stack may have installed one
+    CODEC.openers.clear()
+    try:
+        decoded = CODEC.decode(SEALED_RECEIVED)
+    finally:
+        CODEC.openers.update(was)
     assert isinstance(decoded, MessageReceived)
     assert decoded.text.startswith(PREFIX) and key_id_of(decoded.text) == KEY.key_id
     assert "北京" not in decoded.text and "北京".encode() not in SEALED_RECEIVED
