@@ -384,8 +384,10 @@ async def accept(
     policy: AttachmentPolicy,
     quota: Quota | None = None,
     duration_ms: int = 0,
+    customer: str = "",
 ) -> Attachment:
-    """Check, normalize and store an upload; its attachment, or :class:`AttachmentRejected`."""
+    """Check, normalize and store an upload; its attachment, or :class:`AttachmentRejected`.
+    ``customer``: the conversation's customer (a sealed store encrypts with their key)."""
     prepared = await asyncio.to_thread(
         prepare,
         data,
@@ -401,7 +403,7 @@ async def accept(
         await quota.check(tenant, total)
     added = 0
     for key, blob, content_type in prepared.blobs:
-        if await store.put(key, blob, content_type):
+        if await store.put(key, blob, content_type, customer=customer):
             added += len(blob)
     if quota is not None and added:
         await quota.add(tenant, added)

@@ -74,8 +74,10 @@ class BlobStore(Protocol):
         """Make the store ready to write (its directory, its bucket); idempotent."""
         ...
 
-    async def put(self, key: str, data: bytes, content_type: str) -> bool:
-        """Store ``data``; False when the key already held it (content-addressed)."""
+    async def put(self, key: str, data: bytes, content_type: str, customer: str = "") -> bool:
+        """Store ``data``; False when the key already held it (content-addressed).
+        ``customer``: whose data it is (a sealed store, ``connectors/sealed_blobs.py``,
+        encrypts it with their key; a plain store ignores it)."""
         ...
 
     async def get(self, key: str) -> Blob:
@@ -109,7 +111,7 @@ class LocalBlobStore:
             raise ValueError(f"not a blob key: {key!r}")
         return self.root / key
 
-    async def put(self, key: str, data: bytes, content_type: str) -> bool:
+    async def put(self, key: str, data: bytes, content_type: str, customer: str = "") -> bool:
         return await asyncio.to_thread(self._put, key, data, content_type)
 
     def _put(self, key: str, data: bytes, content_type: str) -> bool:
@@ -206,7 +208,7 @@ class S3BlobStore:
 
         await asyncio.to_thread(ensure)
 
-    async def put(self, key: str, data: bytes, content_type: str) -> bool:
+    async def put(self, key: str, data: bytes, content_type: str, customer: str = "") -> bool:
         if not valid_key(key):
             raise ValueError(f"not a blob key: {key!r}")
         if await self.exists(key):

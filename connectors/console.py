@@ -455,17 +455,18 @@ async def console_upload(
     if limiter is not None:
         await limiter.enforce(tenant, f"agent:{agent}")
     redis = request.app.state.services.redis
-    assignee, channel = (
+    assignee, channel, customer = (
         _text(v) if v is not None else None
         for v in await redis.hmget(
-            conversation_key(tenant, conversation_id), ["assignee", "channel"]
+            conversation_key(tenant, conversation_id), ["assignee", "channel", "customer_id"]
         )
     )
     if channel is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such conversation")
     if assignee != agent:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "that conversation is not assigned to you")
-    return await store_upload(request, tenant, conversation_id, channel, file)
+    # The customer's data key seals the file (the conversation is theirs).
+    return await store_upload(request, tenant, conversation_id, channel, file, customer or "")
 
 
 _LOGINS: TypeAdapter[Login | SessionLogin] = TypeAdapter(Login | SessionLogin)

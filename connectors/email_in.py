@@ -428,7 +428,7 @@ class EmailHandler:
         return "250 OK"
 
     async def _attachments(
-        self, tenant: str, conversation: str, files: tuple[MailFile, ...]
+        self, tenant: str, conversation: str, files: tuple[MailFile, ...], customer: str = ""
     ) -> tuple[tuple[Attachment, ...], list[str]]:
         """The files that pass :func:`accept`, stored; and a reason for each refused."""
         kept: list[Attachment] = []
@@ -451,6 +451,7 @@ class EmailHandler:
                     channel=CHANNEL,
                     policy=self._policy,
                     quota=self._quota,
+                    customer=customer,
                 )
             except AttachmentRejected as exc:
                 # The status and reason only: a file name is the customer's data.
@@ -471,7 +472,9 @@ class EmailHandler:
         """Publish the mail for ``tenant``; the reasons of refused files, or
         :class:`Refused` when nothing is left to publish."""
         conversation = await conversation_for(self._store, tenant, mail)
-        attachments, refused = await self._attachments(tenant, conversation, mail.files)
+        attachments, refused = await self._attachments(
+            tenant, conversation, mail.files, mail.sender
+        )
         if not mail.text and not attachments:
             raise Refused(refused)
         # Thread state first: a redelivery after a failed publish rewrites the same.

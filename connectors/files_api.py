@@ -17,6 +17,7 @@ message is.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile, status
@@ -29,8 +30,10 @@ from connectors.identity import conversation_id_for
 from connectors.rate_limit import RateLimiter
 from connectors.rest_api import CHANNEL as API_CHANNEL
 from connectors.rest_api import Tenant
+from connectors.sealed_blobs import BlobErased, BlobUnreadable
 from connectors.uploads import files_of, store_upload
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["attachments"])
 # The console's agent upload (connectors/console.py) shares the larger body limit.
 UPLOAD_PATHS = ("/v1/uploads", "/v1/chat/uploads", "/v1/console/uploads")
@@ -47,7 +50,7 @@ async def upload_api(
 ) -> dict[str, Any]:
     """Upload a file for a customer's next ``POST /v1/messages`` (its ``attachments``)."""
     conversation = conversation_id_for(tenant, API_CHANNEL, customer_id)
-    return await store_upload(request, tenant, conversation, API_CHANNEL, file)
+    return await store_upload(request, tenant, conversation, API_CHANNEL, file, customer_id)
 
 
 @router.post("/v1/chat/uploads", status_code=status.HTTP_201_CREATED)
@@ -69,7 +72,7 @@ async def upload_chat(
     if limiter is not None:
         await limiter.enforce(tenant, f"ip:{client_ip(request)}")
     conversation = conversation_id_for(tenant, "web", customer)
-    return await store_upload(request, tenant, conversation, "web", file)
+    return await store_upload(request, tenant, conversation, "web", file, customer)
 
 
 def download_headers(content_type: str, name: str) -> dict[str, str]:
@@ -95,6 +98,13 @@ async def download(
         return JSONResponse({"detail": "invalid or expired link"}, status_code=403)
     try:
         blob = await files.store.get(key)
+    except BlobErased:  # a copy outlived the purge: its customer's key is gone
+        return JSONResponse(
+            {"detail": "file erased: its customer's data was erased"}, status_code=410
+        )
+    except BlobUnreadable:
+        log.warning("blob %s does not open under its key (damaged or moved)", key)
+        return JSONResponse({"detail": "file cannot be opened (damaged or moved)"}, status_code=500)
     except BlobMissing:
         return JSONResponse({"detail": "file deleted"}, status_code=410)
     content_type = blob.content_type

@@ -267,6 +267,12 @@ class DataKeyStore:
         sent, self._sent = self._sent, []
         return sent
 
+    async def flushed(self) -> None:
+        """Wait until every key this process made is on the log (where the worker's
+        producer publishes them: their delivery futures, left for its checkpoint)."""
+        for sent in list(self._sent):
+            await sent
+
     async def erase(self, tenant_id: str, customer_id: str, refresh: bool = True) -> list[str]:
         """Shred every key of the customer: ids of the keys shredded (empty: none)."""
         if refresh:

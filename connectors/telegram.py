@@ -314,6 +314,7 @@ async def _attach(
         policy=policy,
         quota=files.quota,
         duration_ms=file.duration_ms,
+        customer=command.customer_id,
     )
 
 

@@ -61,9 +61,15 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
 
 
 async def store_upload(
-    request: Request, tenant: str, conversation: str, channel: str, upload: UploadFile
+    request: Request,
+    tenant: str,
+    conversation: str,
+    channel: str,
+    upload: UploadFile,
+    customer: str = "",
 ) -> dict[str, Any]:
-    """Accept one uploaded file for ``conversation``; the JSON the client gets."""
+    """Accept one uploaded file for ``conversation`` (``customer``'s: their data key
+    seals it); the JSON the client gets."""
     files = files_of(request)
     data = await _read_limited(upload, files.policy.limit_for(channel))
     try:
@@ -76,6 +82,7 @@ async def store_upload(
             channel=channel,
             policy=files.policy,
             quota=files.quota,
+            customer=customer,
         )
     except AttachmentRejected as exc:
         raise HTTPException(exc.status, exc.reason) from exc

@@ -540,6 +540,7 @@ async def _with_media(
             channel=channel,
             policy=files.policy,
             quota=files.quota,
+            customer=command.customer_id,
         )
     except MediaUnavailable as exc:
         log.warning(

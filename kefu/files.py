@@ -4,25 +4,38 @@ from __future__ import annotations
 
 import os
 import secrets
+from functools import partial
 from pathlib import Path
 
 from connectors.attachments import DEFAULT_ALLOWED, AttachmentPolicy, UrlSigner
 from connectors.blobs import BlobStore, LocalBlobStore, S3BlobStore
+from connectors.sealed_blobs import SealedBlobStore
 from connectors.uploads import Files
 from kefu.settings import Settings
 
 
 def blob_store(settings: Settings) -> BlobStore:
+    """The configured store, sealed (``connectors/sealed_blobs.py``): customers' blobs
+    are written encrypted with their data key (unless ``security.seal_blobs`` or
+    ``security.seal_personal_data`` is off) and every sealed blob is opened on read."""
+    from kefu.data_keys import key_store  # here: kefu.data_keys imports this module
+
     a = settings.attachments
+    store: BlobStore
     if a.store == "s3":
-        return S3BlobStore(
+        store = S3BlobStore(
             a.s3_bucket,
             endpoint_url=a.s3_endpoint,
             region=a.s3_region,
             access_key=a.s3_access_key.get_secret_value(),
             secret_key=a.s3_secret_key.get_secret_value(),
         )
-    return LocalBlobStore(a.local_dir or settings.state_dir / "blobs")
+    else:
+        store = LocalBlobStore(a.local_dir or settings.state_dir / "blobs")
+    s = settings.security
+    return SealedBlobStore(
+        store, partial(key_store, settings), seal=s.seal_personal_data and s.seal_blobs
+    )
 
 
 def machine_secret(settings: Settings, name: str) -> bytes:

@@ -317,6 +317,11 @@ class SecuritySettings(_Frozen):
     # Off: new events carry personal fields in clear (what is sealed stays readable
     # while its key exists); ``kefu privacy erase`` still redacts the read models.
     seal_personal_data: bool = True
+    # Attachment blobs (and thumbnails) encrypted with their customer's data key too,
+    # so that a copy outliving an erasure (replica, backup) does not open. Takes
+    # effect only with ``seal_personal_data``; off: new blobs stored in clear (sealed
+    # ones still open while their keys exist).
+    seal_blobs: bool = True
     # How long a reader waits for the keys topic to show a key it has not seen
     # (written by another process just before the event) before it gives up.
     key_wait_s: float = 10.0
