@@ -128,6 +128,9 @@ def isolated_settings(state_dir: Path) -> Settings:
             ),
             "hq2": TenantSettings(api_key=SecretStr("hq2-test-key"), ai_enabled=False),
             "hq3": TenantSettings(api_key=SecretStr("hq3-test-key"), ai_enabled=False),
+            # The retention test (test_privacy_erase.py): human-only, its conversations
+            # stay queued, so no other test's agents may meet them.
+            "ret": TenantSettings(api_key=SecretStr("ret-test-key"), ai_enabled=False),
             # The quick-leave recovery test (test_routing.py): conversations of its own.
             "rec": TenantSettings(api_key=SecretStr("rec-test-key"), ai_enabled=False),
             "timers": TenantSettings(

@@ -266,8 +266,8 @@ def test_the_admin_api_erases_for_admins_only(pipeline: Settings) -> None:
 def test_retention_erases_only_customers_whose_conversations_all_closed_long_ago(
     pipeline: Settings, http: httpx.Client
 ) -> None:
-    tenant = "hq3"  # human-only: nothing answers, closes are the test's
-    key = {"X-Api-Key": "hq3-test-key"}
+    tenant = "ret"  # human-only: nothing answers, closes are the test's
+    key = {"X-Api-Key": "ret-test-key"}
     old, open_one, mixed = (f"ret-{n}-{uuid.uuid4().hex[:6]}" for n in ("old", "open", "mix"))
     conversations = {}
     for customer in (old, open_one, mixed):
