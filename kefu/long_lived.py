@@ -2,10 +2,9 @@
 
 CPython's full collection walks every tracked object. A worker holds its modules,
 Faust's machinery and a table of conversation states (hundreds of thousands of
-objects); each full collection walked them all, and perf showed the collector at
-~65 % of the worker's CPU at 100 msg/s (~10 % at full speed), with each full pass a
-stall in some message's latency (bench/RESULTS.md "Hot path"). The gateway's held
-sockets are the same problem (a 2.2 s stall with 20,000 sockets).
+objects), and each full collection walked them all: perf put the collector at ~10 %
+of the worker's CPU at full speed, ~5.6 % with this (bench/RESULTS.md "Hot path"). The
+gateway's held sockets are the same problem (a 2.2 s stall with 20,000 sockets).
 
 What has lived ``freeze_s`` is frozen (``gc.freeze``: never scanned again, still
 freed by reference counting when it is dropped); every ``full_s`` it is thawed and
