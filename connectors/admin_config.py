@@ -47,7 +47,7 @@ from connectors.delivery import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TENANT_HEA
 from connectors.live_channels import check_channel
 from connectors.publisher import CommandPublisher
 from schemas.codec import CODEC, DecodeError
-from schemas.config import SINGLE, ConfigState, Entity, is_secret, valid_hours
+from schemas.config import SINGLE, ConfigState, Entity, faq_score, is_secret, valid_hours
 from schemas.records import WordListChanged
 from schemas.time import now_ms
 
@@ -722,16 +722,12 @@ def faq_match(
     the workers' offline responder (streams/), so this is an approximation of it,
     good enough to see whether an entry's keywords catch the questions meant for it."""
     asked = terms(question)
-    lowered = question.lower()
     best: tuple[float, str] = (0.0, "")
     for entry_id, entry in entries.items():
         keywords = [str(k).lower() for k in entry.get("keywords", [])]
-        known = terms(str(entry.get("question", ""))) | terms(" ".join(keywords))
-        overlap = len(asked & known) / len(asked) if asked else 0.0
-        hits = sum(1 for k in keywords if k and k in lowered)
-        score = max(overlap, min(1.0, 0.6 + 0.2 * (hits - 1)) if hits else 0.0)
-        if str(entry.get("question", "")).strip().lower() == lowered.strip():
-            score = 1.0
+        entry_question = str(entry.get("question", ""))
+        known = terms(entry_question) | terms(" ".join(keywords))
+        score = faq_score(asked, known, question, keywords, entry_question)
         best = max(best, (round(score, 3), entry_id))
     confidence, found = best
     entry = entries.get(found, {}) if found else {}

@@ -39,6 +39,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -206,3 +207,25 @@ def valid_hours(hours: Mapping[str, Any]) -> list[str]:
             if not ok or not span[0] < span[1]:
                 errors.append(f"{day}: {span!r} is not [start, end] as HH:MM, start first")
     return errors
+
+
+def faq_score(
+    asked: AbstractSet[str],
+    known: AbstractSet[str],
+    question: str,
+    keywords: Iterable[str],
+    entry_question: str,
+) -> float:
+    """How well ``question`` (its terms: ``asked``) matches a ``faq`` entry (its terms:
+    ``known``), as /admin's "try a question" and the workers' tenant FAQ both score it:
+    the share of the asked terms the entry knows; when the question contains the
+    entry's keywords, 0.6 for one and 0.2 more for each further one; the entry's own
+    question, exactly, 1."""
+    lowered = question.lower()
+    score = len(asked & known) / len(asked) if asked else 0.0
+    hits = sum(1 for k in keywords if k and k in lowered)
+    if hits:
+        score = max(score, min(1.0, 0.6 + 0.2 * (hits - 1)))
+    if entry_question and entry_question.strip().lower() == lowered.strip():
+        score = 1.0
+    return score

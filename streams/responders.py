@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
 
-from schemas.config import ConfigState
+from schemas.config import ConfigState, faq_score
 from schemas.records import RecordReply, ReplyRequested
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -159,9 +159,7 @@ class TenantFaq:
     entries are rebuilt when the configuration changed (``ConfigState.applied``), and
     the tenant's ``min_confidence`` (config kind ``ai``) is the bar when it set one.
 
-    The score is what /admin's "try a question" shows: the share of the question's
-    words the entry knows, or, when the question contains the entry's keywords, 0.6 for
-    one and 0.2 more for each further one; the exact question scores 1."""
+    The score is /admin's "try a question"'s (``schemas.config.faq_score``)."""
 
     name = "tenant-faq"
 
@@ -201,15 +199,9 @@ class TenantFaq:
         if not entries:
             return None
         asked = features(request.text)
-        lowered = request.text.lower()
         best, best_score = None, 0.0
         for entry in entries:
-            score = len(asked & entry.features) / (len(asked) or 1)
-            hits = sum(1 for k in entry.keywords if k in lowered)
-            if hits:
-                score = max(score, min(1.0, 0.6 + 0.2 * (hits - 1)))
-            if entry.question and entry.question == lowered.strip():
-                score = 1.0
+            score = faq_score(asked, entry.features, request.text, entry.keywords, entry.question)
             if score > best_score:
                 best, best_score = entry, score
         if best is None or best_score < self.threshold(request.tenant_id):
