@@ -28,6 +28,7 @@ from connectors.identity import command_id_for, conversation_id_for
 from kefu.settings import Settings
 from schemas.codec import CODEC, DecodeError
 from schemas.records import (
+    MessageDelivered,
     MessageModerated,
     ReceiveMessage,
     ReplyProduced,
@@ -46,7 +47,12 @@ RECENT_IDS = 100_000
 # Every this many sends, wait for their acks: bounds the futures held.
 ACK_BATCH = 10_000
 # The only events the observer decodes; it skips the rest by schema fingerprint.
-WATCHED: tuple[type[Any], ...] = (MessageModerated, ReplyRequested, ReplyProduced)
+WATCHED: tuple[type[Any], ...] = (
+    MessageModerated,
+    ReplyRequested,
+    ReplyProduced,
+    MessageDelivered,
+)
 
 
 # ------------------------------------------------------------------------ workload
@@ -138,6 +144,7 @@ class Tracking:
         self.sent_at = nan * messages
         self.requested_at = nan * messages
         self.replied_at = nan * messages
+        self.delivered_at = nan * messages  # the reply's MessageDelivered on the log
         self.sent = 0
         self.buckets = SecondBuckets(origin=time.monotonic())
 
@@ -182,6 +189,7 @@ class Observation:
     reply_lag_ms: list[float] = field(default_factory=list)  # seen - record timestamp
     duplicates: int = 0
     unmatched: int = 0  # replies to requests we never saw
+    delivered: int = 0  # replies whose MessageDelivered is on the log (the reader's work)
     blocked: int = 0  # inbound messages moderation blocked (they get no reply)
     undecodable: int = 0
     events: int = 0
@@ -196,6 +204,7 @@ class Observer:
         self._tracking = tracking
         self._received = _Ids()  # MessageReceived id -> message, set at publish
         self._requests = _Ids()  # ReplyRequested id -> message
+        self._replies = _Ids()  # ReplyProduced id -> message, until delivered
         self.seen = Observation()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka.servers,
@@ -274,6 +283,7 @@ class Observer:
                 seen.duplicates += 1
             else:
                 self._requests.retire(event.in_reply_to)
+                self._replies.add(event.event_id, index)
                 # When the reply was appended (its record's timestamp, on this
                 # machine's clock), not when this observer got to it: its own fetch
                 # lag is reported apart (``reply_lag_ms``).
@@ -282,6 +292,13 @@ class Observer:
                 seen.replies += 1
                 seen.reply_lag_ms.append(lag_ms)
                 t.buckets.add_reply(now, (appended - t.sent_at[index]) * 1000)
+                self.progress.set()
+        elif isinstance(event, MessageDelivered):
+            index = self._replies.get(event.reply_event_id)
+            if index is not None and math.isnan(t.delivered_at[index]):
+                self._replies.retire(event.reply_event_id)
+                t.delivered_at[index] = now - max(0.0, lag_ms) / 1000
+                seen.delivered += 1
                 self.progress.set()
 
     async def stop(self) -> None:

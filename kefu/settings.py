@@ -92,6 +92,31 @@ class KafkaSettings(_Frozen):
             options["ssl_context"] = self.ssl_context()
         return options
 
+    def librdkafka_security(self) -> dict[str, str]:
+        """The same security as librdkafka settings (the worker's hot producer,
+        ``streams.hot_producer``); empty for PLAINTEXT."""
+        protocol = self.security_protocol.upper()
+        if protocol == "PLAINTEXT":
+            return {}
+        options = {"security.protocol": protocol}
+        if protocol.startswith("SASL"):
+            options |= {
+                "sasl.mechanism": self.sasl_mechanism,
+                "sasl.username": self.sasl_username,
+                "sasl.password": self.sasl_password.get_secret_value(),
+            }
+        if "SSL" in protocol:
+            options["ssl.endpoint.identification.algorithm"] = (
+                "https" if self.ssl_check_hostname else "none"
+            )
+            if self.ssl_cafile:
+                options["ssl.ca.location"] = self.ssl_cafile
+            if self.ssl_certfile:
+                options["ssl.certificate.location"] = self.ssl_certfile
+            if self.ssl_keyfile:
+                options["ssl.key.location"] = self.ssl_keyfile
+        return options
+
 
 class RedisSettings(_Frozen):
     # Empty url = the embedded redis-server on ``port``.
@@ -169,6 +194,9 @@ class WorkerSettings(_Frozen):
     # every gc_full_s (kefu/long_lived.py: the collector ~10 → ~5.6 % of the worker's CPU).
     gc_freeze_s: float = 10.0
     gc_full_s: float = 3600.0
+    # The hot path's records go out with librdkafka (streams/hot_producer.py); off = the
+    # Faust app's aiokafka producer, as before (a fallback, and the A/B in bench/).
+    librdkafka_producer: bool = True
 
 
 class RoutingSettings(_Frozen):

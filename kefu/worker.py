@@ -40,6 +40,7 @@ from streams.app import KefuApp, StreamsConfig, build_app
 from streams.batch_consumer import BatchConsumer, direct_sends
 from streams.conversation import ConversationAgent, agent_config
 from streams.event_reader import EventReader, reader_config
+from streams.hot_producer import ClosedLast, HotProducer, librdkafka_config
 from streams.lifecycle import Policy
 from streams.metrics import watch_app, watch_reader
 from streams.moderation import Moderator, SpamLimits, WordList
@@ -86,9 +87,27 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     # path's checkpoint checks them with the events sealed under them.
     keys = key_store(settings)
     keys_topic = TopicNames(settings.topic_prefix).keys
+    # The hot path's records (events, commands, keys, the table's changelog) go out
+    # with librdkafka, not aiokafka (streams/hot_producer.py: bench/RESULTS.md).
+    producer = (
+        HotProducer(
+            librdkafka_config(
+                settings.kafka.servers,
+                f"{settings.app_id}-hot",
+                settings.worker.linger_ms,
+                settings.kafka.librdkafka_security(),
+            )
+        )
+        if settings.worker.librdkafka_producer
+        else None
+    )
+    if producer is not None:
+        kefu.conversations.write_with(producer)
 
     async def publish_key(key: bytes, value: bytes | None) -> Any:
-        return await kefu.app.producer.send(keys_topic, key, value, None, None, None)
+        if producer is None:
+            return await kefu.app.producer.send(keys_topic, key, value, None, None, None)
+        return await producer.send(keys_topic, key, value)
 
     keys.publish = publish_key
     install(keys)  # every decode in this process opens sealed fields
@@ -156,7 +175,7 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     # The hot path: two batch consumers on the app's loop (streams.batch_consumer),
     # the conversation agent on the commands, one reader of the events for the
     # projection, delivery, routing feed and responder. Faust runs the rest.
-    hot = direct_sends(kefu)
+    hot = direct_sends(kefu, producer)
     sealing = keys if settings.security.seal_personal_data else None
     agent = ConversationAgent(hot, policy, agent_config(kefu, settings.app_id), keys=sealing)
     pool = ResponderPool(hot, answers, concurrency=settings.worker.concurrency)
@@ -173,7 +192,10 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
 
     @kefu.app.task  # type: ignore[untyped-decorator]
     async def start_hot_path(app: Any) -> None:
-        # After Faust's table recovery; runtime dependencies stop before the producer.
+        # After Faust's table recovery; runtime dependencies stop before the producer
+        # (Faust's, and the hot one: added first, so it stops after them).
+        if producer is not None:
+            await app.add_runtime_dependency(ClosedLast(producer))
         await app.add_runtime_dependency(agent)
         await app.add_runtime_dependency(reader)
 

@@ -76,6 +76,9 @@ class KefuApp:
     queue_events_out: Any
     queue_events_in: Any
     queues: Any  # faust.Table: queue -> state JSON
+    # The worker's producer for the hot path (streams.hot_producer); None: the Faust
+    # app's producer (set by ``streams.batch_consumer.direct_sends``).
+    hot_producer: Any = None
 
 
 class _Transport(faust_aiokafka.Transport):

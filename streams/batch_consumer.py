@@ -78,6 +78,9 @@ class BatchConfig:
     # Seeds a new group from this one's committed offsets (the Faust group that read
     # these topics before), so an upgrade neither skips nor repeats history.
     legacy_group_id: str = ""
+    # A batch gives the event loop a turn at least this often (``fair_turn``): the
+    # process's other consumers share the loop with it.
+    turn_s: float = 0.005
 
 
 CommitWrites = Callable[[], Awaitable[list[Any]]]  # sends them; their delivery futures
@@ -93,19 +96,21 @@ class _Captured:
 
 
 class TopicSender:
-    """``send(key=, value=, headers=)`` like a Faust topic, straight to the app's
-    producer: it returns the delivery future without waiting for the broker (a Faust
-    topic's ``send`` outside an agent waits for each ack), so a batch's sends are
-    in flight together and the checkpoint's flush waits for them all. Records are
-    encoded with the Avro codec; headers get the open hop's trace context."""
+    """``send(key=, value=, headers=)`` like a Faust topic, straight to a producer with
+    the surface of Faust's (``send(topic, key, value, partition, timestamp, headers)``:
+    the worker's ``streams.hot_producer.HotProducer``, or the Faust app's): it returns
+    the delivery future without waiting for the broker (a Faust topic's ``send``
+    outside an agent waits for each ack), so a batch's sends are in flight together
+    and the checkpoint's flush waits for them all. Records are encoded with the Avro
+    codec; headers get the open hop's trace context."""
 
-    def __init__(self, app: Any, topic: str) -> None:
-        self._app = app  # its producer, taken when first used (Faust makes it lazily)
+    def __init__(self, producer: Callable[[], Any], topic: str) -> None:
+        self._producer = producer  # taken when first used (Faust makes its own lazily)
         self.topic = topic
 
     async def send(self, key: str, value: Record, headers: Any = None) -> Any:
         tenant_id = getattr(value, "tenant_id", None)
-        return await self._app.producer.send(
+        return await self._producer().send(
             self.topic,
             key.encode(),
             CODEC.encode(value),
@@ -115,15 +120,22 @@ class TopicSender:
         )
 
 
-def direct_sends(kefu: KefuApp) -> KefuApp:
-    """``kefu`` whose conversation, command and routing sends are ``TopicSender``s:
-    for the batch consumers (Faust's own agents keep the Faust topics)."""
+def direct_sends(kefu: KefuApp, producer: Any = None) -> KefuApp:
+    """``kefu`` whose conversation, command and routing sends are ``TopicSender``s on
+    ``producer`` (None: the Faust app's): for the batch consumers (Faust's own agents
+    keep the Faust topics)."""
     names = kefu.config.topics
+    app = kefu.app
+
+    def chosen() -> Any:
+        return producer if producer is not None else app.producer
+
     return dataclasses.replace(
         kefu,
-        events_out=TopicSender(kefu.app, names.events),
-        commands_out=TopicSender(kefu.app, names.commands),
-        routing_out=TopicSender(kefu.app, names.routing),
+        events_out=TopicSender(chosen, names.events),
+        commands_out=TopicSender(chosen, names.commands),
+        routing_out=TopicSender(chosen, names.routing),
+        hot_producer=producer,
     )
 
 
@@ -142,12 +154,20 @@ class BatchConsumer(Service):
     """Subclasses implement ``apply``; see the module docstring for the order."""
 
     def __init__(
-        self, streams: StreamsConfig, config: BatchConfig, app: Any, **kwargs: Any
+        self,
+        streams: StreamsConfig,
+        config: BatchConfig,
+        app: Any,
+        producer: Any = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._streams = streams
         self._config = config
-        self._app = app  # the Faust app: its producer sends and is flushed
+        self._app = app  # the Faust app
+        # What the effects are sent with and flushed on: the worker's hot producer
+        # (streams.hot_producer), or the Faust app's when None (tests' small stacks).
+        self._producer = producer
         self._consumer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()  # a batch and a rebalance never overlap
         self._processed: dict[TopicPartition, int] = {}  # next offset, effects done
@@ -156,6 +176,7 @@ class BatchConsumer(Service):
         self._checkpoint_due = 0.0  # monotonic
         self._in_flight: asyncio.Task[None] | None = None  # steps 2-4 of a checkpoint
         self.records = 0  # records applied by this process (tests, metrics)
+        self._turn_ends = 0.0  # perf_counter
 
     # --- what subclasses provide -----------------------------------------------------
 
@@ -176,6 +197,16 @@ class BatchConsumer(Service):
 
     def on_revoked(self, tps: set[TopicPartition]) -> None:
         """Partitions lost, after their last checkpoint."""
+
+    async def fair_turn(self) -> None:
+        """Called between records of a batch: a turn for every other task once this
+        one has had the loop for ``turn_s``. A fetched batch's records need no I/O to
+        read and their sends are only queued, so a batch may never suspend by itself:
+        under a backlog of commands the events reader (projection, delivery) would
+        wait for the whole backlog."""
+        if time.perf_counter() >= self._turn_ends:
+            await asyncio.sleep(0)
+            self._turn_ends = time.perf_counter() + self._config.turn_s
 
     def track(self, futures: Iterable[Any]) -> None:
         """Delivery futures of sends this batch made: checked after the flush, so a
@@ -239,6 +270,7 @@ class BatchConsumer(Service):
                 await self._step(consumer, fetched)
             except Exception as exc:  # whatever it is, this process must stop
                 self._fail(exc)
+            await self.fair_turn()
 
     async def _step(self, consumer: AIOKafkaConsumer, fetched: Mapping[Any, Any]) -> None:
         async with self._lock:
@@ -321,7 +353,8 @@ class BatchConsumer(Service):
     async def _flushed(self, sent: list[Any]) -> None:
         """Flush the producer and check ``sent``: a send it gave up on (after its own
         retries) is fatal (``HotPathFailed``)."""
-        await self._app.producer.flush()
+        producer = self._producer if self._producer is not None else self._app.producer
+        await producer.flush()
         sent = [f for f in sent if isinstance(f, asyncio.Future)]
         failed = [f.exception() for f in sent if f.done() and not f.cancelled() and f.exception()]
         if failed:

@@ -52,14 +52,16 @@ class ConversationAgent(BatchConsumer):
         keys: KeySource | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(kefu.config, config, kefu.app, **kwargs)
+        super().__init__(kefu.config, config, kefu.app, kefu.hot_producer, **kwargs)
         self._kefu = kefu
         # Crypto-shredding (schemas/sealing.py): personal fields sealed with the
         # customer's key as the events go on the log; None: written in clear.
         self._keys = keys
         self._policy = policy
         self._store: ConversationStore = kefu.conversations
-        self._events = TopicSender(kefu.app, kefu.config.topics.events)
+        self._events = TopicSender(
+            lambda: kefu.hot_producer or kefu.app.producer, kefu.config.topics.events
+        )
 
     async def on_assigned(self, tps: set[TopicPartition]) -> None:
         await self._store.recover({tp.partition for tp in tps})
@@ -80,6 +82,7 @@ class ConversationAgent(BatchConsumer):
                     continue
                 with telemetry.hop(STAGE, message, commands[0][1]):
                     await self._decide(message, commands)
+                await self.fair_turn()
 
     async def _decide(self, message: Any, commands: list[tuple[bytes, Command]]) -> None:
         """One Kafka record (one command, or a ``Commit`` of several: a batch of

@@ -41,6 +41,9 @@ class ConversationStore:
         self.changelog = changelog
         self._bootstrap = bootstrap
         self._app = app
+        # The worker's hot producer once set (``write_with``): the changelog goes out
+        # with the events it follows, and the same checkpoint flushes both.
+        self._producer: Any = None
         self._kafka_options = dict(kafka_options or {})
         self._partitions: dict[int, dict[str, Stored]] = {}
         self._owner: dict[str, int] = {}  # conversation id -> its partition
@@ -48,6 +51,9 @@ class ConversationStore:
         # Decoded states, valid while the store holds the very object they came from.
         self._decoded: dict[str, tuple[Stored, Conversation]] = {}
         self._cache_limit = cache_limit
+
+    def write_with(self, producer: Any) -> None:
+        self._producer = producer
 
     # --- reads -----------------------------------------------------------------------
 
@@ -93,7 +99,7 @@ class ConversationStore:
                 states.append((conversation_id, partition, stored))  # never mutated: put replaces
 
         async def write() -> list[Any]:
-            send = self._app.producer.send
+            send = (self._producer if self._producer is not None else self._app.producer).send
             return [
                 await send(
                     self.changelog, key.encode(), orjson.dumps(stored), partition, None, None

@@ -73,7 +73,7 @@ class EventReader(BatchConsumer):
         redact: Callable[[Sequence[Event]], Awaitable[None]] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(kefu.config, config, kefu.app, **kwargs)
+        super().__init__(kefu.config, config, kefu.app, kefu.hot_producer, **kwargs)
         self._kefu = kefu
         self._sink = sink
         # After a batch with ``CustomerErased`` events: what the read model holds of
