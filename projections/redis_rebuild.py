@@ -3,17 +3,23 @@
 Redis is a cache of the log: a ``FLUSHALL``, a new empty server or a restore of an old
 snapshot would otherwise leave the read model with holes, and every later event would
 be applied on top of them (its seq guard passes on an empty hash). So the model keeps
-an epoch marker key (outside every tenant's prefix); each batch of the live projection
-is applied in a transaction that ``WATCH``es it:
+an epoch marker key (outside every tenant's prefix), and each batch of the live
+projection is one ``MULTI``/``EXEC`` of batch-script calls that each check the marker
+before writing (``redis_state.APPLY_IF_MARKED``): one round trip a batch, the check and
+the writes atomic, so no flush falls between them and no ``WATCH`` is needed.
 
-- marker present: the batch goes in (a flush between the check and ``EXEC`` aborts the
-  transaction: ``FLUSHALL`` touches watched keys), and the check is retried;
-- marker gone: one process (a ``SET NX`` lock, refreshed while it works) replays the
-  whole log into Redis with the projection's own idempotent code
+- marker present: the batch goes in;
+- marker gone: nothing is written; one process (a ``SET NX`` lock, refreshed while it
+  works) replays the whole log into Redis with the projection's own idempotent code
   (``projections.replay``), then sets the marker only if its lock survived (a flush
   during the rebuild drops the lock, and the rebuild starts over); the others wait
   for the marker. Live batches are held meanwhile, so no later seq lands before the
-  history and the seq guards drop nothing they should not.
+  history and the seq guards drop nothing they should not. Then the batch is sent
+  again.
+
+The script is called by its sha (``EVALSHA``), loaded once with ``SCRIPT LOAD`` and
+again after a ``NOSCRIPT`` (Redis restarted, ``SCRIPT FLUSH``): every call of a batch
+runs the one script in one ``EXEC``, so they all failed alike and the batch is resent.
 
 Nothing is duplicated: every write is guarded by the conversation's (or queue's) seq.
 
@@ -24,10 +30,11 @@ writes, stay on Kafka. A conversation's hash is then at seq k while the log has 
 and nothing would bring the missing events back: the reader resumes after them, and
 its next event of the conversation passes the guard over the gap. So each live batch
 also records, in the same transaction, the log position it reached per partition
-(``POSITIONS_KEY``: ``topic:partition`` -> next offset), and the rebuild records where
-it read to. The append-only file is replayed in order and an incomplete ``MULTI`` at
-its end is dropped, so whatever Redis kept, the position it holds says truly how far
-its model goes. When the reader is given a partition, before any batch of it,
+(``POSITIONS_KEY``: ``topic:partition`` -> next offset, written by the batch's last
+script call, only with the marker), and the rebuild records where it read to. The
+append-only file is replayed in order and an incomplete ``MULTI`` at its end is
+dropped, so whatever Redis kept, the position it holds says truly how far its model
+goes. When the reader is given a partition, before any batch of it,
 :meth:`RebuildingRedisModel.catch_up` compares: a position below the reader's
 committed offset (or none, with the marker present) means the model lost writes, and
 the events in between are folded from the log into it (the guards apply exactly the
@@ -52,9 +59,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
-from redis.exceptions import WatchError
+from redis.exceptions import NoScriptError, WatchError
 
-from projections.redis_state import RedisConversations
+from projections.redis_state import APPLY_IF_MARKED, MARKER_MISSING, RedisConversations
 from schemas.records import Event, QueueEvent
 
 log = logging.getLogger(__name__)
@@ -85,6 +92,9 @@ return 0
 """
 
 Positions = Mapping[TopicPartition, int]  # the next offset to apply, per partition
+
+# A batch with no events still checks the marker (and records its positions).
+_NO_EVENTS = b"[]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,29 +135,39 @@ class RebuildingRedisModel:
         self._poll = poll_seconds
         self.rebuilds = 0  # rebuilds this process ran (tests, metrics)
         self.caught_up = 0  # events folded in by ``catch_up`` (tests, metrics)
+        self._sha: str | None = None  # APPLY_IF_MARKED's, once loaded
 
     async def apply(
         self, events: Sequence[Event | QueueEvent], positions: Positions | None = None
     ) -> None:
         """``events`` in one transaction, with ``positions`` (where the batch leaves
-        each of its partitions) if given."""
+        each of its partitions) if given: one round trip (module docstring)."""
+        payloads = self._model.payloads(events) or [_NO_EVENTS]
+        marks = [
+            part for tp, at in (positions or {}).items() for part in (position_field(tp), str(at))
+        ]
         while True:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(EPOCH_KEY)
-                    if await pipe.get(EPOCH_KEY) is None:
-                        await pipe.unwatch()  # type: ignore[no-untyped-call]
-                        await self._rebuild_or_wait()
-                        continue
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    await self._model.queue(pipe, events)  # batch scripts, not one per event
-                    if positions:
-                        marks = {position_field(tp): at for tp, at in positions.items()}
-                        pipe.hset(POSITIONS_KEY, mapping=marks)  # type: ignore[arg-type]
-                    await pipe.execute()
-                    return
-                except WatchError:
-                    log.warning("redis model: the epoch changed under a batch; checking again")
+            if self._sha is None:
+                self._sha = str(await self._redis.script_load(APPLY_IF_MARKED))
+            try:
+                results = await self._send(self._sha, payloads, marks)
+            except NoScriptError:
+                log.warning("redis model: the batch script is gone (restart? flush?); loading")
+                self._sha = None
+                continue
+            if MARKER_MISSING not in results:
+                return
+            # Nothing was written: rebuild, then again (the seq guards drop repeats).
+            await self._rebuild_or_wait()
+
+    async def _send(self, sha: str, payloads: Sequence[bytes], marks: Sequence[str]) -> list[Any]:
+        """One ``MULTI``/``EXEC`` of the batch script's calls, the positions with the last."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            last = len(payloads) - 1
+            for i, payload in enumerate(payloads):
+                tail = marks if i == last else ()
+                pipe.evalsha(sha, 2, EPOCH_KEY, POSITIONS_KEY, payload, *tail)
+            return await pipe.execute()
 
     async def ensure(self) -> None:
         """Rebuild now if the marker is missing (a worker may call it on start)."""
@@ -281,7 +301,8 @@ async def holding_the_model(
             raise TimeoutError(f"another rebuild of the Redis model held {LOCK_KEY} too long")
         await asyncio.sleep(poll_seconds)
     async with _holding_lock(client, token, lock_ms):
-        # A live batch's transaction WATCHes the marker: one in flight aborts and waits.
+        # A live batch checks the marker in its transaction: one after this writes
+        # nothing and waits.
         await client.delete(EPOCH_KEY)
         yield
         if not await _set_epoch_if_locked(client, token):

@@ -150,23 +150,39 @@ end
 """
 _APPLY = _APPLY_EVENT + "return apply_event(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV)\n"
 
-# Many events in one call: ARGV[1] is a JSON array of [key 1..4, [args as strings]]
+# Many events in one call: the payload is a JSON array of [key 1..4, [args as strings]]
 # per event (what ``script_call`` gives), applied in order; returns how many applied.
 # The keys travel in the payload, not KEYS: fine on a standalone Redis, which this model
 # needs anyway (one call spans a tenant's conversations).
-_APPLY_MANY = (
+_APPLY_BATCH = (
     _APPLY_EVENT
     + """
-local applied = 0
-for _, e in ipairs(cjson.decode(ARGV[1])) do
-  applied = applied + apply_event(e[1], e[2], e[3], e[4], e[5])
+local function apply_batch(payload)
+  local applied = 0
+  for _, e in ipairs(cjson.decode(payload)) do
+    applied = applied + apply_event(e[1], e[2], e[3], e[4], e[5])
+  end
+  return applied
 end
+"""
+)
+_APPLY_MANY = _APPLY_BATCH + "return apply_batch(ARGV[1])\n"
+
+# The live projection's batch call (projections.redis_rebuild), one round trip a batch:
+# KEYS[1] the model's epoch marker, KEYS[2] its positions hash; ARGV[1] a payload as
+# ``_APPLY_MANY``'s, ARGV[2..] field/value pairs for the positions (a batch's last call).
+# The marker is checked in the same atomic call as the writes, so no WATCH is needed:
+# without it nothing is written and ``MARKER_MISSING`` is returned.
+MARKER_MISSING = -1  # never a count of events applied
+APPLY_IF_MARKED = (
+    _APPLY_BATCH
+    + f"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return {MARKER_MISSING} end
+local applied = apply_batch(ARGV[1])
+if #ARGV > 1 then redis.call('HSET', KEYS[2], unpack(ARGV, 2)) end
 return applied
 """
 )
-
-# Public for sinks that queue it in a transaction of their own (redis_rebuild).
-APPLY_SCRIPT = _APPLY
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,12 +587,6 @@ class RedisConversations:
             batch_payload(events[start : start + self._batch])
             for start in range(0, len(events), self._batch)
         ]
-
-    async def queue(self, pipe: Any, events: Sequence[Event | QueueEvent]) -> None:
-        """Queue the batch script's calls for ``events`` on ``pipe`` (a pipeline or a
-        MULTI the caller executes): one call per ``batch_events``, not one per event."""
-        for payload in self.payloads(events):
-            await self._apply_many(keys=[], args=[payload], client=pipe)
 
     async def apply_payloads(self, payloads: Sequence[bytes]) -> None:
         """Run the batch script over ``payloads``, in order, in one round trip."""

@@ -12,9 +12,11 @@ a log held in memory (the real log's fold is exercised by tests/test_machine_cra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,11 +44,17 @@ TP = TopicPartition("t.events", 0)
 @pytest.fixture(scope="module")
 def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A Redis of this module's own (the session stack's workers watch the real keys)."""
+    with private_redis(tmp_path_factory.mktemp("redis-catch-up")) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def private_redis(where: Path) -> Iterator[int]:
+    """A ``redis-server`` of its own, with its files in ``where``; yields its port."""
     server = shutil.which("redis-server")
     # Never a skip: `make test` installs it (scripts/ensure-system.sh).
     assert server is not None, "no redis-server: run scripts/ensure-system.sh"
     port = free_ports(1)[0]
-    where = tmp_path_factory.mktemp("redis-catch-up")
     argv = [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(where)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
