@@ -197,6 +197,9 @@ class WorkerSettings(_Frozen):
     # The hot path's records go out with librdkafka (streams/hot_producer.py); off = the
     # Faust app's aiokafka producer, as before (a fallback, and the A/B in bench/).
     librdkafka_producer: bool = True
+    # The hot path's two batch consumers read with librdkafka (streams/hot_consumer.py);
+    # off = aiokafka on the event loop, as before.
+    librdkafka_consumer: bool = True
 
 
 class RoutingSettings(_Frozen):

@@ -40,6 +40,10 @@ class StreamsConfig:
     concurrency: int = 16
     # aiokafka security options (SASL/TLS), as kefu's settings give them; empty = PLAINTEXT.
     kafka_options: Mapping[str, Any] = field(default_factory=dict)
+    # The same as librdkafka settings, for the hot path's clients (streams/hot_*.py).
+    librdkafka_options: Mapping[str, str] = field(default_factory=dict)
+    # The batch consumers read with librdkafka (streams/hot_consumer.py), not aiokafka.
+    librdkafka_consumer: bool = False
     # Faust hard-codes 1500 ms. aiokafka keeps one fetch in flight per broker and
     # sends the next only when every partition's buffer is drained, so a long wait on
     # quiet partitions stalls busy ones: a short wait keeps the pipeline flowing.

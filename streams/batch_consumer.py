@@ -53,6 +53,7 @@ from schemas.records import Record
 from streams import telemetry
 from streams.app import KefuApp, StreamsConfig
 from streams.faust_private import topic_partitions
+from streams.hot_consumer import HotConsumer, librdkafka_consumer_config
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class BatchConsumer(Service):
         # What the effects are sent with and flushed on: the worker's hot producer
         # (streams.hot_producer), or the Faust app's when None (tests' small stacks).
         self._producer = producer
-        self._consumer: AIOKafkaConsumer | None = None
+        self._consumer: Any = None  # aiokafka's, or streams.hot_consumer's
         self._lock = asyncio.Lock()  # a batch and a rebalance never overlap
         self._processed: dict[TopicPartition, int] = {}  # next offset, effects done
         self._committed: dict[TopicPartition, int] = {}
@@ -217,6 +218,26 @@ class BatchConsumer(Service):
 
     async def on_start(self) -> None:
         streams = self._streams
+        await self._seed_offsets()
+        consumer: Any
+        if streams.librdkafka_consumer:  # streams/hot_consumer.py: off the event loop
+            consumer = HotConsumer(
+                librdkafka_consumer_config(
+                    streams.broker,
+                    self._config.group_id,
+                    fetch_max_wait_ms=streams.fetch_max_wait_ms,
+                    fetch_min_bytes=streams.fetch_min_bytes,
+                    session_timeout_ms=int(streams.session_timeout * 1000),
+                    heartbeat_interval_ms=int(streams.heartbeat_interval * 1000),
+                    max_poll_interval_ms=600_000,
+                    read_committed=streams.processing_guarantee == "exactly_once",
+                    security=streams.librdkafka_options,
+                )
+            )
+            await consumer.start()
+            consumer.subscribe(list(self._config.topics), listener=_Rebalances(self))
+            self._consumer = consumer
+            return
         consumer = AIOKafkaConsumer(
             bootstrap_servers=streams.broker,
             group_id=self._config.group_id,
@@ -235,7 +256,6 @@ class BatchConsumer(Service):
             else "read_uncommitted",
             **dict(streams.kafka_options),
         )
-        await self._seed_offsets()
         await consumer.start()
         consumer.subscribe(list(self._config.topics), listener=_Rebalances(self))
         self._consumer = consumer
@@ -272,7 +292,7 @@ class BatchConsumer(Service):
                 self._fail(exc)
             await self.fair_turn()
 
-    async def _step(self, consumer: AIOKafkaConsumer, fetched: Mapping[Any, Any]) -> None:
+    async def _step(self, consumer: Any, fetched: Mapping[Any, Any]) -> None:
         async with self._lock:
             owned = consumer.assignment()
             batch = {tp: records for tp, records in fetched.items() if tp in owned and records}
@@ -305,7 +325,7 @@ class BatchConsumer(Service):
 
     # --- the commit order --------------------------------------------------------------
 
-    async def checkpoint(self, consumer: AIOKafkaConsumer) -> None:
+    async def checkpoint(self, consumer: Any) -> None:
         """A whole checkpoint, now (no batch may run: the caller holds the lock): the
         one in flight finishes first."""
         await self._settled()
@@ -334,7 +354,7 @@ class BatchConsumer(Service):
         sent, self._sent = self._sent, []
         return _Captured(offsets, sent, self.commit_writes())
 
-    async def _complete(self, consumer: AIOKafkaConsumer, captured: _Captured) -> None:
+    async def _complete(self, consumer: Any, captured: _Captured) -> None:
         """Steps 2-4. A commit refused by a rebalance is only logged: the records come
         again to the partition's next owner, and every effect absorbs the repeat."""
         # The effects on the log first, then the states that record them: a changelog
