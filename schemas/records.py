@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
+from schemas.ids import uuid5_text
+
 # Commands and events are addressed by conversation; ids are UUID strings.
 _EVENT_NAMESPACE = uuid.UUID("6f1c2b1e-7d3a-4c55-9a61-2c0f3e9b8d17")
 
@@ -128,7 +130,7 @@ def event_id_for(command_id: str, index: int, conversation_id: str = "") -> str:
     customers may share (a REST client's "m1"), and a reply's event id is the
     idempotency key its channel dedupes on, tenant-wide."""
     scope = f"{conversation_id}/" if conversation_id else ""
-    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{scope}{command_id}/{index}"))
+    return uuid5_text(_EVENT_NAMESPACE, f"{scope}{command_id}/{index}")
 
 
 # --- commands --------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from schemas.codec import CODEC
+from schemas.ids import uuid5_text
 from schemas.outcomes import DeliveryOutcome as Outcome
 from schemas.records import (
     ConversationClosed,
@@ -60,7 +61,7 @@ def noticed(event: Event) -> bool:
 
 
 def delivery_command_id(reply_event_id: str) -> str:
-    return str(uuid.uuid5(_DELIVERY_NAMESPACE, reply_event_id))
+    return uuid5_text(_DELIVERY_NAMESPACE, reply_event_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from importlib import resources
 from typing import Protocol
 
 from schemas.config import ConfigState, faq_score
+from schemas.ids import uuid5_text
 from schemas.records import RecordReply, ReplyRequested
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -46,7 +47,7 @@ class Responder(Protocol):
 
 def reply_command_id(request_event_id: str) -> str:
     """One reply per request: a redelivered request cannot produce a second one."""
-    return str(uuid.uuid5(_REPLY_NAMESPACE, request_event_id))
+    return uuid5_text(_REPLY_NAMESPACE, request_event_id)
 
 
 def reply_command(

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from schemas.ids import uuid5_text
 from schemas.records import (
     ConversationClosed,
     ConversationHandedOff,
@@ -27,7 +28,7 @@ STAGE = "routing-feed"
 
 
 def _id(event: Event, what: str) -> str:
-    return str(uuid.uuid5(_NAMESPACE, f"{event.event_id}/{what}"))
+    return uuid5_text(_NAMESPACE, f"{event.event_id}/{what}")
 
 
 def routing_commands(event: Event) -> list[RoutingCommand]:
