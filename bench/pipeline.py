@@ -12,8 +12,11 @@ never touches a running demo):
    the offline responder answers) over M conversations are published straight to the
    commands topic (or, with ``--via-gateway``, POSTed to the REST API). An observer
    tails the events topic and matches each ``ReplyProduced`` to its message through
-   ``ReplyRequested``. Throughput is N over the time from the first publish to the
-   last reply seen; latency is, per message, publish to its ``ReplyProduced`` seen.
+   ``ReplyRequested``, and each reply to its ``MessageDelivered`` (the events reader's
+   projection, webhook POST and receipt done). Throughput is N over the time from the
+   first publish to the last reply delivered (``--until-replied``: to the last reply
+   seen, the window before 2026-12-08); latency is, per message, publish to its
+   ``ReplyProduced`` seen, and ``delivered`` publish to its ``MessageDelivered``.
 
 3. **Time series** (``bench/timeseries.py``): per second, messages published, replies
    seen, their latency p50/p99, and each process's RSS and CPU%; with ``--json`` the
