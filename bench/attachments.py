@@ -20,8 +20,17 @@ On a private embedded stack (free loopback ports, a temporary state dir):
 Every upload of a phase goes to a conversation of its own, so each is stored anew
 (blobs are content-addressed per conversation) as a customer's own photo would be. The
 client (aiohttp, uvloop) shares the machine with the gateway, Kafka and Redis.
+``--upload``: the upload's body, the photo as the raw body (``?customer_id=&name=``,
+what the web chat and the console send; the default) or ``multipart`` (``curl -F``).
 
-    .venv/bin/python bench/attachments.py [--uploads 400 --rate 20] [--record]
+``--calls N`` measures instead, the gateway alone (no worker), its CPU per call of each
+kind, N calls each by 8 closed-loop clients: a text message, a photo upload (multipart
+and raw), a 108 KB upload that is not an image (multipart and raw); each upload for a
+new customer, as in the ingest phases (so each makes that customer's data key); and raw
+photo uploads by 20 customers whose keys exist (each photo different, so stored).
+
+    .venv/bin/python bench/attachments.py [--uploads 400 --rate 20] [--upload raw] [--record]
+    .venv/bin/python bench/attachments.py --calls 2000
 """
 
 from __future__ import annotations
@@ -38,9 +47,10 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +100,13 @@ def photo(target: int = 100_000, width: int = 800, height: int = 600) -> bytes:
         if len(best) <= target * 1.1:
             break
     return best
+
+
+def variant(jpeg: bytes, n: int) -> bytes:
+    """The photo with its first quantization table's last entry set from ``n`` (< 250):
+    the same cost, other bytes (stored anew, not deduplicated)."""
+    table = jpeg.index(b"\xff\xdb") + 5  # marker, length, precision and id
+    return jpeg[: table + 63] + bytes((1 + n % 250,)) + jpeg[table + 64 :]
 
 
 # ------------------------------------------------------------------------ statistics
@@ -146,17 +163,30 @@ def merged(phases: list[Phase], kind: str) -> Phase:
 
 
 class Gateway:
-    """The REST channel's two calls, timed by the caller."""
+    """The REST channel's two calls, timed by the caller. ``raw``: the upload's body is
+    the file (else a multipart form)."""
 
-    def __init__(self, http: aiohttp.ClientSession, image: bytes) -> None:
+    def __init__(self, http: aiohttp.ClientSession, image: bytes, raw: bool = True) -> None:
         self.http = http
         self.image = image
+        self.raw = raw
 
-    async def upload(self, customer: str) -> str:
-        form = aiohttp.FormData()
-        form.add_field("customer_id", customer)
-        form.add_field("file", self.image, filename="photo.jpg", content_type="image/jpeg")
-        async with self.http.post("/v1/uploads", data=form) as response:
+    async def upload(self, customer: str, data: bytes | None = None, name: str = "") -> str:
+        data = self.image if data is None else data
+        name = name or "photo.jpg"
+        if self.raw:
+            call = self.http.post(
+                "/v1/uploads",
+                params={"customer_id": customer, "name": name},
+                data=data,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+        else:
+            form = aiohttp.FormData()
+            form.add_field("customer_id", customer)
+            form.add_field("file", data, filename=name, content_type="application/octet-stream")
+            call = self.http.post("/v1/uploads", data=form)
+        async with call as response:
             if response.status != 201:
                 raise Failed(f"upload {response.status}")
             body: dict[str, Any] = await response.json()
@@ -244,12 +274,13 @@ async def ingest(
     warmup: float,
     max_messages: int = 200_000,
     gateway_cpu: Callable[[], float] = lambda: 0.0,
+    raw: bool = True,
 ) -> list[Phase]:
     """A mixed warm-up (not counted), then ``rounds`` × (text only, mixed).
     ``gateway_cpu``: the gateway process's CPU seconds so far."""
     run = uuid.uuid4().hex[:8]
     async with session(base_url, api_key, concurrency) as http:
-        gateway = Gateway(http, image)
+        gateway = Gateway(http, image, raw)
         if warmup > 0:
             await ingest_phase(
                 gateway, "mixed", warmup, concurrency, share, f"{run}w", max_messages
@@ -271,6 +302,78 @@ async def ingest(
                 )
                 phases.append(phase)
     return phases
+
+
+# ------------------------------------------------------------------------ per call
+
+
+async def closed_loop(
+    call: Callable[[str], Awaitable[object]], prefix: str, calls: int, concurrency: int
+) -> Counter[str]:
+    """``calls`` calls (each given a new name) by ``concurrency`` closed-loop clients."""
+    numbers = iter(range(calls))
+    done = Counter[str]()
+
+    async def client() -> None:
+        for i in numbers:
+            try:
+                await call(f"{prefix}-{i}")
+                done["ok"] += 1
+            except (Failed, aiohttp.ClientError, TimeoutError):
+                done["failed"] += 1
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return done
+
+
+async def per_call(
+    base_url: str,
+    api_key: str,
+    image: bytes,
+    *,
+    calls: int,
+    gateway_cpu: Callable[[], float],
+    concurrency: int = 8,
+    warmup: int = 100,
+    rounds: int = 4,
+) -> dict[str, tuple[float, int, int]]:
+    """Each kind of call ``calls`` times (after ``warmup`` not counted) by
+    ``concurrency`` closed-loop clients, in ``rounds``: kind -> (gateway CPU ms per
+    call in its best round, calls accepted, calls failed)."""
+    run = uuid.uuid4().hex[:8]
+    document = b"%PDF-1.4\n" + os.urandom(len(image) - 9)  # 108 KB, not an image
+    out: dict[str, tuple[float, int, int]] = {}
+    known = count()
+
+    def known_customer(_: str) -> tuple[str, bytes]:
+        """One of 20 customers (their keys made by the first calls), a photo of its own."""
+        n = next(known)
+        return f"{run}-known{n % 20}", variant(image, n // 20)
+
+    async with session(base_url, api_key, concurrency) as http:
+        multipart, raw = Gateway(http, image, raw=False), Gateway(http, image, raw=True)
+        kinds: dict[str, Callable[[str], Awaitable[object]]] = {
+            "text message": lambda c: raw.message(f"{run}-t{hash(c) % 1000}", c, "hi", []),
+            "photo upload, multipart": lambda c: multipart.upload(c),
+            "photo upload, raw": lambda c: raw.upload(c),
+            "photo upload, raw, known": lambda c: raw.upload(*known_customer(c)),
+            "108 KB PDF upload, multipart": lambda c: multipart.upload(c, document, "a.pdf"),
+            "108 KB PDF upload, raw": lambda c: raw.upload(c, document, "a.pdf"),
+        }
+        for n, call in enumerate(kinds.values()):
+            await closed_loop(call, f"{run}-{n}w", warmup, concurrency)
+        # Rounds of every kind in turn, the best round of each kept: the machine's
+        # other users inflate a round's CPU (contention), never deflate it.
+        for r in range(rounds):
+            for n, (kind, call) in enumerate(kinds.items()):
+                cpu = gateway_cpu()
+                done = await closed_loop(call, f"{run}-{n}-{r}", calls // rounds, concurrency)
+                ms = (gateway_cpu() - cpu) * 1000 / max(1, done["ok"])
+                best, ok, failed = out.get(kind, (float("inf"), 0, 0))
+                out[kind] = (min(best, ms), ok + done["ok"], failed + done["failed"])
+        for kind, (ms, ok, failed) in out.items():
+            print(f"  {kind:30s} {ms:6.2f} ms ({ok} accepted, {failed} failed)")
+    return out
 
 
 # ------------------------------------------------------------------------ visibility
@@ -295,6 +398,7 @@ async def visibility(
     uploads: int,
     rate: float,
     patience: float = 60.0,
+    raw: bool = True,
 ) -> Visibility:
     """``uploads`` photo messages paced at ``rate``/s, each in a conversation of its own
     (its photo stored anew); one is visible when its entry, attachments listed, is in
@@ -357,7 +461,7 @@ async def visibility(
 
     try:
         async with session(base_url, api_key, 64) as http:
-            await asyncio.gather(publish(Gateway(http, image)), watch())
+            await asyncio.gather(publish(Gateway(http, image, raw)), watch())
     finally:
         await redis.aclose()
     return out
@@ -523,6 +627,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="ingest: clients")
     parser.add_argument("--image-share", type=float, default=0.2)
     parser.add_argument("--image-kb", type=int, default=100)
+    parser.add_argument(
+        "--upload", choices=("raw", "multipart"), default="raw", help="the upload's body"
+    )
+    parser.add_argument(
+        "--calls", type=int, default=0, help="only the gateway's CPU per call, N calls a kind"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for both parts")
     parser.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     args = parser.parse_args()
@@ -533,12 +643,23 @@ def main() -> None:
     g = settings.gateway
     base_url = f"http://{g.host}:{g.port}"
     api_key = settings.tenants[TENANT].api_key.get_secret_value()
+    raw = args.upload == "raw"
     try:
         from kefu.cli import stack_down_all, stack_up_all
         from kefu.services import Services
 
         stack_up_all(settings)
         services = Services(settings)
+        if args.calls:
+            services.start([services.gateway()])
+            pid = services.gateway().daemon.pid()
+            assert pid, "the gateway did not start"
+            print(f"gateway CPU per call (best of 4 rounds), gateway alone, {args.calls} a kind …")
+            asyncio.run(
+                per_call(base_url, api_key, image, calls=args.calls, gateway_cpu=process_cpu(pid))
+            )
+            print(f"load avg {load_start:.1f} → {os.getloadavg()[0]:.1f}")
+            return
         pipeline = [services.webhook_sink(), services.worker(0)]
         services.start([*pipeline, services.gateway()])
         deadline = time.monotonic() + args.timeout
@@ -553,6 +674,7 @@ def main() -> None:
                     image,
                     uploads=args.uploads,
                     rate=args.rate,
+                    raw=raw,
                 ),
                 args.timeout,
             )
@@ -581,6 +703,7 @@ def main() -> None:
                     share=args.image_share,
                     warmup=args.warmup,
                     gateway_cpu=process_cpu(gateway_pid) if gateway_pid else lambda: 0.0,
+                    raw=raw,
                 ),
                 max(1.0, deadline - time.monotonic()),
             )
@@ -592,9 +715,10 @@ def main() -> None:
     summary = Summary(merged(phases, "text"), merged(phases, "mixed"), seen, len(image))
     for line in summary.lines():
         print(line)
-    print(f"machine {machine()}; load avg {load[0]:.1f} → {load[1]:.1f}")
+    print(f"machine {machine()}; load avg {load[0]:.1f} → {load[1]:.1f}; uploads {args.upload}")
     if args.record:
-        command = " ".join([".venv/bin/python bench/attachments.py", *sys.argv[1:]])
+        argv = sys.argv[1:] if "--upload" in sys.argv else [*sys.argv[1:], "--upload", args.upload]
+        command = " ".join([".venv/bin/python bench/attachments.py", *argv])
         record(summary, command, load)
         print(f"recorded in {RESULTS}")
 

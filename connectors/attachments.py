@@ -7,17 +7,24 @@ received through :func:`accept`, which refuses before anything is stored or publ
 - a type not on the allow-list, sniffed from the bytes (``filetype``), never from the
   name or the declared type: a ``.exe`` named ``photo.jpg`` is ``application/x-msdownload``
   and gets 415;
-- an image that does not decode (truncated, corrupt): 422; one with more pixels than
-  ``max_image_pixels`` (a decompression bomb: a few KB that expand to gigabytes): 422,
-  refused from its header before a pixel is decoded.
+- an image whose structure is broken (truncated: no end marker, a segment or chunk
+  running past the end, a bad PNG CRC) or that does not decode where it is decoded:
+  422; one with more pixels than ``max_image_pixels`` (a decompression bomb: a few KB
+  that expand to gigabytes): 422, refused from its header before a pixel is decoded.
 
-Images are decoded with Pillow and the stored bytes carry no EXIF (no GPS position of
-the customer's home), orientation applied; a thumbnail for the console is stored beside
-them. A JPEG or PNG with no orientation to apply keeps its compressed pixels, its
-metadata left out segment by segment (``connectors/image_strip.py``: a third of the CPU
-of a re-encode), and is then decoded to check it; everything else is re-encoded. SVG
-and HTML are files, never images: the download route serves them as attachments under a
-CSP that runs nothing (``connectors/files_api.py``).
+The stored bytes of an image carry no EXIF (no GPS position of the customer's home),
+orientation applied. The common upload, a JPEG or PNG with no orientation to apply,
+costs the edge no pixel decoding: its header is read, its metadata left out segment by
+segment (``connectors/image_strip.py``, which also checks its structure) and its
+compressed pixels are stored as they came; its thumbnail is made after the upload
+(``connectors/thumbnails.py``: by the worker, or by the download route when asked for
+first), which is where pixels that do not decode are found (the thumbnail answers 422,
+the pages show the file card, the file stays a download). Decoding is most of what a
+photo costs (bench/RESULTS.md "Attachments"); ``AttachmentPolicy.decode_at_edge``
+decodes at upload instead. Everything else (an orientation to apply, CMYK, GIF, WebP,
+a shape the strip does not handle) is decoded and re-encoded at the edge, its thumbnail
+stored beside it. SVG and HTML are files, never images: the download route serves them
+as attachments under a CSP that runs nothing (``connectors/files_api.py``).
 
 Download links are signed per tenant and expire (:class:`UrlSigner`): a URL is all a
 customer's browser, a webhook receiver or a channel API needs, and it opens one blob.
@@ -82,6 +89,7 @@ _PILLOW_FORMATS = {
     "image/webp": "WEBP",
 }
 MAX_NAME = 200
+THUMBNAIL = "thumb"  # the variant of an image's key that names its thumbnail
 _ORIENTATION = 0x0112  # the EXIF tag a phone sets instead of turning the pixels
 
 
@@ -104,9 +112,13 @@ class AttachmentPolicy:
     thumbnail_px: int = 320
     tenant_quota_bytes: int = 0  # 0: no quota
     # JPEG and PNG without an orientation to apply: metadata left out segment by segment,
-    # the compressed pixels kept (then decoded to check them). False: every image is
-    # decoded and re-encoded (about three times the CPU).
+    # the compressed pixels kept. False: every image is decoded and re-encoded at the
+    # edge (about twice the CPU of a decode alone, and no pixel decoding is deferred).
     lossless_strip: bool = True
+    # Those lossless uploads decoded at the edge too (every corrupt pixel refused at
+    # upload, the thumbnail stored with them: ~2 ms more CPU per 100 KB photo). False:
+    # the thumbnail, and the decode, after the upload (connectors/thumbnails.py).
+    decode_at_edge: bool = False
 
     def limit_for(self, channel: str) -> int:
         return int(self.max_bytes.get(channel, self.max_bytes.get("*", 20 * 1024 * 1024)))
@@ -177,9 +189,11 @@ def prepare(
     key = blob_key(tenant, conversation, sha256)
     blobs = [(key, data, mime_type)]
     thumbnail_key = ""
-    if thumbnail is not None:
-        thumbnail_key = blob_key(tenant, conversation, sha256, "thumb")
-        blobs.append((thumbnail_key, thumbnail, thumbnail_type))
+    if kind == "image":
+        # Named now (the event carries it), stored now or made later (None).
+        thumbnail_key = blob_key(tenant, conversation, sha256, THUMBNAIL)
+        if thumbnail is not None:
+            blobs.append((thumbnail_key, thumbnail, thumbnail_type))
     attachment = Attachment(
         kind=kind,
         mime_type=mime_type,
@@ -197,16 +211,19 @@ def prepare(
 
 def _reencode(
     data: bytes, mime_type: str, policy: AttachmentPolicy
-) -> tuple[bytes, int, int, bytes, str]:
-    """The bytes to serve, their size, a thumbnail and its type; without EXIF, or
-    :class:`AttachmentRejected` (422) when the image is too large or does not decode.
+) -> tuple[bytes, int, int, bytes | None, str]:
+    """The bytes to serve, their size, a thumbnail (None: made later) and its type;
+    without EXIF, or :class:`AttachmentRejected` (422) when the image is too large or
+    broken.
 
     A JPEG or PNG whose pixels need no turning (no EXIF orientation, or 1) keeps its
-    compressed pixels: its metadata is left out segment by segment
-    (:mod:`connectors.image_strip`), and what is stored is then decoded in full (a JPEG
-    at the thumbnail's scale: every scan is still read, so a truncated or corrupt file
-    fails as it would at full size). Everything else is decoded and re-encoded: the
-    bytes served are Pillow's, without EXIF or trailing data, turned as the camera meant."""
+    compressed pixels: its metadata is left out segment by segment and its structure
+    checked (:mod:`connectors.image_strip`: a truncated file has no end marker, or a
+    segment or chunk that runs past the end, and is handed to the full decode below,
+    which refuses it); its pixels are decoded later, for the thumbnail
+    (:func:`make_thumbnail`), unless ``policy.decode_at_edge``. Everything else is
+    decoded and re-encoded: the bytes served are Pillow's, without EXIF or trailing
+    data, turned as the camera meant."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size  # from the header: nothing decoded yet
@@ -222,23 +239,17 @@ def _reencode(
                 )
             # An ICC profile describes the colours (no location): kept, on both paths.
             icc = valid_icc(probe.info.get("icc_profile"))
-            if (lossless := _lossless(data, mime_type, probe, icc, policy)) is not None:
-                stored, image = lossless
-                with image:
-                    if image.size != (width, height):
-                        raise AttachmentRejected(422, "image could not be decoded (size)")
-                    if image.format == "JPEG":
-                        # A DCT-scaled decode (1/2 to 1/8 of the size) for the thumbnail.
-                        image.draft(image.mode, _thumbnail_size(width, height, policy))
-                    image.load()  # the decode: a truncated or corrupt image fails here
-                    thumbnail, thumbnail_type = _thumbnail(image, policy, box=True)
+            if (stored := _lossless(data, mime_type, probe, icc, policy)) is not None:
+                if not policy.decode_at_edge:
+                    return stored, width, height, None, ""
+                thumbnail, thumbnail_type = make_thumbnail(stored, policy)
                 return stored, width, height, thumbnail, thumbnail_type
             # (A PNG's EXIF may follow its pixels: reading it decodes them.)
             turned = mime_type != "image/gif" and probe.getexif().get(_ORIENTATION, 1) != 1
             probe.load()  # the decode: a truncated or corrupt image fails here
             # No copy that changes nothing (profiled: copies were 16 % of an upload's
             # CPU): the decoded image is encoded, then shrunk in place to the thumbnail.
-            image = probe
+            image: Image.Image = probe
             if turned:
                 image = ImageOps.exif_transpose(probe)  # the pixels as the camera meant
             out = io.BytesIO()
@@ -273,10 +284,10 @@ def _lossless(
     probe: Image.Image,
     icc: bytes | None,
     policy: AttachmentPolicy,
-) -> tuple[bytes, Image.Image] | None:
-    """The bytes without metadata and the (not yet decoded) image they open as; ``None``
-    when the pixels must be turned (EXIF orientation other than 1), the file is not a
-    shape :mod:`connectors.image_strip` rewrites, or the policy asks for a re-encode."""
+) -> bytes | None:
+    """The bytes without metadata; ``None`` when the pixels must be turned (EXIF
+    orientation other than 1), the file is not a shape :mod:`connectors.image_strip`
+    rewrites (a truncated one among them), or the policy asks for a re-encode."""
     if not policy.lossless_strip:
         return None
     if mime_type == "image/jpeg":
@@ -290,9 +301,7 @@ def _lossless(
         stored = stripped[0]
     else:
         return None
-    if stored is None:
-        return None
-    return stored, Image.open(io.BytesIO(stored), formats=(_PILLOW_FORMATS[mime_type],))
+    return stored
 
 
 def _orientation(exif: bytes) -> object:
@@ -304,6 +313,30 @@ def _orientation(exif: bytes) -> object:
     except Exception:  # malformed EXIF from a stranger: whatever Pillow raises
         return 0
     return tags.get(_ORIENTATION, 1)
+
+
+def make_thumbnail(data: bytes, policy: AttachmentPolicy) -> tuple[bytes, str]:
+    """The thumbnail of an image as stored, and its type: the decode of its pixels (a
+    JPEG at the thumbnail's DCT scale, 1/2 to 1/8: every scan is still entropy-decoded,
+    so a corrupt one fails as at full size). :class:`AttachmentRejected` (422) when they
+    do not decode or are too many. CPU only: run it in a thread."""
+    try:
+        # Only the formats an upload can be stored as: Pillow opens many more (EPS
+        # would run Ghostscript).
+        with Image.open(io.BytesIO(data), formats=tuple(_PILLOW_FORMATS.values())) as image:
+            width, height = image.size
+            if width * height > policy.max_image_pixels:
+                raise AttachmentRejected(422, f"image too large: {width}x{height} pixels")
+            if image.format == "JPEG":
+                image.draft(image.mode, _thumbnail_size(width, height, policy))
+            image.load()  # the decode: a truncated or corrupt image fails here
+            return _thumbnail(image, policy, box=True)
+    except AttachmentRejected:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise AttachmentRejected(422, f"image too large: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise AttachmentRejected(422, f"image could not be decoded ({type(exc).__name__})") from exc
 
 
 def _thumbnail_size(width: int, height: int, policy: AttachmentPolicy) -> tuple[int, int]:
@@ -387,7 +420,8 @@ async def accept(
     customer: str = "",
 ) -> Attachment:
     """Check, normalize and store an upload; its attachment, or :class:`AttachmentRejected`.
-    ``customer``: the conversation's customer (a sealed store encrypts with their key)."""
+    ``customer``: the conversation's customer (a sealed store encrypts with their key).
+    An image's thumbnail may not be stored yet (:mod:`connectors.thumbnails`)."""
     prepared = await asyncio.to_thread(
         prepare,
         data,

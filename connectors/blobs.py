@@ -14,9 +14,9 @@ still shows. Within a conversation the same bytes are stored once (content-addre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,8 @@ from connectors.sniffing import sniff
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.:@\-]{1,200}$")
 _VARIANT = re.compile(r"^[a-z0-9]{1,16}$")
+_PART = ".part-"  # a file being written (LocalBlobStore): never listed, never counted
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 class BlobMissing(LookupError):
@@ -115,19 +117,33 @@ class LocalBlobStore:
         return await asyncio.to_thread(self._put, key, data, content_type)
 
     def _put(self, key: str, data: bytes, content_type: str) -> bool:
+        # Few system calls: one exclusive open of a temporary name (the directory made
+        # only when the open says it is missing, not tried on every write), then a hard
+        # link that fails if the key is there already (content-addressed: the same
+        # bytes), so no stat first, an exact answer when two write at once, and no
+        # reader ever sees part of a file.
         path = self._path(key)
-        if path.exists():
-            return False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+        tmp = path.with_name(f"{_PART}{os.urandom(8).hex()}")
+        try:
+            fd = os.open(tmp, _CREATE, 0o600)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, _CREATE, 0o600)
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return True
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links: rename over it
+                if path.exists():
+                    return False
+                os.replace(tmp, path)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     async def get(self, key: str) -> Blob:
         return await asyncio.to_thread(self._get, key)
@@ -159,14 +175,16 @@ class LocalBlobStore:
     def _files(self, prefix: str) -> Iterator[Path]:
         if ".." in prefix.split("/") or prefix.startswith("/"):
             raise ValueError(f"not a prefix: {prefix!r}")
-        base = self.root / prefix.rstrip("/") if prefix.endswith("/") else self.root
+        # From the deepest directory the prefix names (a whole key: its conversation's).
+        directory = prefix.rpartition("/")[0]
+        base = self.root / directory if directory else self.root
         if not base.is_dir():
             return
         for path in base.rglob("*"):
             name = path.name
             if (
                 path.is_file()
-                and not name.startswith(".part-")
+                and not name.startswith(_PART)
                 and path.relative_to(self.root).as_posix().startswith(prefix)
             ):
                 yield path

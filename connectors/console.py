@@ -45,7 +45,8 @@ and profiles read ClickHouse through the gateway's analytics (``app.state.dashbo
 agent's own.
 
 ``POST /v1/console/uploads`` (multipart: ``tenant``, ``agent``, ``conversation_id``,
-``file``; the agent's token as ``Authorization: Bearer``, never in the URL, or the
+``file``; or the file as the body with those fields and ``name`` in the query string;
+the agent's token as ``Authorization: Bearer``, never in the URL, or the
 session cookie with its CSRF token in ``X-CSRF-Token``): a file for the agent's next
 reply on a conversation assigned to them, checked and stored like the customer's
 (``connectors.uploads.store_upload``) under the conversation's channel limit.
@@ -69,12 +70,9 @@ from typing import Annotated, Any, Literal
 
 from fastapi import (
     APIRouter,
-    File,
-    Form,
     Header,
     HTTPException,
     Request,
-    UploadFile,
     WebSocket,
     WebSocketDisconnect,
     status,
@@ -94,10 +92,12 @@ from connectors.auth import client_ip, websocket_origin_ok
 from connectors.rate_limit import RateLimiter
 from connectors.uploads import (
     MAX_ATTACHMENTS,
+    UploadBody,
     UploadRefused,
     claim_upload_ids,
     shown_messages,
     store_upload,
+    upload_openapi,
 )
 from connectors.webchat import profile_key
 from schemas.config import ConfigState
@@ -417,20 +417,30 @@ async def console_page() -> str:
 UPLOAD_PATH = "/v1/console/uploads"
 
 
-@router.post(UPLOAD_PATH, status_code=status.HTTP_201_CREATED)
+class ConsoleUpload(BaseModel):
+    tenant: str = Field(min_length=1, max_length=64)
+    agent: str = Field(min_length=1, max_length=64)
+    conversation_id: str = Field(min_length=1, max_length=128, pattern=_ID)
+
+
+@router.post(
+    UPLOAD_PATH,
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra=upload_openapi(ConsoleUpload),
+)
 async def console_upload(
     request: Request,
-    tenant: Annotated[str, Form(min_length=1, max_length=64)],
-    agent: Annotated[str, Form(min_length=1, max_length=64)],
-    conversation_id: Annotated[str, Form(min_length=1, max_length=128, pattern=_ID)],
-    file: Annotated[UploadFile, File()],
     authorization: Annotated[str, Header()] = "",
     x_csrf_token: Annotated[str, Header(alias=CSRF_HEADER)] = "",
 ) -> dict[str, Any]:
     """A file for the agent's next reply (its id goes in the reply frame's
     ``attachments``): the agent's token as ``Authorization: Bearer`` (or their session
     cookie, with its CSRF token in ``X-CSRF-Token``), and the conversation must be
-    assigned to them (404 if their tenant has no such one)."""
+    assigned to them (404 if their tenant has no such one). Multipart, or the file as
+    the body with the fields in the query string."""
+    body = await UploadBody.of(request)
+    fields = body.validated(ConsoleUpload)
+    tenant, agent, conversation_id = fields.tenant, fields.agent, fields.conversation_id
     directory: AgentDirectory = getattr(request.app.state, "agents", None) or {}
     config: ConfigState | None = getattr(request.app.state, "config", None)
     scheme, _, token = authorization.partition(" ")
@@ -466,7 +476,7 @@ async def console_upload(
     if assignee != agent:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "that conversation is not assigned to you")
     # The customer's data key seals the file (the conversation is theirs).
-    return await store_upload(request, tenant, conversation_id, channel, file, customer or "")
+    return await store_upload(request, tenant, conversation_id, channel, body, customer or "")
 
 
 _LOGINS: TypeAdapter[Login | SessionLogin] = TypeAdapter(Login | SessionLogin)

@@ -43,6 +43,7 @@ from connectors.publisher import CommandPublisher
 from connectors.rate_limit import Limits, RateLimited, RateLimiter, rate_limited_response
 from connectors.telegram import TelegramEdge
 from connectors.telegram import router as telegram_router
+from connectors.thumbnails import Thumbnails
 from connectors.uploads import Files
 from connectors.wechat import WeChatEdge
 from connectors.wechat import router as wechat_router
@@ -144,7 +145,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
             await config.files.store.ensure()  # a first start against MinIO: the bucket
             quota_bytes = config.files.policy.tenant_quota_bytes
             quota = Quota(client, config.files.store, quota_bytes) if quota_bytes else None
-            app.state.files = dataclasses.replace(config.files, quota=quota)
+            # Thumbnails asked for before the worker made them (connectors/thumbnails.py).
+            thumbnails = Thumbnails(
+                config.files.store,
+                config.files.policy,
+                concurrency=config.files.thumbnail_concurrency,
+                redis=client,
+            )
+            app.state.files = dataclasses.replace(config.files, quota=quota, thumbnails=thumbnails)
         collector = None
         if config.gc_freeze_s > 0:
             # Held sockets out of the cyclic GC's scans (a full collection over 20,000

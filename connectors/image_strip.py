@@ -5,9 +5,10 @@ whose pixels need no turning): the file is rebuilt from an allow-list of its own
 segments, so what is stored holds the compressed pixels, the tables needed to decode
 them and nothing else — no EXIF (no GPS position, no camera serial, no embedded
 preview), no XMP, IPTC, comments, text chunks or timestamps, no trailing bytes after
-the end marker (a polyglot's payload, an MPO's second picture). The caller still
-decodes the rebuilt bytes before storing them, so a file that does not decode is
-refused exactly as before.
+the end marker (a polyglot's payload, an MPO's second picture). The walk is also the
+upload's structural check: a file cut short has no end marker, or a segment or chunk
+that runs past its end, and is refused by the caller's full decode; the pixels of what
+passes are decoded later, for its thumbnail (``connectors/thumbnails.py``).
 
 Anything outside the shapes handled here (an Adobe or CMYK JPEG, arithmetic or lossless
 coding, an unknown critical PNG chunk, animation, a bad length or CRC, a missing end
@@ -154,11 +155,12 @@ def strip_png(data: bytes, keep_icc: bool = False) -> tuple[bytes, bytes | None]
     """``data`` with only the chunks of ``_PNG_KEEP`` (and ``iCCP`` if ``keep_icc``),
     every chunk's CRC checked, nothing after IEND; and the payload of its ``eXIf`` chunk
     (left out: the caller reads the orientation from it), wherever it was. ``None`` for
-    an animated PNG, an unknown critical chunk, a bad length or CRC, or no IEND."""
+    an animated PNG, an unknown critical chunk, a bad length or CRC, no IDAT or no IEND."""
     if not data.startswith(PNG_SIGNATURE):
         return None
     out = [PNG_SIGNATURE]
     exif: bytes | None = None
+    seen: set[bytes] = set()
     n = len(data)
     pos = len(PNG_SIGNATURE)
     view = memoryview(data)
@@ -182,4 +184,6 @@ def strip_png(data: bytes, keep_icc: bool = False) -> tuple[bytes, bytes | None]
             return None  # an unknown critical chunk
         pos = end
         if kind == b"IEND":
-            return b"".join(out), exif
+            # No pixels at all is broken too (nothing decodes them at upload any more).
+            return (b"".join(out), exif) if b"IDAT" in seen else None
+        seen.add(kind)

@@ -178,8 +178,9 @@ class SealedBlobStore:
             raise ValueError(f"not a blob key: {key!r}")
         if not customer:
             raise ValueError("a sealed blob needs its customer (whose key seals it)")
-        if await self.inner.exists(key):
-            return False  # content-addressed: the same clear bytes, stored already
+        # No existence check first (a stat, or an S3 HEAD, on every upload): the inner
+        # store answers False when the key holds the same clear bytes already
+        # (content-addressed), keeping what it has.
         keys = self.keys
         data_key = await keys.ensure(tenant_of_key(key), customer)
         await keys.flushed()  # the key is on the log before the blob is acknowledged
@@ -191,9 +192,13 @@ class SealedBlobStore:
         return await self.inner.put(key, sealed, content_type)
 
     async def get(self, key: str) -> Blob:
+        return (await self.get_with_key(key))[0]
+
+    async def get_with_key(self, key: str) -> tuple[Blob, SealingKey | None]:
+        """The blob, and the data key that opened it (None: it was stored in clear)."""
         blob = await self.inner.get(key)
         if not is_sealed_blob(blob.data):
-            return blob  # stored in clear (before sealing, or with it off)
+            return blob, None  # stored in clear (before sealing, or with it off)
         key_id = sealed_key_id(blob.data)
         if key_id is None:
             raise BlobUnreadable(key)
@@ -209,7 +214,21 @@ class SealedBlobStore:
             clear = open_blob(blob.data, data_key, key)
         # What was stored was sniffed on the way in: the same bytes give the same type
         # (a local store sniffs what it reads, and would see only the sealed bytes).
-        return Blob(clear, sniff(clear))
+        return Blob(clear, sniff(clear)), data_key
+
+    async def put_with_key(
+        self, key: str, data: bytes, content_type: str, data_key: SealingKey | None
+    ) -> bool:
+        """``data`` sealed under ``data_key``, or in clear when it is None: a blob made
+        from another (a thumbnail, made after the upload) is stored as its source was,
+        under the very key that opened the source, so it is shredded with it and no
+        key is ever made for a customer who may be erased meanwhile."""
+        if data_key is None:
+            return await self.inner.put(key, data, content_type)
+        if not valid_key(key) or tenant_of_key(key) != data_key.tenant_id:
+            raise ValueError(f"not a blob key of {data_key.tenant_id}: {key!r}")
+        sealed = seal_blob(data, data_key, key, os.urandom(NONCE_BYTES))
+        return await self.inner.put(key, sealed, content_type)
 
     async def exists(self, key: str) -> bool:
         return await self.inner.exists(key)

@@ -1,16 +1,27 @@
 """Uploads held for a message: stored at once, remembered for a day under an id in
 Redis (scoped to tenant and conversation), claimed by the message that lists them.
 Shared by the REST, web chat and console edges (``connectors/files_api.py``,
-``rest_api.py``, ``webchat.py``, ``console.py``)."""
+``rest_api.py``, ``webchat.py``, ``console.py``).
+
+An upload's body comes in either shape (:class:`UploadBody`): ``multipart/form-data``
+(a ``file`` part, the other fields as form fields: an HTML form, ``curl -F``), or the
+file's bytes as the whole body (any other ``Content-Type``; the fields in the query
+string, the file's name in ``?name=`` or ``Content-Disposition``: no multipart parsing,
+the cheaper request, which the pages send)."""
 
 from __future__ import annotations
 
+import email.message
 import json
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import HTTPException, Request, UploadFile, status
+from fastapi import HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData, UploadFile
 
 from connectors.attachments import (
     AttachmentPolicy,
@@ -22,6 +33,7 @@ from connectors.attachments import (
     with_urls,
 )
 from connectors.blobs import BlobStore
+from connectors.thumbnails import Thumbnails
 from schemas.keys import upload_key
 from schemas.records import Attachment
 
@@ -37,6 +49,8 @@ class Files:
     signer: UrlSigner
     policy: AttachmentPolicy
     quota: Quota | None = None
+    thumbnail_concurrency: int = 2  # thumbnails made at once by the download route
+    thumbnails: Thumbnails | None = None  # made with the app's Redis (gateway lifespan)
 
 
 def files_of(request: Request) -> Files:
@@ -47,17 +61,123 @@ def files_of(request: Request) -> Files:
 
 
 _upload_key = upload_key
+Fields = TypeVar("Fields", bound=BaseModel)
+MAX_NAME_QUERY = 1024  # ``?name=`` (cut to MAX_NAME characters when stored)
 
 
-async def _read_limited(upload: UploadFile, limit: int) -> bytes:
-    """The file's bytes, or 413 as soon as they pass ``limit`` (with the limit)."""
-    chunks, size = [], 0
-    while chunk := await upload.read(256 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"attachment over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+class UploadBody:
+    """An upload's request body, multipart or raw (module docstring): its fields, then
+    its bytes, read once the caller has checked who is asking."""
+
+    def __init__(
+        self, request: Request, fields: Mapping[str, str], file: UploadFile | None, raw: bool
+    ) -> None:
+        self._request = request
+        self._file = file
+        self.fields = fields
+        self.raw = raw
+
+    @classmethod
+    async def of(cls, request: Request) -> UploadBody:
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            form: FormData = await request.form(max_files=1, max_fields=16)
+            file = form.get("file")
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            if not isinstance(file, UploadFile):
+                await form.close()
+                raise RequestValidationError(
+                    [{"type": "missing", "loc": ("body", "file"), "msg": "Field required"}]
+                )
+            return cls(request, fields, file, raw=False)
+        return cls(request, request.query_params, None, raw=True)
+
+    def validated(self, model: type[Fields]) -> Fields:
+        """The fields as ``model``; 422 as FastAPI words it when they are not."""
+        try:
+            return model.model_validate(dict(self.fields))
+        except ValidationError as exc:
+            where = "query" if self.raw else "body"
+            errors = exc.errors(include_url=False, include_context=False)
+            raise RequestValidationError(
+                [{**error, "loc": (where, *error["loc"])} for error in errors]
+            ) from None
+
+    @property
+    def name(self) -> str:
+        if self._file is not None:
+            return self._file.filename or ""
+        named = self.fields.get("name", "")[:MAX_NAME_QUERY]
+        if named:
+            return named
+        disposition = self._request.headers.get("content-disposition", "")
+        if not disposition:
+            return ""
+        header = email.message.Message()
+        try:
+            header["content-disposition"] = disposition
+            return str(header.get_filename() or "")[:MAX_NAME_QUERY]
+        except (ValueError, LookupError, UnicodeError):  # a stranger's header
+            return ""
+
+    async def read(self, limit: int) -> bytes:
+        """The file's bytes, or 413 as soon as they pass ``limit`` (with the limit)."""
+        chunks, size = [], 0
+        too_large = HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE, f"attachment over {limit} bytes"
+        )
+        if self._file is None:
+            async for chunk in self._request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+            return b"".join(chunks)
+        try:
+            while chunk := await self._file.read(256 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+        finally:
+            await self._file.close()
+        return b"".join(chunks)
+
+
+def upload_openapi(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI ``openapi_extra`` of an upload route whose fields are ``model``: both
+    bodies, and the query fields of the raw one."""
+    schema = model.model_json_schema()
+    fields: dict[str, Any] = schema.get("properties", {})
+    raw_only = "With a raw body (not multipart): "
+    parameters = [
+        {"in": "query", "name": name, "required": False, "schema": field}
+        | {"description": f"{raw_only}the form field {name}"}
+        for name, field in fields.items()
+    ]
+    parameters.append(
+        {
+            "in": "query",
+            "name": "name",
+            "required": False,
+            "schema": {"type": "string", "maxLength": MAX_NAME_QUERY},
+            "description": f"{raw_only}the file's name (or Content-Disposition's filename)",
+        }
+    )
+    form = {
+        "type": "object",
+        "properties": {**fields, "file": {"type": "string", "format": "binary"}},
+        "required": [*schema.get("required", []), "file"],
+    }
+    return {
+        "parameters": parameters,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": form},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+    }
 
 
 async def store_upload(
@@ -65,18 +185,18 @@ async def store_upload(
     tenant: str,
     conversation: str,
     channel: str,
-    upload: UploadFile,
+    upload: UploadBody,
     customer: str = "",
 ) -> dict[str, Any]:
     """Accept one uploaded file for ``conversation`` (``customer``'s: their data key
     seals it); the JSON the client gets."""
     files = files_of(request)
-    data = await _read_limited(upload, files.policy.limit_for(channel))
+    data = await upload.read(files.policy.limit_for(channel))
     try:
         attachment = await accept(
             files.store,
             data,
-            name=upload.filename or "",
+            name=upload.name,
             tenant=tenant,
             conversation=conversation,
             channel=channel,

@@ -75,8 +75,14 @@ def attachment_policy(settings: Settings) -> AttachmentPolicy:
         allowed_types=frozenset(a.allowed_types) if a.allowed_types else DEFAULT_ALLOWED,
         max_image_pixels=a.max_image_pixels,
         tenant_quota_bytes=a.tenant_quota_bytes,
+        decode_at_edge=a.decode_at_edge,
     )
 
 
 def files(settings: Settings) -> Files:
-    return Files(blob_store(settings), url_signer(settings), attachment_policy(settings))
+    return Files(
+        blob_store(settings),
+        url_signer(settings),
+        attachment_policy(settings),
+        thumbnail_concurrency=settings.attachments.thumbnail_concurrency,
+    )

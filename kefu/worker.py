@@ -18,12 +18,13 @@ from connectors.config_log import SecretBox, shown
 from connectors.delivery import ChannelDeliverer, WebhookTarget
 from connectors.live_channels import live_webhooks
 from connectors.metrics import metrics_text
+from connectors.thumbnails import Thumbnails
 from kefu.ai import build_responder
 from kefu.channels import channel_senders
 from kefu.config import ConfigService, config_key
 from kefu.data_keys import KeyService, install, key_store
 from kefu.erasure import run_retention
-from kefu.files import url_signer
+from kefu.files import attachment_policy, blob_store, url_signer
 from kefu.long_lived import keep_long_lived_out_of_gc
 from kefu.settings import Settings
 from kefu.telemetry import setup_tracing
@@ -181,6 +182,14 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
     sealing = keys if settings.security.seal_personal_data else None
     agent = ConversationAgent(hot, policy, agent_config(kefu, settings.app_id), keys=sealing)
     pool = ResponderPool(hot, answers, concurrency=settings.worker.concurrency)
+    # The thumbnails of new images, made here rather than in the upload request
+    # (connectors/thumbnails.py): scheduled by the reader, in threads, a few at a time.
+    thumbnails = Thumbnails(
+        blob_store(settings),
+        attachment_policy(settings),
+        concurrency=settings.attachments.thumbnail_concurrency,
+        redis=redis,
+    )
     reader = EventReader(
         hot,
         sink,
@@ -188,6 +197,7 @@ def build_worker(settings: Settings, web_port: int | None = None) -> KefuApp:
         pool,
         reader_config(kefu, settings.app_id),
         redact=RedisRedactor(redis),
+        observe=thumbnails.observe,
     )
     for consumer in (agent, reader):
         watch_reader(consumer)

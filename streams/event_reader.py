@@ -71,6 +71,7 @@ class EventReader(BatchConsumer):
         responder: ResponderPool,
         config: BatchConfig,
         redact: Callable[[Sequence[Event]], Awaitable[None]] | None = None,
+        observe: Callable[[Sequence[tuple[Any, Event]]], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(kefu.config, config, kefu.app, kefu.hot_producer, **kwargs)
@@ -79,6 +80,9 @@ class EventReader(BatchConsumer):
         # After a batch with ``CustomerErased`` events: what the read model holds of
         # those conversations beyond their hashes is redacted (projections.redis_erase).
         self._redact = redact
+        # Told each batch's conversation events; may only schedule work, never wait
+        # (the thumbnails of new images: connectors/thumbnails.py).
+        self._observe = observe
         self._deliverer = deliverer
         self._responder = responder
 
@@ -132,6 +136,8 @@ class EventReader(BatchConsumer):
                     await self._redact(erased)
             telemetry.projected(PROJECTION_STAGE, messages, started)
         conversations = [(m, e) for m, e in items if isinstance(e, Event)]
+        if self._observe is not None:
+            self._observe(conversations)
         receipts = await delivery.deliver_batch(
             self._deliverer,
             conversations,

@@ -1,5 +1,6 @@
 """Attachments without the stack: what ``accept`` lets in, the blob stores (local files,
-and S3 against moto's server: a local server that speaks S3), signed links."""
+and S3 against moto's server: a local server that speaks S3), signed links, thumbnails
+made after the upload (``connectors/thumbnails.py``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from connectors.attachments import (
     Prepared,
     UrlSigner,
     accept,
+    make_thumbnail,
     prepare,
     safe_name,
     with_urls,
@@ -33,9 +35,12 @@ from connectors.blobs import (
 )
 from connectors.image_strip import strip_jpeg, strip_png
 from connectors.sniffing import sniff
+from connectors.thumbnails import Thumbnails, source_of
 from kefu.processes import free_ports
+from schemas.records import Attachment, MessageReceived
 
 POLICY = AttachmentPolicy(max_bytes={"*": 1024 * 1024, "web": 200_000})
+DECODE = dataclasses.replace(POLICY, decode_at_edge=True)  # pixels decoded at upload
 
 
 def jpeg(width: int = 800, height: int = 600, exif: bool = False) -> bytes:
@@ -61,10 +66,18 @@ def _prepare(data: bytes, name: str = "photo.jpg", channel: str = "api") -> Prep
     return prepare(data, name=name, tenant="t1", conversation="c1", channel=channel, policy=POLICY)
 
 
+def thumbnail_of(prepared: Prepared) -> tuple[bytes, str]:
+    """The image's thumbnail: stored with the upload (re-encoded images), or what the
+    worker or the download route makes of the stored bytes later."""
+    assert prepared.attachment.thumbnail_key
+    made = [(b, t) for k, b, t in prepared.blobs if k == prepared.attachment.thumbnail_key]
+    return made[0] if made else make_thumbnail(prepared.blobs[0][1], POLICY)
+
+
 # --- what gets in -----------------------------------------------------------------------
 
 
-def test_an_image_is_reencoded_without_exif_and_gets_a_thumbnail() -> None:
+def test_an_image_loses_its_exif_and_its_thumbnail_is_made_after_the_upload() -> None:
     original = jpeg(exif=True)
     assert Image.open(io.BytesIO(original)).getexif()  # the upload has a location
     prepared = prepare(
@@ -74,12 +87,23 @@ def test_an_image_is_reencoded_without_exif_and_gets_a_thumbnail() -> None:
     assert (attachment.kind, attachment.mime_type) == ("image", "image/jpeg")
     assert (attachment.width, attachment.height) == (800, 600)
     assert attachment.name == "破损.jpg"
-    (key, stored, content_type), (thumb_key, thumb, _) = prepared.blobs
+    # No pixel decoded at the edge: the file only; its thumbnail's key named already.
+    ((key, stored, content_type),) = prepared.blobs
     assert key == attachment.storage_key == blob_key("t1", "c1", attachment.sha256)
-    assert thumb_key == attachment.thumbnail_key and thumb_key.endswith(".thumb")
+    assert attachment.thumbnail_key == blob_key("t1", "c1", attachment.sha256, "thumb")
+    assert source_of(attachment.thumbnail_key) == key
     assert not Image.open(io.BytesIO(stored)).getexif()  # no EXIF, so no GPS
-    assert max(Image.open(io.BytesIO(thumb)).size) == POLICY.thumbnail_px
     assert attachment.size == len(stored) and content_type == "image/jpeg"
+    thumb, thumb_type = make_thumbnail(stored, POLICY)
+    assert max(Image.open(io.BytesIO(thumb)).size) == POLICY.thumbnail_px
+    assert thumb_type == "image/jpeg"
+    # Decoded at the edge instead: the same file, its thumbnail stored beside it.
+    decoded = prepare(
+        original, name="破损.jpg", tenant="t1", conversation="c1", channel="api", policy=DECODE
+    )
+    assert decoded.attachment == attachment and decoded.blobs[0] == prepared.blobs[0]
+    assert decoded.blobs[1][0] == attachment.thumbnail_key
+    assert Image.open(io.BytesIO(decoded.blobs[1][1])).size == (320, 240)
 
 
 def test_a_transparent_png_keeps_its_alpha_in_the_thumbnail() -> None:
@@ -87,7 +111,7 @@ def test_a_transparent_png_keeps_its_alpha_in_the_thumbnail() -> None:
         png_with_alpha(), name="a.png", tenant="t1", conversation="c1", channel="api", policy=POLICY
     )
     assert prepared.attachment.mime_type == "image/png"
-    assert prepared.blobs[1][2] == "image/png"
+    assert thumbnail_of(prepared)[1] == "image/png"
 
 
 def test_a_disguised_executable_is_refused_by_its_bytes() -> None:
@@ -226,7 +250,11 @@ def test_a_store_keeps_blobs_by_key_and_deletes_a_conversation(store: BlobStore)
         )
         blob = await store.get(attachment.storage_key)
         assert blob.content_type == "image/jpeg" and len(blob.data) == attachment.size
-        assert await store.exists(attachment.thumbnail_key)
+        # The thumbnail, made after the upload (by the worker, or the download route).
+        assert not await store.exists(attachment.thumbnail_key)
+        thumb = await Thumbnails(store, POLICY).get(attachment.thumbnail_key)
+        assert thumb.content_type == "image/jpeg" and thumb.data
+        assert (await store.get(attachment.thumbnail_key)).data == thumb.data
         used = await store.usage("t1/")
         assert used > 2 * attachment.size
         freed = await store.delete_prefix(conversation_prefix("t1", "c1"))
@@ -247,6 +275,133 @@ def test_the_local_store_refuses_keys_outside_its_root(tmp_path: Path) -> None:
         asyncio.run(store.put("../outside", b"x", "text/plain"))
     with pytest.raises(ValueError):
         asyncio.run(store.delete_prefix("../"))
+
+
+def test_the_local_store_writes_once_whole_and_private(tmp_path: Path) -> None:
+    """One exclusive temporary file linked into place: a second put of a key answers
+    False and changes nothing, no temporary file stays, the file is the owner's only,
+    and a conversation's directory purged meanwhile is made again."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    key = blob_key("t1", "c1", "a" * 64)
+
+    async def scenario() -> None:
+        assert await store.put(key, b"first", "text/plain")
+        assert not await store.put(key, b"other bytes", "text/plain")
+        assert (await store.get(key)).data == b"first"
+        path = store.root / key
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+        assert await store.delete_prefix(key) == 5  # one key: its conversation's dir only
+        assert await store.delete_prefix(conversation_prefix("t1", "c1")) == 0
+        path.parent.rmdir()
+        assert await store.put(key, b"again", "text/plain")
+        assert await store.usage("t1/") == 5
+
+    asyncio.run(scenario())
+
+
+def _received(*attachments: Attachment) -> MessageReceived:
+    return MessageReceived(
+        event_id="e1",
+        conversation_id="c1",
+        tenant_id="t1",
+        seq=1,
+        occurred_at=0,
+        channel="api",
+        customer_id="u1",
+        text="",
+        channel_message_id="m1",
+        command_id="k1",
+        attachments=attachments,
+    )
+
+
+def test_the_worker_makes_the_thumbnails_of_new_images_once(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    thumbnails = Thumbnails(store, POLICY, concurrency=1)
+
+    async def scenario() -> None:
+        photo = await accept(
+            store,
+            jpeg(),
+            name="p.jpg",
+            tenant="t1",
+            conversation="c1",
+            channel="api",
+            policy=POLICY,
+        )
+        text = await accept(
+            store,
+            b"hello\n",
+            name="a.txt",
+            tenant="t1",
+            conversation="c1",
+            channel="api",
+            policy=POLICY,
+        )
+        assert not await store.exists(photo.thumbnail_key) and not text.thumbnail_key
+        event = _received(photo, text)
+        thumbnails.observe([(None, event), (None, event)])  # a redelivered batch too
+        await thumbnails.idle()
+        made = await store.get(photo.thumbnail_key)
+        assert Image.open(io.BytesIO(made.data)).size == (320, 240)
+        thumbnails.observe([(None, event)])  # there already: nothing made again
+        await thumbnails.idle()
+        assert (await store.get(photo.thumbnail_key)).data == made.data
+
+    asyncio.run(scenario())
+
+
+def test_pixels_that_do_not_decode_answer_422_once_decoded(tmp_path: Path) -> None:
+    """Structure sound, pixels not: accepted at the edge; the thumbnail is refused (422)
+    and remembered as an empty blob, so the file is not decoded again; the file itself
+    stays what was uploaded (a download)."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    thumbnails = Thumbnails(store, POLICY)
+    data = _corruptions(photo_jpeg(96, 96))["undefined table"]
+
+    async def scenario() -> None:
+        broken = await accept(
+            store, data, name="p.jpg", tenant="t1", conversation="c1", channel="api", policy=POLICY
+        )
+        for _ in range(2):
+            with pytest.raises(AttachmentRejected) as refused:
+                await thumbnails.get(broken.thumbnail_key)
+            assert refused.value.status == 422 and "decoded" in refused.value.reason
+        assert (await store.get(broken.thumbnail_key)).data == b""  # remembered
+        assert len((await store.get(broken.storage_key)).data) == broken.size
+
+    asyncio.run(scenario())
+
+
+def test_a_thumbnail_does_not_outlive_a_purge_of_its_conversation(tmp_path: Path) -> None:
+    class PurgedMeanwhile(LocalBlobStore):
+        """The conversation's files are purged while its thumbnail is being made."""
+
+        async def put(self, key: str, data: bytes, content_type: str, customer: str = "") -> bool:
+            if key.endswith(".thumb"):
+                await self.delete_prefix(conversation_prefix("t1", "c1"))
+            return await super().put(key, data, content_type, customer)
+
+    store = PurgedMeanwhile(tmp_path / "blobs")
+
+    async def scenario() -> None:
+        photo = await accept(
+            store,
+            jpeg(),
+            name="p.jpg",
+            tenant="t1",
+            conversation="c1",
+            channel="api",
+            policy=POLICY,
+        )
+        with pytest.raises(BlobMissing):
+            await Thumbnails(store, POLICY).get(photo.thumbnail_key)
+        assert await store.usage(conversation_prefix("t1", "c1")) == 0
+        with pytest.raises(BlobMissing):  # gone: nothing to make it from
+            await Thumbnails(store, POLICY).get(photo.thumbnail_key)
+
+    asyncio.run(scenario())
 
 
 # --- metadata left out without re-encoding (connectors/image_strip.py) --------------------
@@ -326,19 +481,19 @@ def test_a_jpeg_loses_its_exif_and_keeps_its_pixels(progressive: bool) -> None:
     assert stored[stored.index(b"\xff\xda") :] == original[original.index(b"\xff\xda") :]
     attachment = prepared.attachment
     assert (attachment.width, attachment.height, attachment.size) == (96, 64, len(stored))
-    thumb = Image.open(io.BytesIO(prepared.blobs[1][1]))
+    thumb = Image.open(io.BytesIO(thumbnail_of(prepared)[0]))
     assert thumb.size == (96, 64) and thumb.format == "JPEG"
 
 
 def test_a_large_jpeg_gets_its_thumbnail_from_a_scaled_decode() -> None:
     prepared = _prepare(photo_jpeg(1600, 1000))
-    thumb = Image.open(io.BytesIO(prepared.blobs[1][1]))
+    thumb = Image.open(io.BytesIO(thumbnail_of(prepared)[0]))
     assert thumb.size == (POLICY.thumbnail_px, 200)
     red = thumb.getpixel((2, 2))
     assert isinstance(red, tuple) and red[0] > red[1]  # the marked corner, not turned
     grey = _prepare(photo_jpeg(640, 480, mode="L"))
     assert Image.open(io.BytesIO(grey.blobs[0][1])).mode == "L"
-    assert Image.open(io.BytesIO(grey.blobs[1][1])).size == (320, 240)
+    assert Image.open(io.BytesIO(thumbnail_of(grey)[0])).size == (320, 240)
 
 
 @pytest.mark.parametrize("policy", [POLICY, REENCODE], ids=["lossless", "reencode"])
@@ -354,6 +509,8 @@ def test_a_jpeg_with_orientation_6_is_turned_and_loses_its_exif(
     assert (prepared.attachment.width, prepared.attachment.height) == (64, 96)
     corner = stored.getpixel((61, 2))  # turned 90° clockwise: top left went top right
     assert isinstance(corner, tuple) and corner[0] > 200 and corner[1] < 80
+    # Re-encoded at the edge: its thumbnail stored with it.
+    assert prepared.blobs[1][0] == prepared.attachment.thumbnail_key
     assert Image.open(io.BytesIO(prepared.blobs[1][1])).size == (64, 96)
 
 
@@ -382,9 +539,13 @@ def test_an_icc_profile_is_kept_on_every_path(orientation: int, policy: Attachme
     assert "icc_profile" not in Image.open(io.BytesIO(plain.blobs[0][1])).info
 
 
+TRUNCATIONS = ("header only", "half", "no EOI", "last byte")
+
+
 def _corruptions(data: bytes) -> dict[str, bytes]:
     scan = data.index(b"\xff\xda") + 300
     table = data.index(b"\xff\xc4")
+    sos = data.index(b"\xff\xda")
     return {
         "header only": data[:400],
         "half": data[: len(data) // 2],
@@ -396,33 +557,52 @@ def _corruptions(data: bytes) -> dict[str, bytes]:
         "flipped scan bytes": data[:scan]
         + bytes(b ^ 0x5A for b in data[scan : scan + 40])
         + data[scan + 40 :],
+        # Well formed, but the first scan names a Huffman table no DHT defines.
+        "undefined table": data[: sos + 6] + b"\x33" + data[sos + 7 :],
     }
 
 
+def _verdict(data: bytes, policy: AttachmentPolicy) -> str:
+    """What becomes of an upload: refused at the edge, refused when its thumbnail is
+    made (its pixels decoded after the upload), or accepted."""
+    try:
+        prepared = prepare(
+            data, name="p.jpg", tenant="t1", conversation="c1", channel="api", policy=policy
+        )
+    except AttachmentRejected as exc:
+        assert exc.status == 422 and "decoded" in exc.reason
+        return "refused at the edge"
+    try:
+        thumbnail_of(prepared)
+    except AttachmentRejected as exc:
+        assert exc.status == 422 and "decoded" in exc.reason
+        return "refused for its thumbnail"
+    return "accepted"
+
+
 @pytest.mark.parametrize("progressive", [False, True])
-def test_a_corrupt_jpeg_is_refused_as_by_a_full_reencode(progressive: bool) -> None:
-    """The lossless path refuses what decoding and re-encoding refused (422), and lets
-    in only what it let in (libjpeg repairs a damaged scan with a warning on both)."""
-    refused = 0
+def test_a_corrupt_jpeg_is_refused_at_the_edge_or_for_its_thumbnail(progressive: bool) -> None:
+    """What each stage catches. The edge reads the header and walks the structure
+    (``image_strip``): a truncated file (no EOI, a segment or a scan running past the
+    end) or a broken table segment is not a shape it keeps, so it gets the full decode
+    at upload and is refused (422), as when every image was decoded there. A file whose
+    structure is sound but whose pixels do not decode (here a scan naming a Huffman
+    table no DHT defines) is accepted by the edge and refused when its pixels are first
+    decoded, for its thumbnail: the route answers 422, the file stays a download. The
+    two stages together refuse exactly what decoding at the edge (``decode_at_edge``)
+    and a full re-encode refuse, and let in only what they let in (libjpeg repairs a
+    damaged scan with a warning on every path)."""
+    verdicts = {}
     for label, data in _corruptions(photo_jpeg(96, 96, progressive=progressive)).items():
-        outcomes = []
-        for policy in (POLICY, REENCODE):
-            try:
-                prepare(
-                    data,
-                    name="p.jpg",
-                    tenant="t1",
-                    conversation="c1",
-                    channel="api",
-                    policy=policy,
-                )
-                outcomes.append("accepted")
-            except AttachmentRejected as exc:
-                assert exc.status == 422 and "decoded" in exc.reason, label
-                outcomes.append("refused")
-        assert outcomes[0] == outcomes[1], label
-        refused += outcomes[0] == "refused"
-    assert refused >= 5
+        deferred = _verdict(data, POLICY)
+        at_edge = {_verdict(data, policy) for policy in (DECODE, REENCODE)}
+        assert len(at_edge) == 1, label
+        assert deferred.startswith("refused") == at_edge.pop().startswith("refused"), label
+        verdicts[label] = deferred
+    assert all(verdicts[label] == "refused at the edge" for label in TRUNCATIONS), verdicts
+    assert verdicts["undefined table"] == "refused for its thumbnail"
+    assert verdicts["flipped scan bytes"] == "accepted"
+    assert sum(v.startswith("refused") for v in verdicts.values()) >= 6
 
 
 def test_shapes_the_lossless_path_does_not_handle_are_reencoded() -> None:
@@ -461,7 +641,7 @@ def test_a_png_loses_its_text_and_exif_chunks_and_keeps_its_pixels() -> None:
             assert gone not in stored
         with Image.open(io.BytesIO(stored)) as kept, Image.open(io.BytesIO(upload)) as sent:
             assert kept.tobytes() == sent.tobytes() and not kept.getexif()
-        assert prepared.blobs[1][2] == ("image/png" if alpha else "image/jpeg")
+        assert thumbnail_of(prepared)[1] == ("image/png" if alpha else "image/jpeg")
     turned = _prepare(png_with_metadata(orientation=6), name="s.png")  # re-encoded
     stored_image = Image.open(io.BytesIO(turned.blobs[0][1]))
     assert stored_image.size == (60, 80) and not stored_image.getexif()

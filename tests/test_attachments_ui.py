@@ -21,6 +21,7 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -460,4 +461,69 @@ def test_refused_files_are_explained_and_nothing_is_sent(pipeline: Settings, bro
         assert page.locator("#log .thumb, #log .file").count() == 0
     finally:
         context.close()
+    assert errors == []
+
+
+def undecodable_jpeg() -> bytes:
+    """A well-formed JPEG (header, segments, end marker: what the upload checks) whose
+    scan names a Huffman table no DHT defines: its pixels do not decode."""
+    out = io.BytesIO()
+    Image.new("RGB", (320, 200), (30, 120, 200)).save(out, "JPEG")
+    data = out.getvalue()
+    sos = data.index(b"\xff\xda")
+    return data[: sos + 6] + b"\x33" + data[sos + 7 :]
+
+
+def test_a_picture_that_does_not_decode_is_shown_as_a_file(
+    pipeline: Settings, browser: Any
+) -> None:
+    """Accepted at upload (its structure is sound), its thumbnail answers 422 once its
+    pixels are decoded: the page shows the file card instead, and the file downloads."""
+    base = http_base(pipeline)
+    who = f"broken-{uuid.uuid4().hex[:6]}"
+    conversation = conversation_id_for(TENANT, "web", who)
+    with httpx.Client(base_url=base, timeout=30) as http:
+        uploaded = http.post(
+            "/v1/chat/uploads",
+            params={"tenant": TENANT, "customer": who, "name": "broken.jpg"},
+            content=undecodable_jpeg(),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        shown = uploaded.json()
+        assert shown["kind"] == "image" and http.get(shown["thumbnail_url"]).status_code == 422
+
+        async def send() -> None:
+            url = f"{ws_base(pipeline)}/v1/chat/ws?tenant={TENANT}&customer={who}"
+            customer = Socket(await websockets.connect(url))
+            await customer.expect(is_type("history"), "history")
+            await customer.send(
+                type="message", id="b1", text="", attachments=[shown["attachment_id"]]
+            )
+            await customer.expect(is_type("ack", id="b1"), "ack")
+            await customer.socket.close()
+
+        with ThreadPoolExecutor(1) as thread:  # the browser's loop runs in this one
+            thread.submit(asyncio.run, send()).result()
+        wait_for(lambda: listed(pipeline, conversation), 60, "the message")
+        errors: list[str] = []
+        context = browser.new_context(locale="en-US", viewport={"width": 720, "height": 640})
+        try:
+            page = context.new_page()
+            watch(page, "chat", errors)
+            page.goto(f"{base}/chat?tenant={TENANT}&customer={who}")
+            card = page.locator("#log p.customer .file")
+            card.wait_for(timeout=30_000)
+            assert card.locator(".name").text_content() == "broken.jpg"
+            assert page.locator("#log .thumb").count() == 0
+            assert http.get(card.get_attribute("href") or "").status_code == 200
+        finally:
+            context.close()
+        # Out of the files tenant's queue: its agent is the other tests'.
+        closed = http.post(
+            f"/v1/conversations/{conversation}/close",
+            json={"closed_by": "test"},
+            headers={"X-Api-Key": "files-test-key"},
+        )
+        assert closed.status_code in (202, 404, 409), closed.text
     assert errors == []

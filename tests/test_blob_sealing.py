@@ -39,6 +39,7 @@ from connectors.sealed_blobs import (
     seal_blob,
     sealed_key_id,
 )
+from connectors.thumbnails import Thumbnails
 from kefu.data_keys import data_key
 from kefu.files import blob_store, url_signer
 from kefu.processes import free_ports
@@ -206,9 +207,13 @@ def test_blobs_and_thumbnails_are_sealed_at_rest_and_open_on_read(inner: BlobSto
         )
         assert again.storage_key == image.storage_key  # content-addressed, as before
         assert image.thumbnail_key
+        # The thumbnail, made after the upload (connectors/thumbnails.py), is sealed
+        # under the very key that sealed the photo: no other key is made for it.
+        await Thumbnails(store, policy).get(image.thumbnail_key)
         for key, kind in ((image.storage_key, "image/jpeg"), (image.thumbnail_key, "image/")):
             stored = _at_rest(inner, key)
             assert stored.startswith(MAGIC)
+            assert sealed_key_id(stored) == sealed_key_id(_at_rest(inner, image.storage_key))
             clear = await store.get(key)
             assert clear.content_type.startswith(kind)
             assert clear.data not in stored and clear.data[:64] not in stored
@@ -245,6 +250,7 @@ def test_blobs_and_thumbnails_are_sealed_at_rest_and_open_on_read(inner: BlobSto
 
         # Erased: a copy that outlived the purge does not open.
         kept = _at_rest(inner, document.storage_key)
+        photo_kept = _at_rest(inner, image.storage_key)
         assert await store.delete_prefix("t1/c1/") > 0
         with pytest.raises(BlobMissing):
             await store.get(document.storage_key)
@@ -252,6 +258,12 @@ def test_blobs_and_thumbnails_are_sealed_at_rest_and_open_on_read(inner: BlobSto
         _put_at_rest(inner, document.storage_key, kept)
         with pytest.raises(BlobErased):
             await store.get(document.storage_key)
+        # Nor is a thumbnail made of an erased customer's photo (410), nor a key for it.
+        _put_at_rest(inner, image.storage_key, photo_kept)
+        made = keys.made
+        with pytest.raises(BlobErased):
+            await Thumbnails(store, policy).get(image.thumbnail_key)
+        assert keys.made == made and not await store.exists(image.thumbnail_key)
 
     asyncio.run(scenario())
 
@@ -375,11 +387,11 @@ def test_uploads_are_sealed_at_rest_and_served_unchanged(
     )
     assert photo.status_code == 201, photo.text
     shown = photo.json()
-    for link in (shown["url"], shown["thumbnail_url"]):
-        assert (_blob_root(pipeline) / _key_of(link)).read_bytes().startswith(MAGIC)
+    for link in (shown["url"], shown["thumbnail_url"]):  # the thumbnail made when asked
         served = http.get(link)
         assert served.status_code == 200 and served.headers["content-type"] == "image/jpeg"
         Image.open(io.BytesIO(served.content)).verify()
+        assert (_blob_root(pipeline) / _key_of(link)).read_bytes().startswith(MAGIC)
 
     # An old blob, stored in clear before sealing existed, still serves.
     conversation = conversation_id_for("demo", "api", customer)

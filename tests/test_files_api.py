@@ -1,6 +1,8 @@
 """Attachments through the gateway on the running stack: REST upload → message →
-conversation → download; the web chat's upload and socket frame; every refusal is a
-clear 4xx and publishes nothing; the customer's text is never lost with a bad file."""
+conversation → download; the web chat's upload and socket frame; uploads as multipart
+or as the raw body; thumbnails made after the upload (by the worker, or when first
+asked for); every refusal is a clear 4xx and publishes nothing; the customer's text is
+never lost with a bad file."""
 
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import pytest
 import websockets
 from PIL import Image
 
+from connectors.blobs import blob_key
 from connectors.identity import conversation_id_for
 from kefu.cli_files import purge_conversations
-from kefu.files import blob_store
+from kefu.files import blob_store, url_signer
 from kefu.settings import Settings
 from schemas.records import ReceiveMessage
 from tests.conftest import wait_for
@@ -246,3 +249,108 @@ def test_purging_a_conversation_deletes_its_files_only(
     assert freed > 0
     assert http.get(gone_url).status_code == 410
     assert http.get(kept_url).status_code == 200
+
+
+def _raw(
+    http: httpx.Client, data: bytes, headers: dict[str, str] | None = None, **query: str
+) -> httpx.Response:
+    return http.post(
+        "/v1/uploads",
+        params=query,
+        content=data,
+        headers={**KEY, "Content-Type": "application/octet-stream", **(headers or {})},
+    )
+
+
+def test_an_upload_may_be_the_raw_body(pipeline: Settings, http: httpx.Client) -> None:
+    """The file as the body (no multipart), the fields in the query string, the name in
+    ``?name=`` or ``Content-Disposition``: the same checks and the same answer."""
+    customer = f"raw-{uuid.uuid4().hex[:8]}"
+    data = photo()
+    named = _raw(http, data, customer_id=customer, name="收据.jpg")
+    assert named.status_code == 201, named.text
+    shown = named.json()
+    assert (shown["name"], shown["kind"], shown["width"]) == ("收据.jpg", "image", 640)
+    multipart = _upload(http, customer, "收据.jpg", data).json()
+    assert multipart["url"].split("?")[0] == shown["url"].split("?")[0]  # the same blob
+    disposed = _raw(
+        http,
+        b"order 1234\n",
+        {"Content-Disposition": "attachment; filename*=UTF-8''%E8%AE%A2%E5%8D%95.txt"},
+        customer_id=customer,
+    )
+    assert disposed.status_code == 201 and disposed.json()["name"] == "订单.txt"
+    assert disposed.json()["mime_type"] == "text/plain"
+    # Refusals as for multipart: no customer, a bad one, too large, not allowed.
+    assert _raw(http, data).status_code == 422
+    assert _raw(http, data, customer_id="a b").status_code == 422
+    too_big = _raw(http, data + b"\0" * (1024 * 1024), customer_id=customer)
+    assert too_big.status_code == 413 and "1048576" in too_big.text
+    exe = _raw(http, b"MZ\x90\x00" + b"\0" * 4096, customer_id=customer, name="cat.jpg")
+    assert exe.status_code == 415
+    assert _raw(http, data, {"X-Api-Key": "wrong"}, customer_id=customer).status_code == 401
+    sent = http.post(
+        "/v1/messages",
+        json={"customer_id": customer, "text": "", "attachments": [shown["attachment_id"]]},
+        headers=KEY,
+    )
+    assert sent.status_code == 202, sent.text
+    # The web chat's upload, raw: who in the query, as its socket's.
+    web = f"web-{uuid.uuid4().hex[:8]}"
+    chat = http.post(
+        "/v1/chat/uploads",
+        params={"tenant": "files", "customer": web, "name": "s.png"},
+        content=_png(),
+        headers={"Content-Type": "image/png"},
+    )
+    assert chat.status_code == 201 and chat.json()["name"] == "s.png", chat.text
+    forged = http.post(
+        "/v1/chat/uploads",
+        params={"tenant": "sig", "customer": web, "signature": "forged"},
+        content=_png(),
+    )
+    assert forged.status_code == 401
+
+
+def test_thumbnails_are_made_after_the_upload(pipeline: Settings, http: httpx.Client) -> None:
+    """The worker makes a message's thumbnail; one asked for first is made by the route;
+    pixels that do not decode answer 422 there while the file stays a download."""
+    store = blob_store(pipeline)
+    customer = f"thumb-{uuid.uuid4().hex[:8]}"
+    uploaded = _upload(http, customer, "p.jpg", photo(1200, 900)).json()
+    conversation = conversation_id_for("files", "api", customer)
+    thumb_key = blob_key("files", conversation, _sha_of(uploaded["url"]), "thumb")
+    http.post(
+        "/v1/messages",
+        json={"customer_id": customer, "text": "x", "attachments": [uploaded["attachment_id"]]},
+        headers=KEY,
+    ).raise_for_status()
+    wait_for(lambda: asyncio.run(store.exists(thumb_key)) or None, 60, "the worker's thumbnail")
+    # No message (nothing on the log yet): the link makes it.
+    early = _upload(http, f"{customer}-2", "q.jpg", photo(800, 600)).json()
+    thumb = http.get(early["thumbnail_url"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(thumb.content)).size == (320, 240)
+    # Sound structure, pixels that do not decode: 422 for the thumbnail, the file served.
+    broken = _undecodable(photo())
+    bad = _upload(http, f"{customer}-3", "bad.jpg", broken)
+    assert bad.status_code == 201, bad.text
+    refused = http.get(bad.json()["thumbnail_url"])
+    assert refused.status_code == 422 and "decoded" in refused.json()["detail"]
+    assert http.get(bad.json()["thumbnail_url"]).status_code == 422  # remembered
+    assert http.get(bad.json()["url"]).status_code == 200
+    # A thumbnail's link is signed like any other: another tenant's key, or none, is 403.
+    signer = url_signer(pipeline)
+    other = blob_key("demo", conversation, _sha_of(uploaded["url"]), "thumb")
+    assert http.get(f"/v1/files/{other}?exp=99999999999&sig=x").status_code == 403
+    assert http.get(signer.url(thumb_key).split("?")[0]).status_code == 403
+
+
+def _sha_of(url: str) -> str:
+    return url.split("?")[0].rsplit("/", 1)[1]
+
+
+def _undecodable(jpeg: bytes) -> bytes:
+    """A well-formed JPEG whose scan names a Huffman table no DHT defines."""
+    sos = jpeg.index(b"\xff\xda")
+    return jpeg[: sos + 6] + b"\x33" + jpeg[sos + 7 :]
