@@ -4,11 +4,26 @@ event (written before commits) or a ``Commit`` of several: ``read_events`` reads
 
 from __future__ import annotations
 
+import uuid
+
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from kefu.settings import Settings
 from schemas.codec import CODEC, DecodeError
 from schemas.records import Record
+
+
+async def new_topic(settings: Settings, prefix: str, partitions: int = 4) -> str:
+    """A topic of this test's own (a random name after ``prefix``), created now."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+    return name
 
 
 async def read_topic(settings: Settings, topic: str) -> list[bytes]:

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from kefu.settings import Settings
 from schemas.topics import TopicNames
@@ -22,7 +21,7 @@ from streams.app import StreamsConfig
 from streams.batch_consumer import BatchConfig, BatchConsumer
 from streams.conversation_store import ConversationStore
 from streams.lifecycle import Conversation
-from tests.kafka_helpers import read_records
+from tests.kafka_helpers import new_topic, read_records
 
 
 class _Producer:
@@ -40,24 +39,13 @@ class _Producer:
         await self._producer.flush()
 
 
-async def _topic(settings: Settings, partitions: int = 4) -> str:
-    name = f"test-changelog-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        await admin.close()
-    return name
-
-
 def _state(conversation_id: str, seq: int) -> Conversation:
     return Conversation(conversation_id=conversation_id, tenant_id="acme", seq=seq)
 
 
 def test_states_are_changelogged_once_and_recovered_by_partition(pipeline: Settings) -> None:
     async def scenario() -> None:
-        topic = await _topic(pipeline)
+        topic = await new_topic(pipeline, "test-changelog")
         producer = AIOKafkaProducer(bootstrap_servers=pipeline.kafka.servers)
         await producer.start()
         try:
@@ -179,7 +167,7 @@ def test_a_new_group_starts_where_the_legacy_group_stopped(pipeline: Settings) -
     committed offsets, once; a group that has offsets of its own keeps them."""
 
     async def scenario() -> None:
-        topic = await _topic(pipeline, partitions=2)
+        topic = await new_topic(pipeline, "test-changelog", 2)
         bootstrap = pipeline.kafka.servers
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
         await producer.start()

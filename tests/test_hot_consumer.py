@@ -12,21 +12,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from kefu.settings import Settings
 from streams.hot_consumer import HotConsumer, librdkafka_consumer_config
-
-
-async def _topic(settings: Settings, partitions: int) -> str:
-    name = f"test-hotc-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        await admin.close()
-    return name
+from tests.kafka_helpers import new_topic
 
 
 def _config(settings: Settings, group: str) -> dict[str, Any]:
@@ -84,7 +73,7 @@ async def _read_until(consumer: HotConsumer, listener: _Listener, want: int, lim
 
 def test_records_rebalances_and_commits(pipeline: Settings) -> None:
     async def scenario() -> None:
-        topic = await _topic(pipeline, 4)
+        topic = await new_topic(pipeline, "test-hotc", 4)
         group = f"test-hotc-{uuid.uuid4().hex[:6]}"
         producer = AIOKafkaProducer(bootstrap_servers=pipeline.kafka.servers)
         await producer.start()

@@ -6,32 +6,19 @@ take fails its send, and the deployment's security reaches librdkafka's settings
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pydantic import SecretStr
 
 from kefu.settings import KafkaSettings, Settings
 from streams.hot_producer import Delivered, DeliveryFailed, HotProducer, librdkafka_config
-from tests.kafka_helpers import read_records
-
-
-async def _topic(settings: Settings, partitions: int = 4) -> str:
-    name = f"test-hot-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        await admin.close()
-    return name
+from tests.kafka_helpers import new_topic, read_records
 
 
 def test_records_are_delivered_where_aiokafka_puts_their_key(pipeline: Settings) -> None:
     async def scenario() -> None:
-        topic = await _topic(pipeline)
+        topic = await new_topic(pipeline, "test-hot")
         hot = HotProducer(librdkafka_config(pipeline.kafka.servers, "test-hot", 1.0))
         reference = AIOKafkaProducer(bootstrap_servers=pipeline.kafka.servers)
         await reference.start()
@@ -59,7 +46,7 @@ def test_records_are_delivered_where_aiokafka_puts_their_key(pipeline: Settings)
 
 def test_a_record_the_broker_cannot_take_fails_its_send(pipeline: Settings) -> None:
     async def scenario() -> None:
-        topic = await _topic(pipeline, partitions=1)
+        topic = await new_topic(pipeline, "test-hot", 1)
         hot = HotProducer(librdkafka_config(pipeline.kafka.servers, "test-hot", 1.0))
         try:
             with pytest.raises(DeliveryFailed):  # over message.max.bytes: refused at once

@@ -11,7 +11,6 @@ script's. On a private Redis, as tests/test_redis_catch_up.py (whose harness the
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -30,8 +29,7 @@ from projections.redis_rebuild import (
 )
 from projections.redis_state import RedisConversations, script_call
 from tests.test_redis_catch_up import TP, Harness, State, log_of, private_redis
-from tests.test_redis_projection import Conv, traffic
-from tests.test_redis_state import ORIGINAL_APPLY, conversation_log, tenant_snapshot
+from tests.test_redis_state import ORIGINAL_APPLY, mixed_log, tenant_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -208,25 +206,7 @@ def test_live_batches_write_what_one_call_per_event_writes(redis_port: int) -> N
     """The live batch script leaves the bytes the original one-event script leaves
     (tests/test_redis_state.py's reference), in batches of any size, redelivered too."""
     tenant = f"t-{uuid.uuid4().hex[:8]}"
-    logs = [
-        [
-            dataclasses.replace(e, conversation_id=f"conv-{k}")
-            for e in conversation_log(tenant, text="我的订单在哪里？" * (1 + k % 4) + f" #{k}")
-        ]
-        for k in range(30)
-    ]
-    long = Conv(tenant, "conv-long")
-    logs.append(
-        [
-            *long.received(100, text="退款" * 40),
-            long.routed(110, "agent-7"),
-            long.reply(120, "agent-7"),
-            *long.received(130, text="还没到" * 30),
-            long.closed(140),
-        ]
-    )
-    logs.append(traffic(tenant))
-    log = [e for batch in itertools.zip_longest(*logs) for e in batch if e is not None]
+    log = mixed_log(tenant)
 
     async def body(client: aioredis.Redis) -> None:
         original = client.register_script(ORIGINAL_APPLY)

@@ -56,6 +56,31 @@ def conversation_log(tenant: str, text: str = "where is my order") -> list[Event
     return log
 
 
+def mixed_log(tenant: str) -> list[Event]:
+    """Thirty conversations with Chinese texts of growing length, one long enough to
+    leave Redis's compact encoding, and routing traffic, interleaved as conversations
+    share a partition."""
+    logs = [
+        [
+            dataclasses.replace(e, conversation_id=f"conv-{k}")
+            for e in conversation_log(tenant, text="我的订单在哪里？" * (1 + k % 4) + f" #{k}")
+        ]
+        for k in range(30)
+    ]
+    long = Conv(tenant, "conv-long")
+    logs.append(
+        [
+            *long.received(100, text="退款" * 40),
+            long.routed(110, "agent-7"),
+            long.reply(120, "agent-7"),
+            *long.received(130, text="还没到" * 30),
+            long.closed(140),
+        ]
+    )
+    logs.append(traffic(tenant))
+    return [e for batch in itertools.zip_longest(*logs) for e in batch if e is not None]
+
+
 async def snapshot(client: aioredis.Redis, tenant: str) -> tuple[object, ...]:
     return (
         await client.dump(conversation_key(tenant, "conv-1")),
@@ -181,26 +206,7 @@ def test_a_batched_call_writes_what_one_call_per_event_writes(pipeline: Settings
     byte, also for hashes big enough to leave Redis's compact encoding (a long Chinese
     text: values over 64 bytes), whose table layout depends on every operation."""
     tenant = f"t-{uuid.uuid4().hex[:8]}"
-    logs = [
-        [
-            dataclasses.replace(e, conversation_id=f"conv-{k}")
-            for e in conversation_log(tenant, text="我的订单在哪里？" * (1 + k % 4) + f" #{k}")
-        ]
-        for k in range(30)
-    ]
-    long = Conv(tenant, "conv-long")
-    logs.append(
-        [
-            *long.received(100, text="退款" * 40),
-            long.routed(110, "agent-7"),
-            long.reply(120, "agent-7"),
-            *long.received(130, text="还没到" * 30),
-            long.closed(140),
-        ]
-    )
-    logs.append(traffic(tenant))
-    # Interleaved, as conversations share a partition.
-    log = [e for batch in itertools.zip_longest(*logs) for e in batch if e is not None]
+    log = mixed_log(tenant)
 
     async def run() -> None:
         client = aioredis.Redis.from_url(pipeline.redis.dsn)
