@@ -191,7 +191,9 @@ class HotConsumer:
                 self._highwater[tp] = int(high)
 
     def assignment(self) -> set[TopicPartition]:
-        return set(self._assigned)
+        """Partitions assigned whose listener has run (a table recovered, the read model
+        caught up): the worker's readiness counts only these."""
+        return self._assigned - self._gained
 
     # --- offsets ----------------------------------------------------------------------
 
