@@ -282,7 +282,10 @@ def _install_health(kefu: KefuApp, hot_path: tuple[BatchConsumer, ...]) -> None:
         # Recovering tables after a rebalance, the worker owns partitions but does not
         # process them yet: not ready until that is over.
         recovering = bool(getattr(app, "in_recovery", False))
-        ready = assigned > 0 and not app.rebalancing and not recovering
+        # Every hot-path consumer has its share (maybe none): with only the commands'
+        # one joined, the first messages waited a second for the events reader.
+        joined = all(consumer.joined for consumer in hot_path)
+        ready = assigned > 0 and joined and not app.rebalancing and not recovering
         body = {"status": "ok" if ready else "starting", "assigned_partitions": assigned}
         return web.json(body, status=200 if ready else 503)
 

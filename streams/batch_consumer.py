@@ -178,6 +178,9 @@ class BatchConsumer(Service):
         self._in_flight: asyncio.Task[None] | None = None  # steps 2-4 of a checkpoint
         self.records = 0  # records applied by this process (tests, metrics)
         self._turn_ends = 0.0  # perf_counter
+        # The group gave this member its share (maybe none) and the share is ready:
+        # before that, records of this consumer's topics are not handled at all.
+        self.joined = False
 
     # --- what subclasses provide -----------------------------------------------------
 
@@ -401,6 +404,7 @@ class BatchConsumer(Service):
         log.info("%s assigned %s", self._config.group_id, names or "nothing")
         async with self._lock:
             await self.on_assigned(gained)
+        self.joined = True
 
     def assignment(self) -> set[TopicPartition]:
         consumer = self._consumer

@@ -69,6 +69,7 @@ class HotConsumer:
         self._assigned: set[TopicPartition] = set()
         self._highwater: dict[TopicPartition, int] = {}
         self._gained: set[TopicPartition] = set()  # assigned, listener not yet told
+        self._untold = False  # an assignment (maybe empty) the listener has not heard of
         self._closed = False
         # Every call into the consumer runs on one thread of its own, in order: the
         # group's requests (commits, offset fetches) wait behind a read, and in a
@@ -129,6 +130,7 @@ class HotConsumer:
         gained = _ours(partitions)
         self._assigned |= gained
         self._gained |= gained
+        self._untold = True  # an empty share too: the listener learns it joined
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         gone = _ours(partitions)
@@ -146,8 +148,8 @@ class HotConsumer:
         if self._consumer is None or self._closed:
             return {}
         messages = await self._call(partial(self._consume, timeout_ms / 1000, max_records or 2000))
-        if self._gained:  # before any record of them
-            gained, self._gained = self._gained, set()
+        if self._untold:  # before any record of them
+            gained, self._gained, self._untold = self._gained, set(), False
             if self._listener is not None:
                 await self._listener.on_partitions_assigned(gained)
         out: dict[TopicPartition, list[Record]] = {}
