@@ -121,22 +121,24 @@ class TopicSender:
         )
 
 
+def hot_producer_of(kefu: KefuApp) -> Callable[[], Any]:
+    """What the hot path sends with: ``kefu``'s hot producer, else the Faust app's
+    (taken when first used: Faust makes its own lazily)."""
+    return lambda: kefu.hot_producer if kefu.hot_producer is not None else kefu.app.producer
+
+
 def direct_sends(kefu: KefuApp, producer: Any = None) -> KefuApp:
     """``kefu`` whose conversation, command and routing sends are ``TopicSender``s on
     ``producer`` (None: the Faust app's): for the batch consumers (Faust's own agents
     keep the Faust topics)."""
     names = kefu.config.topics
-    app = kefu.app
-
-    def chosen() -> Any:
-        return producer if producer is not None else app.producer
-
+    hot = dataclasses.replace(kefu, hot_producer=producer)
+    chosen = hot_producer_of(hot)
     return dataclasses.replace(
-        kefu,
+        hot,
         events_out=TopicSender(chosen, names.events),
         commands_out=TopicSender(chosen, names.commands),
         routing_out=TopicSender(chosen, names.routing),
-        hot_producer=producer,
     )
 
 

@@ -26,7 +26,13 @@ from schemas.records import Command, Event
 from schemas.sealing import KeySource, seal_events
 from streams import telemetry
 from streams.app import KefuApp
-from streams.batch_consumer import BatchConfig, BatchConsumer, CommitWrites, TopicSender
+from streams.batch_consumer import (
+    BatchConfig,
+    BatchConsumer,
+    CommitWrites,
+    TopicSender,
+    hot_producer_of,
+)
 from streams.conversation_store import ConversationStore
 from streams.inbox import decode_commands, position, send_dead_letter, send_in_order
 from streams.lifecycle import Conversation, Policy, Rejected, decide, evolve
@@ -59,9 +65,7 @@ class ConversationAgent(BatchConsumer):
         self._keys = keys
         self._policy = policy
         self._store: ConversationStore = kefu.conversations
-        self._events = TopicSender(
-            lambda: kefu.hot_producer or kefu.app.producer, kefu.config.topics.events
-        )
+        self._events = TopicSender(hot_producer_of(kefu), kefu.config.topics.events)
 
     async def on_assigned(self, tps: set[TopicPartition]) -> None:
         await self._store.recover({tp.partition for tp in tps})

@@ -316,20 +316,19 @@ def _received(*attachments: Attachment) -> MessageReceived:
     )
 
 
+async def _accept_photo(store: LocalBlobStore) -> Attachment:
+    """The sample photo accepted into conversation t1/c1."""
+    return await accept(
+        store, jpeg(), name="p.jpg", tenant="t1", conversation="c1", channel="api", policy=POLICY
+    )
+
+
 def test_the_worker_makes_the_thumbnails_of_new_images_once(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "blobs")
     thumbnails = Thumbnails(store, POLICY, concurrency=1)
 
     async def scenario() -> None:
-        photo = await accept(
-            store,
-            jpeg(),
-            name="p.jpg",
-            tenant="t1",
-            conversation="c1",
-            channel="api",
-            policy=POLICY,
-        )
+        photo = await _accept_photo(store)
         text = await accept(
             store,
             b"hello\n",
@@ -386,15 +385,7 @@ def test_a_thumbnail_does_not_outlive_a_purge_of_its_conversation(tmp_path: Path
     store = PurgedMeanwhile(tmp_path / "blobs")
 
     async def scenario() -> None:
-        photo = await accept(
-            store,
-            jpeg(),
-            name="p.jpg",
-            tenant="t1",
-            conversation="c1",
-            channel="api",
-            policy=POLICY,
-        )
+        photo = await _accept_photo(store)
         with pytest.raises(BlobMissing):
             await Thumbnails(store, POLICY).get(photo.thumbnail_key)
         assert await store.usage(conversation_prefix("t1", "c1")) == 0

@@ -18,6 +18,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -361,10 +362,8 @@ def _store(settings: Settings, tag: str) -> DataKeyStore:
     )
 
 
-def test_uploads_are_sealed_at_rest_and_served_unchanged(
-    pipeline: Settings, http: httpx.Client
-) -> None:
-    customer = f"blob-{uuid.uuid4().hex[:8]}"
+def _upload_pdf(http: httpx.Client, customer: str) -> dict[str, Any]:
+    """Upload the statement for ``customer``; the upload's JSON."""
     upload = http.post(
         "/v1/uploads",
         data={"customer_id": customer},
@@ -372,7 +371,16 @@ def test_uploads_are_sealed_at_rest_and_served_unchanged(
         headers=KEY,
     )
     assert upload.status_code == 201, upload.text
-    url = upload.json()["url"]
+    shown: dict[str, Any] = upload.json()
+    return shown
+
+
+def test_uploads_are_sealed_at_rest_and_served_unchanged(
+    pipeline: Settings, http: httpx.Client
+) -> None:
+    customer = f"blob-{uuid.uuid4().hex[:8]}"
+    upload = _upload_pdf(http, customer)
+    url = upload["url"]
     key = _key_of(url)
     at_rest = (_blob_root(pipeline) / key).read_bytes()
     assert at_rest.startswith(MAGIC) and PDF not in at_rest
@@ -466,21 +474,15 @@ def test_an_erased_customers_file_kept_aside_does_not_open(
     from tests.test_privacy_erase import cli
 
     customer = f"aside-{uuid.uuid4().hex[:8]}"
-    upload = http.post(
-        "/v1/uploads",
-        data={"customer_id": customer},
-        files={"file": ("statement.pdf", PDF, "application/pdf")},
-        headers=KEY,
-    )
-    assert upload.status_code == 201, upload.text
-    url = upload.json()["url"]
+    upload = _upload_pdf(http, customer)
+    url = upload["url"]
     sent = http.post(
         "/v1/messages",
         json={
             "customer_id": customer,
             "text": "my statement",
             "message_id": f"{customer}-1",
-            "attachments": [upload.json()["attachment_id"]],
+            "attachments": [upload["attachment_id"]],
         },
         headers=KEY,
     )
